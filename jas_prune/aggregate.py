@@ -1,0 +1,146 @@
+"""Aggregation (SPEC §2, paper App. D.2/E.2): per-class neuron utilisation, class similarity,
+class TopK masks and dense per-class importance, saved as ``masks.safetensors``.
+
+The file carries the fingerprint of the model it was computed on; applying it to another model
+is refused.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Sequence
+
+import torch
+
+from .errors import FingerprintMismatchError
+from .io import atomic_write
+
+__all__ = ["ClassMasks", "aggregate", "save_masks", "load_masks", "MASKS_FILE"]
+
+MASKS_FILE = "masks.safetensors"
+
+
+@dataclass
+class ClassMasks:
+    """Per-class results over the probe partition.
+
+    Attributes:
+        utilisation: [C, L, n] how often each neuron is in the class's paths, each layer summing
+            to 1 (all-zero for a class without probe images).
+        similarity: [C, C] cosine similarity of the flattened utilisation matrices.
+        topk: [C, L, n] bool, the class TopK masks (K most frequent neurons per layer; ties broken
+            by the mean dense score).
+        topk_indices: [C, L, K] the same neurons, most frequent first.
+        importance: [C, L, n] mean over the class's probe images of the dense candidate scores.
+        counts: [C] probe images per class.
+        layers: block index of each of the L rows.
+        class_names: C names.
+        fingerprint: model digest and settings the masks were computed with.
+    """
+
+    utilisation: torch.Tensor
+    similarity: torch.Tensor
+    topk: torch.Tensor
+    topk_indices: torch.Tensor
+    importance: torch.Tensor
+    counts: torch.Tensor
+    layers: list[int]
+    class_names: list[str]
+    fingerprint: dict[str, Any] = field(default_factory=dict)
+
+    def check_model(self, digest: str, source: str = "masks") -> None:
+        """Refuse masks computed on other weights.
+
+        Raises:
+            FingerprintMismatchError
+        """
+        mine = self.fingerprint.get("model")
+        if mine is not None and mine != digest:
+            raise FingerprintMismatchError(
+                f"{source}: computed on a different model (weights digest {mine[:12]}… vs {digest[:12]}…)")
+
+
+def aggregate(paths: torch.Tensor, scores: torch.Tensor, labels: torch.Tensor, *, num_classes: int,
+              widths: int, topk: int, layers: Sequence[int], class_names: Sequence[str],
+              fingerprint: dict[str, Any] | None = None) -> ClassMasks:
+    """Build the class masks from per-image paths.
+
+    Args:
+        paths: [N, L, K] neuron indices of each image's path.
+        scores: [N, L, n] dense candidate scores of each image.
+        labels: [N] class of each image.
+        num_classes: C.
+        widths: n, FFN neurons per layer.
+        topk: neurons per layer in each class mask.
+    """
+    n_img, n_layers, _ = paths.shape
+    if topk > widths:
+        raise ValueError(f"masks.topk: {topk} exceeds the FFN width {widths}")
+    freq = torch.zeros(num_classes, n_layers, widths, dtype=torch.float64)
+    onehot = torch.zeros(n_img, n_layers, widths, dtype=torch.float64)
+    onehot.scatter_(2, paths.long(), 1.0)
+    freq.index_add_(0, labels.long(), onehot)
+    counts = torch.bincount(labels.long(), minlength=num_classes)
+    importance = torch.zeros(num_classes, n_layers, widths, dtype=torch.float64)
+    importance.index_add_(0, labels.long(), scores.double())
+    importance = importance / counts.clamp_min(1).double()[:, None, None]
+    importance[counts == 0] = float("nan")
+    row = freq.sum(dim=2, keepdim=True)
+    utilisation = torch.where(row > 0, freq / row.clamp_min(1e-12), torch.zeros_like(freq))
+    flat = utilisation.reshape(num_classes, -1)
+    norms = flat.norm(dim=1).clamp_min(1e-12)
+    similarity = (flat @ flat.T) / (norms[:, None] * norms[None, :])
+    # frequency first, ties by mean dense score: rank by frequency + tiny, order-preserving tiebreak
+    tie = torch.nan_to_num(importance, nan=0.0)
+    span = tie.abs().amax(dim=2, keepdim=True).clamp_min(1e-30)
+    key = freq + 0.25 * (tie / span)  # |tiebreak| < 0.5 never overturns a whole count
+    topk_indices = key.topk(topk, dim=2).indices
+    mask = torch.zeros(num_classes, n_layers, widths, dtype=torch.bool)
+    mask.scatter_(2, topk_indices, True)
+    mask[counts == 0] = False
+    return ClassMasks(utilisation=utilisation.float(), similarity=similarity.float(), topk=mask,
+                      topk_indices=topk_indices, importance=importance.float(), counts=counts,
+                      layers=[int(b) for b in layers], class_names=list(class_names),
+                      fingerprint=dict(fingerprint or {}))
+
+
+def save_masks(masks: ClassMasks, run_dir: str | Path) -> Path:
+    """Write ``masks.safetensors`` atomically."""
+    from safetensors.torch import save_file
+
+    tensors = {"utilisation": masks.utilisation, "similarity": masks.similarity, "topk": masks.topk.to(torch.uint8),
+               "topk_indices": masks.topk_indices.long(), "importance": masks.importance,
+               "counts": masks.counts.long()}
+    meta = {"layers": json.dumps(masks.layers), "class_names": json.dumps(masks.class_names),
+            "fingerprint": json.dumps(masks.fingerprint)}
+    data = {k: v.contiguous() for k, v in tensors.items()}
+    return atomic_write(Path(run_dir) / MASKS_FILE, lambda tmp: save_file(data, tmp, metadata=meta))
+
+
+def load_masks(run_dir: str | Path) -> ClassMasks:
+    """Read the class masks of a run directory (or a ``masks.safetensors`` path).
+
+    Raises:
+        FileNotFoundError / FingerprintMismatchError-free read; use ``check_model`` to compare.
+    """
+    from safetensors import safe_open
+
+    from .errors import CheckpointError
+
+    path = Path(run_dir)
+    if path.is_dir():
+        path = path / MASKS_FILE
+    if not path.is_file():
+        raise CheckpointError(f"{path}: no class masks here (run the masks stage first)")
+    try:
+        with safe_open(str(path), framework="pt") as f:
+            meta = f.metadata() or {}
+            t = {k: f.get_tensor(k) for k in f.keys()}
+        return ClassMasks(utilisation=t["utilisation"], similarity=t["similarity"], topk=t["topk"].bool(),
+                          topk_indices=t["topk_indices"], importance=t["importance"], counts=t["counts"],
+                          layers=json.loads(meta["layers"]), class_names=json.loads(meta["class_names"]),
+                          fingerprint=json.loads(meta.get("fingerprint", "{}")))
+    except (KeyError, ValueError, OSError) as exc:
+        raise CheckpointError(f"{path}: not a jas-prune masks file ({exc})") from None

@@ -1,0 +1,210 @@
+"""The ``jas-prune`` command line. User errors (``JasPruneError``) are caught here, once:
+one line on stderr, exit code 2. Anything else is an internal failure: exit code 1."""
+
+from __future__ import annotations
+
+import logging
+import sys
+from pathlib import Path
+
+import click
+
+from .errors import JasPruneError
+
+__all__ = ["cli", "main"]
+
+log = logging.getLogger("jas_prune")
+
+_SET_HELP = "Override a recipe value with a dotted key, e.g. --set attribution.steps=8 (repeatable)."
+
+
+@click.group(context_settings={"help_option_names": ["-h", "--help"]})
+@click.version_option(package_name="jas-prune")
+def cli() -> None:
+    """Find influential neuron paths in ViTs (JAS), prune FFN neurons, export to ONNX."""
+
+
+@cli.group()
+def recipe() -> None:
+    """Validate and run YAML recipes."""
+
+
+@recipe.command("validate")
+@click.argument("recipe_file", metavar="RECIPE", type=click.Path(dir_okay=False, path_type=Path))
+@click.option("--set", "overrides", multiple=True, metavar="KEY=VALUE", help=_SET_HELP)
+def recipe_validate(recipe_file: Path, overrides: tuple[str, ...]) -> None:
+    """Check a recipe (schema, values, available stages) without running it."""
+    from .recipe import load_recipe
+    from .runner import check_stages
+
+    r = load_recipe(recipe_file, overrides)
+    check_stages(r)
+    stages = ["dense"] + [k for k in ("attribution", "masks", "prune", "export") if getattr(r, k) is not None]
+    click.echo(f"{recipe_file}: valid (stages: {', '.join(stages)})")
+
+
+@recipe.command("run")
+@click.argument("recipe_file", metavar="RECIPE", type=click.Path(dir_okay=False, path_type=Path))
+@click.option("--out", "out", type=click.Path(file_okay=False, path_type=Path), default=None,
+              help="Run directory (default: runs/<recipe name>).")
+@click.option("--set", "overrides", multiple=True, metavar="KEY=VALUE", help=_SET_HELP)
+@click.option("--resume", is_flag=True, help="Continue a run in --out, skipping finished work.")
+def recipe_run(recipe_file: Path, out: Path | None, overrides: tuple[str, ...], resume: bool) -> None:
+    """Run a recipe and write its run directory."""
+    from .recipe import load_recipe
+    from .runner import run_recipe
+
+    r = load_recipe(recipe_file, overrides)
+    out = out or Path("runs") / recipe_file.stem
+    metrics = run_recipe(r, out, resume=resume)
+    dense = metrics.get("dense", {})
+    click.echo(f"run directory: {out}")
+    if dense:
+        click.echo(f"dense top-1 {100 * dense['top1']:.2f} %  top-5 {100 * dense['top5']:.2f} %  "
+                   f"params {dense['params'] / 1e6:.3f} M  MACs {dense['macs'] / 1e6:.2f} M")
+
+
+@cli.group()
+def data() -> None:
+    """The built-in data set."""
+
+
+@data.command("shapes")
+@click.option("--split", type=click.Choice(["train", "probe", "test"]), required=True)
+@click.option("--out", "out", type=click.Path(file_okay=False, path_type=Path), required=True)
+@click.option("--seed", type=int, default=0, show_default=True)
+@click.option("--probe-fraction", type=float, default=0.8, show_default=True,
+              help="As data.probe_fraction in a recipe.")
+@click.option("--images-per-class", type=int, default=None,
+              help="As data.images_per_class (probe/test); train: images per class (default 1000).")
+def data_shapes(split: str, out: Path, seed: int, probe_fraction: float, images_per_class: int | None) -> None:
+    """Write a split of the shapes data set as an ImageFolder of PNGs.
+
+    probe/test are exactly the partitions a recipe with the same seed, probe_fraction and
+    images_per_class uses.
+    """
+    from .data import write_shapes_split
+
+    n = write_shapes_split(split, out, seed=seed, probe_fraction=probe_fraction, images_per_class=images_per_class)
+    click.echo(f"wrote {n} images to {out}")
+
+
+@cli.command("train")
+@click.option("--out", "out", type=click.Path(dir_okay=False, path_type=Path),
+              default=Path("jas_prune/weights/shapes-vit.safetensors"), show_default=True)
+@click.option("--seed", type=int, default=0, show_default=True)
+@click.option("--epochs", type=float, default=24, show_default=True)
+@click.option("--images-per-class", "per_class", type=int, default=1000, show_default=True)
+@click.option("--batch-size", type=int, default=128, show_default=True)
+@click.option("--lr", type=float, default=1e-3, show_default=True)
+@click.option("--device", type=click.Choice(["cpu", "cuda"]), default="cpu", show_default=True)
+def train(out: Path, seed: int, epochs: float, per_class: int, batch_size: int, lr: float, device: str) -> None:
+    """Train builtin:shapes-vit from scratch on the shapes train split (deterministic per seed)."""
+    from .train import train_builtin
+
+    r = train_builtin(out, seed=seed, epochs=epochs, per_class=per_class, batch_size=batch_size, lr=lr,
+                      device=device)
+    click.echo(f"saved {r['path']} after {r['steps']} steps in {r['seconds'] + r['render_seconds']:.0f} s")
+
+
+@cli.group("export")
+def export_group() -> None:
+    """Export checkpoints for deployment."""
+
+
+@export_group.command("onnx")
+@click.argument("checkpoint", type=click.Path(dir_okay=False, path_type=Path))
+@click.option("--out", "out", type=click.Path(dir_okay=False, path_type=Path), required=True,
+              help="ONNX file to write (a sidecar FILE.json is written next to it).")
+@click.option("--opset", type=int, default=18, show_default=True)
+@click.option("--data-root", type=click.Path(file_okay=False, path_type=Path), default=None,
+              help="ImageFolder to verify on (default: the shapes test partition).")
+@click.option("--seed", type=int, default=0, show_default=True, help="Seed of the verification partition.")
+@click.option("--benchmark/--no-benchmark", default=True, show_default=True)
+@click.option("--providers", default="cuda,cpu", show_default=True, help="ONNX Runtime providers, in order.")
+def export_onnx_cmd(checkpoint: Path, out: Path, opset: int, data_root: Path | None, seed: int, benchmark: bool,
+                    providers: str) -> None:
+    """Export a (pruned) CHECKPOINT written by a recipe run, verify it against PyTorch on a real
+    batch and time it in ONNX Runtime."""
+    import json
+
+    from .checkpoint import load_pruned
+    from .data import build_source, make_loader, model_transform
+    from .export import export_and_verify
+
+    model = load_pruned(checkpoint)
+    extra = getattr(model, "jas_checkpoint_extra", {}) or {}
+    source = build_source("imagefolder" if data_root else "shapes", root=str(data_root) if data_root else None,
+                          seed=seed)
+    classes = getattr(model, "jas_head_classes", None)
+    samples = source.subset("test", classes)[:32]
+    batch = next(iter(make_loader(samples, model_transform(model), batch_size=32)))[0]
+    names = extra.get("class_names") or source.class_names
+    rec = export_and_verify(model, out, batch, label=checkpoint.stem, checkpoint=str(checkpoint), opset=opset,
+                            sidecar={"class_names": names}, benchmark=benchmark,
+                            providers=[p.strip() for p in providers.split(",") if p.strip()])
+    keys = ("path", "parity_max_abs", "top1_agreement", "latency_ms_p50", "latency_ms_p90", "provider", "exporter")
+    click.echo(json.dumps({k: rec.get(k) for k in keys}, indent=2))
+
+
+@cli.command("report")
+@click.argument("run_dir", type=click.Path(file_okay=False, path_type=Path))
+def report(run_dir: Path) -> None:
+    """Rebuild report.md of a run directory from its metrics, without recomputing."""
+    from .errors import OutputDirError
+    from .report import write_report
+
+    if not (run_dir / "metrics.json").is_file():
+        raise OutputDirError(f"{run_dir}: no metrics.json (not a jas-prune run directory)")
+    click.echo(f"wrote {write_report(run_dir)}")
+
+
+class _ConsoleHandler(logging.Handler):
+    """Writes to whatever ``sys.stderr`` is at the time (tqdm-friendly, capture-friendly)."""
+
+    def emit(self, record: logging.LogRecord) -> None:
+        try:
+            sys.stderr.write(self.format(record) + "\n")
+        except Exception:  # noqa: BLE001
+            self.handleError(record)
+
+
+def _setup_console_logging() -> None:
+    if not any(isinstance(h, _ConsoleHandler) for h in log.handlers):
+        handler = _ConsoleHandler(logging.INFO)
+        handler.setFormatter(logging.Formatter("%(message)s"))
+        handler.addFilter(lambda record: not getattr(record, "file_only", False))
+        log.addHandler(handler)
+    log.setLevel(logging.INFO)
+    log.propagate = False
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Console entry point: returns (and exits with) 0, 1 or 2."""
+    _setup_console_logging()
+    try:
+        cli.main(args=argv, prog_name="jas-prune", standalone_mode=False)
+        return 0
+    except JasPruneError as exc:
+        click.echo(f"jas-prune: error: {exc}", err=True)
+        code = exc.exit_code
+    except click.exceptions.Abort:
+        click.echo("jas-prune: aborted", err=True)
+        code = 130
+    except click.exceptions.Exit as exc:
+        code = exc.exit_code
+    except click.ClickException as exc:
+        exc.show()
+        code = exc.exit_code
+    except KeyboardInterrupt:
+        click.echo("jas-prune: interrupted", err=True)
+        code = 130
+    except Exception as exc:  # internal failure
+        import traceback
+
+        traceback.print_exc()
+        click.echo(f"jas-prune: internal error: {type(exc).__name__}: {exc}", err=True)
+        code = 1
+    if argv is None:
+        sys.exit(code)
+    return code

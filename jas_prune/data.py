@@ -1,0 +1,230 @@
+"""Data sets and the per-class probe/test partition.
+
+Both kinds (``shapes`` and ``imagefolder``) expose the same thing: a list of samples with labels
+and class names, partitioned per class into ``probe`` (attribution, masks, calibration) and
+``test`` (every accuracy figure), seeded and stratified.
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Callable, Sequence
+
+import numpy as np
+import torch
+from torch.utils.data import DataLoader, Dataset
+
+from . import shapes
+from .errors import DataError
+
+__all__ = [
+    "IMAGE_EXTENSIONS",
+    "Sample",
+    "DataSource",
+    "ImageDataset",
+    "partition",
+    "build_source",
+    "model_transform",
+    "make_loader",
+]
+
+IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".bmp", ".ppm", ".pgm", ".tif", ".tiff", ".webp", ".jpeg2000")
+
+
+@dataclass(frozen=True)
+class Sample:
+    """One image: a stable id (``shapes:eval:17`` or a path relative to the root) and its label."""
+
+    id: str
+    label: int
+    ref: Any  # shapes index (int) or file path (str)
+
+
+@dataclass
+class DataSource:
+    """A labelled image collection with its class names and per-class probe/test partition."""
+
+    kind: str
+    class_names: list[str]
+    samples: list[Sample]
+    probe: list[int] = field(default_factory=list)  # indices into samples
+    test: list[int] = field(default_factory=list)
+    seed: int = 0
+    root: str | None = None
+
+    @property
+    def num_classes(self) -> int:
+        return len(self.class_names)
+
+    def subset(self, part: str, classes: Sequence[int] | None = None) -> list[Sample]:
+        """Samples of the ``probe``, ``test`` or ``all`` partition, optionally of some classes."""
+        idx = {"probe": self.probe, "test": self.test, "all": range(len(self.samples))}[part]
+        keep = None if classes is None else set(int(c) for c in classes)
+        return [self.samples[i] for i in idx if keep is None or self.samples[i].label in keep]
+
+    def selection_fingerprint(self) -> dict[str, Any]:
+        """What identifies the images a run uses (for resume checks)."""
+        import hashlib
+
+        h = hashlib.sha256()
+        for s in self.samples:
+            h.update(f"{s.id}\t{s.label}\n".encode())
+        h.update(("probe:" + ",".join(map(str, self.probe))).encode())
+        return {"kind": self.kind, "root": self.root, "seed": self.seed, "n": len(self.samples),
+                "sha256": h.hexdigest()}
+
+
+def partition(labels: Sequence[int], probe_fraction: float, seed: int) -> tuple[list[int], list[int]]:
+    """Split indices per class into probe/test: stratified, seeded, disjoint, covering.
+
+    Each class with n >= 2 images gets round(probe_fraction * n) probe images, clamped so that
+    both sides keep at least one image.
+    """
+    labels = np.asarray(labels, dtype=np.int64)
+    probe: list[int] = []
+    test: list[int] = []
+    for c in np.unique(labels):
+        idx = np.flatnonzero(labels == c)
+        rng = np.random.default_rng(np.random.SeedSequence([int(seed), 0x9E3779B9, int(c)]))
+        idx = idx[rng.permutation(len(idx))]
+        n_probe = int(round(probe_fraction * len(idx)))
+        if len(idx) >= 2:
+            n_probe = min(max(n_probe, 1), len(idx) - 1)
+        probe.extend(int(i) for i in idx[:n_probe])
+        test.extend(int(i) for i in idx[n_probe:])
+    return sorted(probe), sorted(test)
+
+
+def _shapes_source(seed: int, probe_fraction: float, images_per_class: int | None) -> DataSource:
+    per_class = shapes.EVAL_PER_CLASS if images_per_class is None else int(images_per_class)
+    n = per_class * shapes.NUM_CLASSES
+    samples = [Sample(id=f"shapes:eval:{i}", label=shapes.label_of(i), ref=i) for i in range(n)]
+    probe, test = partition([s.label for s in samples], probe_fraction, seed)
+    return DataSource("shapes", list(shapes.CLASS_NAMES), samples, probe, test, seed=seed)
+
+
+def _imagefolder_source(root: str | None, seed: int, probe_fraction: float,
+                        images_per_class: int | None) -> DataSource:
+    if not root:
+        raise DataError("data.root: required when data.kind is 'imagefolder'")
+    path = Path(root).expanduser()
+    if not path.is_dir():
+        raise DataError(f"data.root: directory not found: {path}")
+    classes = sorted(d.name for d in path.iterdir() if d.is_dir() and not d.name.startswith("."))
+    if not classes:
+        raise DataError(f"data.root: no class folders in {path}")
+    samples: list[Sample] = []
+    for label, name in enumerate(classes):
+        files = sorted(
+            f for f in (path / name).rglob("*")
+            if f.is_file() and f.suffix.lower() in IMAGE_EXTENSIONS
+        )
+        if not files:
+            raise DataError(f"data.root: class folder '{name}' in {path} has no images")
+        if images_per_class is not None:
+            files = files[: int(images_per_class)]
+        samples.extend(Sample(id=str(f.relative_to(path)), label=label, ref=str(f)) for f in files)
+    probe, test = partition([s.label for s in samples], probe_fraction, seed)
+    names = [n.split("-", 1)[1] if n[:2].isdigit() and "-" in n else n for n in classes]
+    return DataSource("imagefolder", names, samples, probe, test, seed=seed, root=str(path))
+
+
+def build_source(kind: str, *, root: str | None = None, seed: int = 0, probe_fraction: float = 0.8,
+                 images_per_class: int | None = None) -> DataSource:
+    """Build the evaluation collection of a recipe's ``data`` section."""
+    if kind == "shapes":
+        return _shapes_source(seed, probe_fraction, images_per_class)
+    if kind == "imagefolder":
+        return _imagefolder_source(root, seed, probe_fraction, images_per_class)
+    raise DataError(f"data.kind: unknown kind {kind!r} (expected 'shapes' or 'imagefolder')")
+
+
+def model_transform(model: torch.nn.Module) -> Callable:
+    """timm's eval preprocessing for ``model`` (``resolve_data_config`` + ``create_transform``)."""
+    from timm.data import create_transform, resolve_data_config
+
+    from .models import input_size
+
+    cfg = resolve_data_config({}, model=model)
+    cfg["input_size"] = input_size(model)
+    return create_transform(**cfg, is_training=False)
+
+
+class _SkippedImage(Exception):
+    pass
+
+
+class ImageDataset(Dataset):
+    """Samples -> (image tensor, label, position in the list)."""
+
+    def __init__(self, samples: Sequence[Sample], transform: Callable, shapes_seed: int = 0):
+        self.samples = list(samples)
+        self.transform = transform
+        self.shapes_seed = shapes_seed
+
+    def __len__(self) -> int:
+        return len(self.samples)
+
+    def load_image(self, sample: Sample):
+        from PIL import Image
+
+        if isinstance(sample.ref, int):
+            arr, _ = shapes.render(self.shapes_seed, "eval", sample.ref)
+            return Image.fromarray(arr)
+        try:
+            with Image.open(sample.ref) as im:
+                return im.convert("RGB")
+        except Exception as exc:  # unreadable / truncated file
+            raise DataError(f"data.root: cannot read image {sample.ref}: {exc}") from None
+
+    def __getitem__(self, i: int):
+        sample = self.samples[i]
+        return self.transform(self.load_image(sample)), sample.label, i
+
+
+def make_loader(samples: Sequence[Sample], transform: Callable, *, batch_size: int, workers: int = 0,
+                seed: int = 0) -> DataLoader:
+    """A deterministic (unshuffled) loader over samples."""
+    ds = ImageDataset(samples, transform, shapes_seed=seed)
+    return DataLoader(ds, batch_size=batch_size, shuffle=False, num_workers=workers,
+                      persistent_workers=False, pin_memory=torch.cuda.is_available())
+
+
+def default_workers() -> int:
+    return 0 if (os.cpu_count() or 1) <= 2 else min(4, (os.cpu_count() or 1) - 1)
+
+
+def write_shapes_split(split: str, out: str | os.PathLike[str], *, seed: int = 0, probe_fraction: float = 0.8,
+                       images_per_class: int | None = None) -> int:
+    """Write ``train``, ``probe`` or ``test`` of the shapes set as an ImageFolder of PNGs.
+
+    Folder names sort in label order (``07-red-semicircle``); file names carry the image index.
+    ``probe``/``test`` are exactly the partitions of a recipe with the same seed,
+    ``probe_fraction`` and ``images_per_class``.
+    """
+    from PIL import Image
+    from tqdm.auto import tqdm
+
+    from .io import atomic_write
+
+    out = Path(out)
+    folders = shapes.class_folder_names()
+    if split == "train":
+        per_class = shapes.TRAIN_PER_CLASS if images_per_class is None else int(images_per_class)
+        items = [(i, shapes.label_of(i)) for i in range(per_class * shapes.NUM_CLASSES)]
+        render_split = "train"
+    elif split in ("probe", "test"):
+        source = _shapes_source(seed, probe_fraction, images_per_class)
+        items = [(s.ref, s.label) for s in source.subset(split)]
+        render_split = "eval"
+    else:
+        raise DataError(f"--split: unknown split {split!r} (train, probe or test)")
+    for name in folders:
+        (out / name).mkdir(parents=True, exist_ok=True)
+    for index, label in tqdm(items, desc=f"write shapes/{split}", mininterval=2):
+        arr, _ = shapes.render(seed, render_split, index)
+        atomic_write(out / folders[label] / f"{index:06d}.png",
+                     lambda tmp: Image.fromarray(arr).save(tmp, format="PNG"))
+    return len(items)

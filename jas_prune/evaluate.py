@@ -1,0 +1,149 @@
+"""Evaluation: top-1/top-5 on the test partition, parameter and MAC counts."""
+
+from __future__ import annotations
+
+from typing import Iterable, Mapping, Sequence
+
+import torch
+from torch import nn
+from tqdm.auto import tqdm
+
+from .errors import NonFiniteOutputError
+
+__all__ = ["accuracy", "count_params_macs", "predict_logits", "intervention_metrics", "cls_mask_protocol"]
+
+
+@torch.no_grad()
+def predict_logits(model: nn.Module, loader: Iterable, *, device: torch.device | str = "cpu",
+                   sample_ids: Sequence[str] | None = None, desc: str = "predict") -> tuple[torch.Tensor, torch.Tensor]:
+    """Logits and labels over a loader of (x, y, position) batches.
+
+    Raises:
+        NonFiniteOutputError: naming the first image whose logits are NaN/Inf.
+    """
+    model.eval()
+    outs, labels = [], []
+    for x, y, pos in tqdm(loader, desc=desc, mininterval=2, leave=False):
+        dtype = next(model.parameters()).dtype
+        logits = model(x.to(device=device, dtype=dtype)).float().cpu()
+        bad = ~torch.isfinite(logits).all(dim=1)
+        if bad.any():
+            j = int(pos[bad.nonzero()[0, 0]])
+            name = sample_ids[j] if sample_ids is not None else f"#{j}"
+            raise NonFiniteOutputError(f"model output is not finite for image {name}")
+        outs.append(logits)
+        labels.append(y)
+    if not outs:
+        return torch.empty(0), torch.empty(0, dtype=torch.long)
+    return torch.cat(outs), torch.cat(labels)
+
+
+def accuracy(logits: torch.Tensor, labels: torch.Tensor, *,
+             label_map: Mapping[int, int] | None = None) -> dict[str, float]:
+    """Top-1 / top-5 accuracy.
+
+    Args:
+        logits: [N, C] scores.
+        labels: [N] original labels.
+        label_map: for a head cut to a class subset, original label -> head index.
+    """
+    if label_map is not None:
+        labels = torch.tensor([label_map[int(y)] for y in labels], dtype=torch.long)
+    n = len(labels)
+    if n == 0:
+        return {"top1": float("nan"), "top5": float("nan"), "n": 0}
+    k = min(5, logits.shape[1])
+    top = logits.topk(k, dim=1).indices
+    hit = top == labels[:, None]
+    return {"top1": hit[:, 0].float().mean().item(), "top5": hit.any(dim=1).float().mean().item(), "n": n}
+
+
+def count_params_macs(model: nn.Module, input_size: Sequence[int]) -> dict[str, int]:
+    """Parameters and multiply-accumulates of one image at ``input_size`` (C, H, W)."""
+    import torch_pruning as tp
+
+    p = next(model.parameters())
+    example = torch.zeros(1, *input_size, device=p.device, dtype=p.dtype)
+    macs, params = tp.utils.count_ops_and_params(model, example)
+    return {"params": int(params), "macs": int(macs)}
+
+
+def _path_multipliers(paths: torch.Tensor, layers: Sequence[int], widths: Sequence[int], factor: float,
+                      device: torch.device | str) -> dict[int, torch.Tensor]:
+    """Per-image factors: ``factor`` on each image's path neurons, 1 elsewhere."""
+    out = {}
+    for j, block in enumerate(layers):
+        mult = torch.ones(paths.shape[0], widths[block], device=device)
+        mult.scatter_(1, paths[:, j, :].to(device), factor)
+        out[int(block)] = mult
+    return out
+
+
+@torch.no_grad()
+def intervention_metrics(model: nn.Module, images: torch.Tensor, labels: torch.Tensor, targets: torch.Tensor,
+                         paths: torch.Tensor, layers: Sequence[int], *, scope: str,
+                         batch_size: int = 64) -> dict[str, float]:
+    """Paper Table 1: edit each image's path neurons (×0 removal, ×2 enhancement) at the scope's
+    positions; accuracy deviation (percentage points) and relative probability deviation of the
+    target class (%, mean and median)."""
+    from .models import discover_ffn
+    from .neurons import edit
+
+    p = next(model.parameters())
+    widths = discover_ffn(model).widths
+    probs = {"clean": [], "removal": [], "enhancement": []}
+    correct = {"clean": [], "removal": [], "enhancement": []}
+    for s in range(0, len(images), batch_size):
+        x = images[s:s + batch_size].to(device=p.device, dtype=p.dtype)
+        y, t, path = labels[s:s + batch_size], targets[s:s + batch_size], paths[s:s + batch_size]
+        for name, factor in (("clean", None), ("removal", 0.0), ("enhancement", 2.0)):
+            if factor is None:
+                logits = model(x)
+            else:
+                with edit(model, _path_multipliers(path, layers, widths, factor, p.device), scope=scope):
+                    logits = model(x)
+            logits = logits.float().cpu()
+            probs[name].append(logits.softmax(-1).gather(1, t[:, None]).squeeze(1))
+            correct[name].append((logits.argmax(1) == y).float())
+    pr = {k: torch.cat(v) for k, v in probs.items()}
+    acc = {k: torch.cat(v).mean().item() for k, v in correct.items()}
+    out: dict[str, float] = {"images": len(images), "top1": acc["clean"]}
+    for name in ("removal", "enhancement"):
+        rel = (pr[name] - pr["clean"]) / pr["clean"].clamp_min(1e-12)
+        out[f"{name}_acc_dev"] = 100.0 * (acc[name] - acc["clean"])
+        out[f"{name}_prob_dev_mean"] = 100.0 * rel.mean().item()
+        out[f"{name}_prob_dev_median"] = 100.0 * rel.median().item()
+    return out
+
+
+@torch.no_grad()
+def cls_mask_protocol(model: nn.Module, images: torch.Tensor, labels: torch.Tensor, keep: torch.Tensor,
+                      layers: Sequence[int], *, depth: int, fraction: float, seed: int = 0,
+                      batch_size: int = 64) -> dict[str, float]:
+    """The paper's protocol (Tables 2/3, Fig. 6): for each test image of class c, keep class c's
+    neurons ``keep[c]`` and zero a random fraction ``fraction`` of the other neurons at the class
+    token only, in the first ``depth`` blocks; returns top-1/top-5.
+
+    Args:
+        keep: [C, L, n] bool, the neurons kept per class (rows follow ``layers``).
+        layers: block index of each row of ``keep``.
+    """
+    from .models import discover_ffn
+    from .neurons import edit
+
+    p = next(model.parameters())
+    widths = discover_ffn(model).widths
+    rows = [(j, int(b)) for j, b in enumerate(layers) if int(b) < depth]
+    gen = torch.Generator().manual_seed(int(seed))
+    logits_all = []
+    for s in range(0, len(images), batch_size):
+        x = images[s:s + batch_size].to(device=p.device, dtype=p.dtype)
+        y = labels[s:s + batch_size]
+        mults = {}
+        for j, block in rows:
+            kept = keep[y, j]  # [b, n]
+            drop = torch.rand(len(y), widths[block], generator=gen) < fraction
+            mults[block] = (~(drop & ~kept)).float().to(p.device)
+        with edit(model, mults, scope="cls"):
+            logits_all.append(model(x).float().cpu())
+    return accuracy(torch.cat(logits_all), labels)

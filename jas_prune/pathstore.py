@@ -1,0 +1,153 @@
+"""Per-image locate results in a run's ``paths/`` folder: fixed chunks, written atomically,
+guarded by a fingerprint of (model weights, data selection, attribution settings).
+
+Chunk ``i`` always holds the same images (positions ``[i*size, (i+1)*size)`` of the partition),
+so a resumed or sharded run skips finished chunks and never counts an image twice.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Iterable
+
+import torch
+from torch import nn
+
+from .errors import FingerprintMismatchError
+from .io import atomic_write, atomic_write_json, read_json
+
+__all__ = ["weights_digest", "PathStore", "LocatedImages"]
+
+
+def weights_digest(model: nn.Module) -> str:
+    """SHA-256 of the model's state dict (names, shapes, dtypes and bytes)."""
+    h = hashlib.sha256()
+    for name, t in sorted(model.state_dict().items()):
+        t = t.detach().to("cpu").contiguous()
+        h.update(f"{name}:{tuple(t.shape)}:{t.dtype}\n".encode())
+        h.update(t.view(torch.uint8).numpy().tobytes() if t.numel() else b"")
+    return h.hexdigest()
+
+
+@dataclass
+class LocatedImages:
+    """All stored chunks of a partition, concatenated in image order."""
+
+    positions: torch.Tensor  # [N] position in the partition's sample list
+    labels: torch.Tensor  # [N]
+    targets: dict[str, torch.Tensor]  # method -> [N]
+    probs: dict[str, torch.Tensor]  # method -> [N] clean F
+    paths: dict[str, torch.Tensor]  # method -> [N, L, K]
+    jas: dict[str, torch.Tensor]  # method -> [N]
+    scores: dict[str, torch.Tensor]  # method -> [N, L, n] (stored as float16 x float32 scale)
+    layers: list[int]
+    ids: list[str]
+
+
+class PathStore:
+    """A folder of chunks ``chunk-00000.safetensors`` plus ``fingerprint.json``."""
+
+    def __init__(self, root: str | Path, *, chunk_size: int):
+        self.root = Path(root)
+        self.chunk_size = int(chunk_size)
+
+    # -- fingerprint -----------------------------------------------------------------------
+    def check_or_write_fingerprint(self, fingerprint: dict[str, Any], *, resume: bool) -> None:
+        """Store the fingerprint, or on resume compare it part by part.
+
+        Raises:
+            FingerprintMismatchError: naming the part (model, data, attribution) that differs.
+        """
+        path = self.root / "fingerprint.json"
+        fingerprint = json.loads(json.dumps(fingerprint))  # normalise tuples etc.
+        if path.exists():
+            old = read_json(path)
+            differing = [k for k in sorted(set(old) | set(fingerprint)) if old.get(k) != fingerprint.get(k)]
+            if differing:
+                if not resume:
+                    raise FingerprintMismatchError(
+                        f"{self.root}: holds results of a different run ({', '.join(differing)} differ)")
+                detail = []
+                for k in differing:
+                    a, b = old.get(k), fingerprint.get(k)
+                    if isinstance(a, dict) and isinstance(b, dict):
+                        keys = [x for x in sorted(set(a) | set(b)) if a.get(x) != b.get(x)]
+                        detail.append(f"{k} ({', '.join(f'{k}.{x}' for x in keys)})")
+                    else:
+                        detail.append(k)
+                raise FingerprintMismatchError(
+                    f"--resume {self.root.parent}: the stored results were computed with a different "
+                    f"{'; '.join(detail)}; use a new --out directory or restore the original settings")
+            return
+        atomic_write_json(path, fingerprint)
+
+    # -- chunks ----------------------------------------------------------------------------
+    def chunk_path(self, i: int) -> Path:
+        return self.root / f"chunk-{i:05d}.safetensors"
+
+    def n_chunks(self, n_images: int) -> int:
+        return (n_images + self.chunk_size - 1) // self.chunk_size
+
+    def chunk_range(self, i: int, n_images: int) -> range:
+        return range(i * self.chunk_size, min((i + 1) * self.chunk_size, n_images))
+
+    def done(self, i: int) -> bool:
+        return self.chunk_path(i).is_file()
+
+    def pending(self, n_images: int, *, rank: int = 0, world: int = 1) -> list[int]:
+        """Chunks not written yet (of this rank's shard: ``i % world == rank``)."""
+        return [i for i in range(self.n_chunks(n_images)) if i % world == rank and not self.done(i)]
+
+    def write_chunk(self, i: int, tensors: dict[str, torch.Tensor], meta: dict[str, Any]) -> Path:
+        from safetensors.torch import save_file
+
+        data = {k: v.detach().to("cpu").contiguous() for k, v in tensors.items()}
+        header = {"meta": json.dumps(meta)}
+        return atomic_write(self.chunk_path(i), lambda tmp: save_file(data, tmp, metadata=header))
+
+    def read(self, n_images: int) -> LocatedImages:
+        """Concatenate every chunk; all of them must exist."""
+        from safetensors import safe_open
+
+        missing = [i for i in range(self.n_chunks(n_images)) if not self.done(i)]
+        if missing:
+            raise FileNotFoundError(f"{self.root}: {len(missing)} chunk(s) missing, first {missing[0]}")
+        parts: dict[str, list[torch.Tensor]] = {}
+        ids: list[str] = []
+        layers: list[int] = []
+        for i in range(self.n_chunks(n_images)):
+            with safe_open(str(self.chunk_path(i)), framework="pt") as f:
+                meta = json.loads(f.metadata()["meta"])
+                for k in f.keys():
+                    parts.setdefault(k, []).append(f.get_tensor(k))
+            ids.extend(meta["ids"])
+            layers = meta["layers"]
+        cat = {k: torch.cat(v) for k, v in parts.items()}
+
+        def by_method(prefix: str) -> dict[str, torch.Tensor]:
+            return {k[len(prefix):]: v for k, v in cat.items() if k.startswith(prefix)}
+
+        scales = by_method("scale.")
+        scores = {m: s.float() * scales[m][:, :, None] for m, s in by_method("scores.").items()}
+        return LocatedImages(positions=cat["positions"], labels=cat["labels"], targets=by_method("targets."),
+                             probs=by_method("probs."), paths=by_method("paths."), jas=by_method("jas."),
+                             scores=scores, layers=layers, ids=ids)
+
+    @staticmethod
+    def chunk_tensors(positions: Iterable[int], labels: torch.Tensor, results: dict[str, Any]) -> dict[str, torch.Tensor]:
+        """Flatten per-method LocateResults into named chunk tensors."""
+        out = {"positions": torch.as_tensor(list(positions), dtype=torch.long), "labels": labels.long().cpu()}
+        for method, r in results.items():
+            out[f"paths.{method}"] = r.paths.long().cpu()
+            out[f"jas.{method}"] = r.jas.float().cpu()
+            out[f"targets.{method}"] = r.targets.long().cpu()
+            out[f"probs.{method}"] = r.probs.float().cpu()
+            dense = torch.stack([s.float().cpu() for s in r.scores], dim=1)  # [b, L, n]
+            # float16 with a float32 scale per (image, layer): no underflow of tiny scores
+            scale = dense.abs().amax(dim=2).clamp_min(torch.finfo(torch.float32).tiny)
+            out[f"scores.{method}"] = (dense / scale[:, :, None]).to(torch.float16)
+            out[f"scale.{method}"] = scale
+        return out

@@ -1,0 +1,330 @@
+"""Recipe schema (YAML, ``version: 1``), loading, ``--set`` overrides and validation errors.
+
+Every level rejects unknown keys; every error names its YAML path, e.g.
+``attribution.steps: must be ≥ 1``.
+"""
+
+from __future__ import annotations
+
+import difflib
+from pathlib import Path
+from typing import Any, Literal, Union
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+
+from .errors import RecipeError
+
+__all__ = [
+    "SECTIONS",
+    "LOCATE_METHODS",
+    "PRUNE_METHODS",
+    "Recipe",
+    "load_recipe",
+    "parse_recipe",
+    "apply_overrides",
+    "dump_recipe",
+]
+
+SECTIONS = ("model", "data", "attribution", "masks", "prune", "evaluate", "export", "runtime")
+LOCATE_METHODS = ("jas", "activation", "influence_pattern", "knowledge")
+PRUNE_METHODS = ("jas", "vit_slim", "magnitude", "taylor", "activation", "variance", "random")
+
+
+class _Section(BaseModel):
+    model_config = ConfigDict(extra="forbid", populate_by_name=True)
+
+
+class ModelSection(_Section):
+    name: str = "builtin:shapes-vit"
+    pretrained: bool = False
+    checkpoint: str | None = None
+    num_classes: int | None = Field(default=None, ge=1)
+
+
+class DataSection(_Section):
+    kind: Literal["shapes", "imagefolder"] = "shapes"
+    root: str | None = None
+    probe_fraction: float = Field(default=0.8, gt=0.0, lt=1.0)
+    images_per_class: int | None = Field(default=None, ge=2)
+    batch_size: int = Field(default=64, ge=1)
+    workers: int = Field(default=0, ge=0)
+
+    @model_validator(mode="after")
+    def _root_for_imagefolder(self) -> "DataSection":
+        if self.kind == "imagefolder" and not self.root:
+            raise ValueError("root: required when kind is 'imagefolder'")
+        return self
+
+
+class AttributionSection(_Section):
+    method: Union[Literal["jas", "activation", "influence_pattern", "knowledge"],
+                  list[Literal["jas", "activation", "influence_pattern", "knowledge"]]] = "jas"
+    steps: int = Field(default=20, ge=1)
+    topk: int = Field(default=1, ge=1)
+    scope: Literal["cls", "all"] = "cls"
+    formula: Literal["paper", "ig"] = "paper"
+    quadrature: Literal["left", "right", "trapezoid", "gauss"] = "left"
+    candidates: Literal["layer_scaled", "exact"] = "layer_scaled"
+    target: Literal["label", "pred"] = "label"
+    layers: int | list[int] | None = None
+    internal_batch_size: int | None = Field(default=None, ge=1)
+
+    @field_validator("layers")
+    @classmethod
+    def _layers(cls, v):
+        if isinstance(v, int) and v < 1:
+            raise ValueError("must be ≥ 1 (a prefix depth) or a list of block indices")
+        if isinstance(v, list):
+            if not v:
+                raise ValueError("must not be empty")
+            if any(i < 0 for i in v) or len(set(v)) != len(v):
+                raise ValueError("block indices must be distinct and ≥ 0")
+        return v
+
+    @property
+    def methods(self) -> list[str]:
+        """The located methods, the first being the one masks and importance are built from."""
+        m = [self.method] if isinstance(self.method, str) else list(self.method)
+        if not m:
+            raise RecipeError("attribution.method: must name at least one method")
+        return m
+
+
+class MasksSection(_Section):
+    topk: int = Field(default=5, ge=1)
+
+
+class FinetuneSection(_Section):
+    epochs: float = Field(default=1.0, ge=0.0)
+    lr: float = Field(default=1e-4, gt=0.0)
+
+
+class VitSlimSection(_Section):
+    lambda_: float = Field(default=1e-4, ge=0.0, alias="lambda")
+    epochs: float = Field(default=3.0, gt=0.0)
+    lr: float = Field(default=1e-2, gt=0.0)
+
+
+class PruneSection(_Section):
+    methods: list[Literal["jas", "vit_slim", "magnitude", "taylor", "activation", "variance", "random"]] = ["jas"]
+    ratios: list[float] = [0.5]
+    mode: Literal["uniform", "global"] = "uniform"
+    classes: list[Union[int, str]] | None = None
+    head: Literal["keep", "cut"] = "keep"
+    bias_compensation: bool | list[bool] = False
+    finetune: FinetuneSection | None = None
+    vit_slim: VitSlimSection = VitSlimSection()
+
+    @field_validator("ratios")
+    @classmethod
+    def _ratios(cls, v: list[float]) -> list[float]:
+        if not v:
+            raise ValueError("must list at least one ratio")
+        for r in v:
+            if not 0.0 < r < 1.0:
+                raise ValueError(f"{r} is outside (0, 1): a ratio is the fraction of FFN neurons removed")
+        return v
+
+    @field_validator("methods")
+    @classmethod
+    def _methods(cls, v: list[str]) -> list[str]:
+        if not v:
+            raise ValueError("must list at least one method")
+        return v
+
+    @property
+    def compensation_options(self) -> list[bool]:
+        return [self.bias_compensation] if isinstance(self.bias_compensation, bool) else list(self.bias_compensation)
+
+
+class ClsMaskSection(_Section):
+    fractions: list[float] = [0.5]
+    depth: int | None = Field(default=None, ge=1)
+
+    @field_validator("fractions")
+    @classmethod
+    def _fractions(cls, v: list[float]) -> list[float]:
+        for p in v:
+            if not 0.0 <= p <= 1.0:
+                raise ValueError(f"{p} is outside [0, 1]")
+        return v
+
+
+class EvaluateSection(_Section):
+    protocols: list[Literal["structured", "paper_cls_mask"]] = ["structured"]
+    intervention: bool = False
+    cls_mask: ClsMaskSection = ClsMaskSection()
+
+
+class OnnxSection(_Section):
+    opset: int = Field(default=18, ge=13, le=23)
+    verify: bool = True
+    benchmark: bool = True
+    providers: list[Literal["cuda", "cpu"]] = ["cuda", "cpu"]
+    fp16: bool = False
+
+
+class ExportSection(_Section):
+    onnx: OnnxSection | None = OnnxSection()
+
+
+class RuntimeSection(_Section):
+    seed: int = 0
+    device: Literal["auto", "cpu", "cuda"] = "auto"
+    dtype: Literal["float32", "float64"] = "float32"
+
+
+class Recipe(_Section):
+    """A whole recipe. ``None`` for an optional section (attribution, masks, prune, export) turns
+    that stage off."""
+
+    version: Literal[1] = 1
+    model: ModelSection = ModelSection()
+    data: DataSection = DataSection()
+    attribution: AttributionSection | None = None
+    masks: MasksSection | None = None
+    prune: PruneSection | None = None
+    evaluate: EvaluateSection = EvaluateSection()
+    export: ExportSection | None = None
+    runtime: RuntimeSection = RuntimeSection()
+
+
+def _fields_of(model_cls: type[BaseModel]) -> list[str]:
+    return [f.alias or name for name, f in model_cls.model_fields.items()]
+
+
+def _section_class(loc: tuple) -> type[BaseModel] | None:
+    """The schema class that owns the mapping at ``loc`` (for "did you mean" suggestions)."""
+    cls: Any = Recipe
+    for part in loc:
+        if not (isinstance(cls, type) and issubclass(cls, BaseModel)):
+            return None
+        field = next((f for n, f in cls.model_fields.items() if (f.alias or n) == part), None)
+        if field is None:
+            return None
+        ann = field.annotation
+        args = getattr(ann, "__args__", ()) or (ann,)
+        cls = next((a for a in args if isinstance(a, type) and issubclass(a, BaseModel)), None)
+    return cls
+
+
+def _friendly(err: dict) -> str:
+    loc = tuple(p for p in err["loc"] if not (isinstance(p, str) and ("[" in p or p in ("list", "literal"))))
+    path = ".".join(str(p) for p in loc) or "recipe"
+    kind = err["type"]
+    ctx = err.get("ctx") or {}
+    if kind == "extra_forbidden":
+        parent = _section_class(loc[:-1])
+        hint = ""
+        if parent is not None:
+            close = difflib.get_close_matches(str(loc[-1]), _fields_of(parent), n=1, cutoff=0.5)
+            if close:
+                hint = f" (did you mean '{close[0]}'?)"
+            else:
+                hint = f" (valid keys: {', '.join(_fields_of(parent))})"
+        return f"{path}: unknown key{hint}"
+    if kind == "greater_than_equal":
+        return f"{path}: must be ≥ {ctx.get('ge')} (got {err.get('input')!r})"
+    if kind == "greater_than":
+        return f"{path}: must be > {ctx.get('gt')} (got {err.get('input')!r})"
+    if kind == "less_than":
+        return f"{path}: must be < {ctx.get('lt')} (got {err.get('input')!r})"
+    if kind == "less_than_equal":
+        return f"{path}: must be ≤ {ctx.get('le')} (got {err.get('input')!r})"
+    if kind == "literal_error":
+        return f"{path}: must be one of {ctx.get('expected')} (got {err.get('input')!r})"
+    if kind == "value_error":
+        msg = str(err["msg"]).removeprefix("Value error, ")
+        key, sep, rest = msg.partition(": ")
+        if sep and key.isidentifier():  # a section-level check that names its key
+            return f"{path}.{key}: {rest}" if loc else f"{key}: {rest}"
+        return f"{path}: {msg}"
+    return f"{path}: {err['msg'][0].lower() + err['msg'][1:]} (got {err.get('input')!r})"
+
+
+def parse_recipe(data: Any, source: str = "recipe") -> Recipe:
+    """Validate a recipe mapping.
+
+    Raises:
+        RecipeError: naming the first offending YAML path.
+    """
+    if data is None:
+        data = {}
+    if not isinstance(data, dict):
+        raise RecipeError(f"{source}: a recipe must be a YAML mapping, got {type(data).__name__}")
+    if "version" not in data:
+        raise RecipeError(f"{source}: version: missing (this jas-prune reads version: 1)")
+    try:
+        return Recipe.model_validate(data)
+    except ValidationError as exc:
+        errors = exc.errors()
+        # a union reports one error per alternative: keep the most specific one
+        errors.sort(key=lambda e: (e["type"] != "extra_forbidden", -len(e["loc"])))
+        raise RecipeError(_friendly(errors[0])) from None
+
+
+def _parse_value(text: str) -> Any:
+    try:
+        return yaml.safe_load(text) if text.strip() else None
+    except yaml.YAMLError:
+        return text
+
+
+def apply_overrides(data: dict, overrides: list[str] | tuple[str, ...]) -> dict:
+    """Apply ``KEY=VALUE`` overrides with dotted keys; values are parsed as YAML scalars/lists.
+
+    Raises:
+        RecipeError: for a malformed override.
+    """
+    data = dict(data or {})
+    for item in overrides:
+        if "=" not in item:
+            raise RecipeError(f"--set {item}: expected KEY=VALUE with a dotted key, e.g. attribution.steps=8")
+        key, value = item.split("=", 1)
+        parts = key.strip().split(".")
+        if not all(parts):
+            raise RecipeError(f"--set {item}: empty key segment")
+        node = data
+        for i, part in enumerate(parts[:-1]):
+            child = node.get(part)
+            if child is None:
+                child = {}
+            elif not isinstance(child, dict):
+                raise RecipeError(f"--set {item}: {'.'.join(parts[: i + 1])} is not a section")
+            else:
+                child = dict(child)
+            node[part] = child
+            node = child
+        node[parts[-1]] = _parse_value(value)
+    return data
+
+
+def load_recipe(path: str | Path, overrides: list[str] | tuple[str, ...] = ()) -> Recipe:
+    """Read, override and validate a YAML recipe.
+
+    Raises:
+        RecipeError: missing file, malformed YAML or invalid content.
+    """
+    path = Path(path)
+    if not path.is_file():
+        raise RecipeError(f"{path}: recipe file not found")
+    try:
+        data = yaml.safe_load(path.read_text(encoding="utf-8"))
+    except yaml.YAMLError as exc:
+        mark = getattr(exc, "problem_mark", None)
+        where = f" at line {mark.line + 1}, column {mark.column + 1}" if mark else ""
+        problem = getattr(exc, "problem", None) or str(exc).splitlines()[0]
+        raise RecipeError(f"{path}: malformed YAML{where}: {problem}") from None
+    except (OSError, UnicodeDecodeError) as exc:
+        raise RecipeError(f"{path}: cannot read recipe: {exc}") from None
+    if data is not None and not isinstance(data, dict):
+        raise RecipeError(f"{path}: a recipe must be a YAML mapping, got {type(data).__name__}")
+    return parse_recipe(apply_overrides(data or {}, overrides), source=str(path))
+
+
+def dump_recipe(recipe: Recipe) -> str:
+    """The resolved recipe as YAML, sections in the documented order, every default spelled out."""
+    raw = recipe.model_dump(mode="json", by_alias=True)
+    ordered = {"version": raw["version"], **{k: raw[k] for k in SECTIONS}}
+    return yaml.safe_dump(ordered, sort_keys=False, allow_unicode=True)

@@ -1,0 +1,65 @@
+"""Shared fixtures: tiny random-init timm ViTs, so the suite stays fast on a 2-core CPU."""
+
+from __future__ import annotations
+
+import os
+
+import pytest
+import torch
+
+os.environ.setdefault("OMP_NUM_THREADS", "2")
+
+
+def make_tiny_vit(num_classes: int = 48, depth: int = 2, embed_dim: int = 32, seed: int = 0, **kw):
+    """A tiny timm VisionTransformer on 32x32 inputs (patch 8 -> 16 tokens + class token)."""
+    import timm
+
+    torch.manual_seed(seed)
+    args = dict(img_size=32, patch_size=8, embed_dim=embed_dim, depth=depth, num_heads=2,
+                mlp_ratio=2.0, num_classes=num_classes)
+    args.update(kw)
+    return timm.create_model("vit_tiny_patch16_224", pretrained=False, **args).eval()
+
+
+@pytest.fixture
+def tiny_vit():
+    return make_tiny_vit
+
+
+@pytest.fixture
+def tiny_builtin(monkeypatch, tmp_path):
+    """Replace ``builtin:shapes-vit`` by a tiny random-init model with weights in tmp_path."""
+    from safetensors.torch import save_file
+
+    from jas_prune import models
+
+    entry = dict(models.BUILTIN_MODELS["shapes-vit"])
+    entry["kwargs"] = dict(img_size=32, patch_size=8, embed_dim=32, depth=2, num_heads=2, mlp_ratio=2.0,
+                           num_classes=48)
+    weights = tmp_path / "tiny-shapes-vit.safetensors"
+    monkeypatch.setitem(models.BUILTIN_MODELS, "shapes-vit", entry)
+    torch.manual_seed(0)
+    model = models.create_model("builtin:shapes-vit")
+    save_file({k: v.contiguous() for k, v in model.state_dict().items()}, str(weights))
+    monkeypatch.setattr(models, "builtin_weights_path", lambda name: weights)
+    return model.eval()
+
+
+# -- a six-class tiny ViT with a fixed batch, shared by the importance and pruning tests ----------
+
+
+@pytest.fixture
+def model(tiny_vit):
+    return tiny_vit(num_classes=6, depth=3)
+
+
+@pytest.fixture
+def batch():
+    g = torch.Generator().manual_seed(0)
+    return torch.randn(12, 3, 32, 32, generator=g), torch.arange(12) % 6
+
+
+@pytest.fixture
+def loader(batch):
+    x, y = batch
+    return [(x[:6], y[:6], torch.arange(6)), (x[6:], y[6:], torch.arange(6, 12))]

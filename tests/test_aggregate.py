@@ -1,0 +1,95 @@
+import json
+
+import pytest
+import torch
+
+from jas_prune.aggregate import aggregate, load_masks, save_masks
+from jas_prune.cli import main
+from jas_prune.errors import CheckpointError, FingerprintMismatchError
+
+
+def _brute(paths, scores, labels, C, n, K):
+    util = torch.zeros(C, paths.shape[1], n)
+    for img in range(paths.shape[0]):
+        for l in range(paths.shape[1]):
+            for j in paths[img, l]:
+                util[labels[img], l, j] += 1
+    return util
+
+
+def test_aggregate_matches_brute_force():
+    g = torch.Generator().manual_seed(0)
+    N, L, K, n, C = 40, 3, 2, 7, 4
+    paths = torch.stack([torch.stack([torch.randperm(n, generator=g)[:K] for _ in range(L)]) for _ in range(N)])
+    scores = torch.randn(N, L, n, generator=g)
+    labels = torch.arange(N) % (C - 1)  # class C-1 has no images
+    m = aggregate(paths, scores, labels, num_classes=C, widths=n, topk=3, layers=[0, 1, 2],
+                  class_names=list("abcd"))
+    counts = _brute(paths, scores, labels, C, n, K)
+    for c in range(C - 1):
+        torch.testing.assert_close(m.utilisation[c], counts[c] / counts[c].sum(dim=1, keepdim=True))
+        torch.testing.assert_close(m.importance[c], scores[labels == c].mean(0))
+        for l in range(L):
+            # the mask holds K most frequent neurons; any neuron outside is no more frequent
+            inside = counts[c, l][m.topk[c, l]]
+            outside = counts[c, l][~m.topk[c, l]]
+            assert m.topk[c, l].sum() == 3 and inside.min() >= outside.max()
+    assert m.counts.tolist() == [14, 13, 13, 0]
+    assert not m.topk[C - 1].any() and torch.isnan(m.importance[C - 1]).all()
+    flat = m.utilisation.reshape(C, -1)
+    cos = torch.nn.functional.cosine_similarity(flat[0], flat[1], dim=0)
+    assert m.similarity[0, 1] == pytest.approx(cos.item(), abs=1e-6)
+    assert m.similarity[0, 0] == pytest.approx(1.0, abs=1e-6)
+
+
+def test_ties_broken_by_mean_dense_score():
+    paths = torch.tensor([[[0]], [[1]]])  # neurons 0 and 1 each used once by class 0
+    scores = torch.tensor([[[0.1, 0.9, 0.0]], [[0.1, 0.9, 0.0]]])
+    m = aggregate(paths, scores, torch.tensor([0, 0]), num_classes=1, widths=3, topk=1, layers=[0],
+                  class_names=["a"])
+    assert m.topk_indices[0, 0, 0] == 1
+
+
+def test_save_load_and_fingerprint(tmp_path):
+    m = aggregate(torch.zeros(2, 1, 1, dtype=torch.long), torch.rand(2, 1, 4), torch.tensor([0, 1]), num_classes=2,
+                  widths=4, topk=1, layers=[3], class_names=["x", "y"], fingerprint={"model": "abc"})
+    save_masks(m, tmp_path)
+    back = load_masks(tmp_path)
+    assert back.layers == [3] and back.class_names == ["x", "y"] and torch.equal(back.topk, m.topk)
+    back.check_model("abc")
+    with pytest.raises(FingerprintMismatchError, match="different model"):
+        back.check_model("def")
+    with pytest.raises(CheckpointError, match="no class masks"):
+        load_masks(tmp_path / "nowhere")
+
+
+RECIPE = """version: 1
+data: {images_per_class: 3, batch_size: 16}
+attribution: {method: [jas, activation], steps: 3, topk: 2}
+masks: {topk: 2}
+evaluate: {intervention: true}
+"""
+
+
+def test_run_locate_masks_intervention_and_resume(tmp_path, tiny_builtin, capsys):
+    r = tmp_path / "r.yaml"
+    r.write_text(RECIPE)
+    out = tmp_path / "run"
+    assert main(["recipe", "run", str(r), "--out", str(out)]) == 0
+    metrics = json.loads((out / "metrics.json").read_text())
+    assert metrics["locate"]["images"] == 96 and metrics["locate"]["methods"] == ["jas", "activation"]
+    assert set(metrics["paper"]["intervention"]) == {"jas", "activation", "influence_pattern"}
+    masks = load_masks(out)
+    assert masks.topk.shape == (48, 2, 64) and masks.topk.sum() == 48 * 2 * 2
+    chunks = sorted((out / "paths" / "probe").glob("chunk-*.safetensors"))
+    assert len(chunks) == 3  # 96 probe images / 32 per chunk
+    # lose a chunk, resume: only it is recomputed and the masks are identical
+    chunks[1].unlink()
+    assert main(["recipe", "run", str(r), "--out", str(out), "--resume"]) == 0
+    again = json.loads((out / "metrics.json").read_text())
+    assert again["locate"]["images_this_run"] == 32 and again["locate"]["chunks_resumed"] == 2
+    assert torch.equal(load_masks(out).topk, masks.topk)
+    # a different setting refuses to resume and names what differs
+    capsys.readouterr()
+    assert main(["recipe", "run", str(r), "--out", str(out), "--resume", "--set", "attribution.steps=5"]) == 2
+    assert "attribution (attribution.steps)" in capsys.readouterr().err

@@ -1,0 +1,110 @@
+import json
+import subprocess
+import sys
+
+import pytest
+
+from jas_prune.cli import main
+
+
+def _write(tmp_path, text, name="r.yaml"):
+    p = tmp_path / name
+    p.write_text(text)
+    return p
+
+
+def test_run_dense_end_to_end(tmp_path, tiny_builtin, capsys):
+    recipe = _write(tmp_path, "version: 1\ndata:\n  images_per_class: 5\n  batch_size: 32\nruntime:\n  seed: 3\n")
+    out = tmp_path / "run"
+    assert main(["recipe", "run", str(recipe), "--out", str(out), "--set", "runtime.device=cpu"]) == 0
+    metrics = json.loads((out / "metrics.json").read_text())
+    dense = metrics["dense"]
+    assert 0.0 <= dense["top1"] <= dense["top5"] <= 1.0
+    assert dense["test_images"] == 48  # 5 per class, 80 % probe -> 1 test image per class
+    n_params = sum(p.numel() for p in tiny_builtin.parameters())
+    assert dense["params"] == n_params and dense["macs"] > 0
+    for name in ("recipe.yaml", "report.md", "run.log"):
+        assert (out / name).is_file()
+    assert "seed: 3" in (out / "recipe.yaml").read_text()
+    assert "device: cpu" in (out / "recipe.yaml").read_text()
+    assert "## Dense model" in (out / "report.md").read_text()
+    # the same directory again without --resume is refused, with --resume it is reused
+    assert main(["recipe", "run", str(recipe), "--out", str(out)]) == 2
+    assert "already holds a run" in capsys.readouterr().err
+    assert main(["recipe", "run", str(recipe), "--out", str(out), "--resume"]) == 0
+    assert main(["report", str(out)]) == 0
+
+
+@pytest.mark.parametrize("text, sets, needle", [
+    ("version: 1\nattribution:\n  stepz: 3\n", [], "attribution.stepz: unknown key (did you mean 'steps'?)"),
+    ("version: 1\n", ["attribution.steps=0"], "attribution.steps: must be ≥ 1"),
+    ("version: 1\nmodel: [\n", [], "malformed YAML"),
+    ("version: 1\nmodel:\n  name: resnet18\n", [], "not a timm VisionTransformer"),
+    ("version: 1\nmodel:\n  checkpoint: /nonexistent/w.safetensors\n", [], "model.checkpoint: file not found"),
+    ("version: 1\ndata:\n  kind: imagefolder\n  root: /nonexistent/dir\n", [], "data.root: directory not found"),
+    ("version: 1\nruntime:\n  device: cuda\n", [], "runtime.device"),
+])
+def test_user_errors_exit_2_with_one_line(tmp_path, tiny_builtin, capsys, text, sets, needle):
+    import torch
+
+    if "cuda" in text and torch.cuda.is_available():
+        pytest.skip("CUDA present")
+    recipe = _write(tmp_path, text)
+    args = ["recipe", "run", str(recipe), "--out", str(tmp_path / "run")]
+    for s in sets:
+        args += ["--set", s]
+    assert main(args) == 2
+    err = capsys.readouterr().err
+    assert needle in err
+    assert "Traceback" not in err
+    assert [line for line in err.splitlines() if line.startswith("jas-prune: error:")] == [err.strip().splitlines()[-1]]
+
+
+def test_stage_not_built_yet_is_refused(tmp_path, tiny_builtin, capsys):
+    from jas_prune.runner import _NOT_YET
+
+    if not _NOT_YET:
+        pytest.skip("every stage is available")
+    key = next(iter(_NOT_YET))
+    recipe = _write(tmp_path, f"version: 1\n{key}: {{}}\n")
+    assert main(["recipe", "validate", str(recipe)]) == 2
+    assert f"{key}:" in capsys.readouterr().err
+
+
+def test_missing_recipe_and_unwritable_out(tmp_path, tiny_builtin, capsys):
+    assert main(["recipe", "validate", str(tmp_path / "nope.yaml")]) == 2
+    assert "recipe file not found" in capsys.readouterr().err
+    recipe = _write(tmp_path, "version: 1\n")
+    blocker = tmp_path / "file"
+    blocker.write_text("x")
+    assert main(["recipe", "run", str(recipe), "--out", str(blocker / "sub")]) == 2
+    assert "--out" in capsys.readouterr().err
+
+
+def test_validate_ok(tmp_path, capsys):
+    recipe = _write(tmp_path, "version: 1\n")
+    assert main(["recipe", "validate", str(recipe), "--set", "data.batch_size=8"]) == 0
+    assert "valid" in capsys.readouterr().out
+
+
+def test_internal_error_exit_1(tmp_path, tiny_builtin, monkeypatch, capsys):
+    import jas_prune.runner as runner
+
+    def boom(ctx):
+        raise ZeroDivisionError("boom")
+
+    monkeypatch.setattr(runner, "stage_dense", boom)
+    recipe = _write(tmp_path, "version: 1\ndata:\n  images_per_class: 2\n")
+    out = tmp_path / "run"
+    assert main(["recipe", "run", str(recipe), "--out", str(out)]) == 1
+    assert "internal error: ZeroDivisionError" in capsys.readouterr().err
+    assert "Traceback" in (out / "run.log").read_text()
+
+
+def test_python_m_and_data_command(tmp_path):
+    proc = subprocess.run([sys.executable, "-m", "jas_prune", "data", "shapes", "--split", "test", "--out",
+                           str(tmp_path / "d"), "--images-per-class", "2", "--seed", "1"],
+                          capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 0, proc.stderr
+    assert len(list((tmp_path / "d").rglob("*.png"))) == 48
+    assert len(list((tmp_path / "d").iterdir())) == 48

@@ -1,0 +1,84 @@
+import pytest
+
+from jas_prune.errors import RecipeError
+from jas_prune.recipe import SECTIONS, apply_overrides, dump_recipe, load_recipe, parse_recipe
+
+
+@pytest.mark.parametrize("data, message", [
+    ({"version": 1, "attribution": {"steps": 0}}, "attribution.steps: must be ≥ 1"),
+    ({"version": 1, "attribution": {"stepz": 3}}, "attribution.stepz: unknown key (did you mean 'steps'?)"),
+    ({"version": 1, "atribution": {}}, "atribution: unknown key (did you mean 'attribution'?)"),
+    ({"version": 1, "prune": {"vit_slim": {"lamda": 1}}}, "prune.vit_slim.lamda: unknown key (did you mean 'lambda'?)"),
+    ({"version": 1, "export": {"onnx": {"zzz": 1}}}, "export.onnx.zzz: unknown key"),
+    ({"version": 1, "runtime": {"seed": "abc"}}, "runtime.seed: input should be a valid integer"),
+    ({"version": 1, "attribution": {"scope": "patch"}}, "attribution.scope: must be one of 'cls' or 'all'"),
+    ({"version": 1, "attribution": {"topk": -2}}, "attribution.topk: must be ≥ 1"),
+    ({"version": 1, "attribution": {"layers": [1, 1]}}, "attribution.layers: block indices must be distinct"),
+    ({"version": 1, "prune": {"ratios": [0.5, 1.0]}}, "prune.ratios: 1.0 is outside (0, 1)"),
+    ({"version": 1, "prune": {"ratios": []}}, "prune.ratios: must list at least one ratio"),
+    ({"version": 1, "prune": {"methods": ["jas", "l1"]}}, "prune.methods.1: must be one of"),
+    ({"version": 1, "data": {"kind": "imagefolder"}}, "data.root: required when kind is 'imagefolder'"),
+    ({"version": 1, "data": {"probe_fraction": 1.5}}, "data.probe_fraction: must be < 1.0"),
+    ({"version": 1, "data": {"batch_size": 0}}, "data.batch_size: must be ≥ 1"),
+    ({"version": 1, "model": {"pretrained": "maybe"}}, "model.pretrained: input should be a valid boolean"),
+    ({"version": 1, "runtime": {"device": "tpu"}}, "runtime.device: must be one of"),
+    ({"version": 2}, "version: must be one of 1"),
+    ({"model": {}}, "version: missing"),
+    ([1, 2], "a recipe must be a YAML mapping"),
+])
+def test_bad_values_name_the_yaml_path(data, message):
+    with pytest.raises(RecipeError) as info:
+        parse_recipe(data)
+    assert message in str(info.value)
+
+
+def test_defaults_and_sections():
+    r = parse_recipe({"version": 1})
+    assert r.model.name == "builtin:shapes-vit" and r.data.probe_fraction == 0.8
+    assert r.attribution is None and r.prune is None and r.export is None
+    text = dump_recipe(r)
+    order = [line.split(":")[0] for line in text.splitlines() if line and not line.startswith(" ")]
+    assert order == ["version", *SECTIONS]
+
+
+def test_overrides_with_type_coercion():
+    data = apply_overrides({"version": 1, "attribution": {"steps": 20}},
+                           ["attribution.steps=8", "attribution.scope=all", "prune.ratios=[0.3, 0.7]",
+                            "prune.vit_slim.lambda=1e-3", "model.checkpoint=null", "data.root=/x/y=z"])
+    r = parse_recipe(data)
+    assert r.attribution.steps == 8 and isinstance(r.attribution.steps, int)
+    assert r.attribution.scope == "all" and r.prune.ratios == [0.3, 0.7]
+    assert r.prune.vit_slim.lambda_ == pytest.approx(1e-3) and r.model.checkpoint is None
+    assert r.data.root == "/x/y=z"
+    assert parse_recipe(apply_overrides(data, ["prune=null"])).prune is None
+
+
+@pytest.mark.parametrize("override, message", [
+    ("attribution.steps", "expected KEY=VALUE"),
+    ("attribution..steps=3", "empty key segment"),
+    ("model.name.x=3", "model.name is not a section"),
+])
+def test_bad_overrides(override, message):
+    with pytest.raises(RecipeError, match=message):
+        apply_overrides({"version": 1, "model": {"name": "x"}}, [override])
+
+
+def test_load_recipe_errors(tmp_path):
+    with pytest.raises(RecipeError, match="recipe file not found"):
+        load_recipe(tmp_path / "nope.yaml")
+    bad = tmp_path / "bad.yaml"
+    bad.write_text("version: 1\nmodel: [unclosed\n")
+    with pytest.raises(RecipeError, match=r"malformed YAML at line \d+"):
+        load_recipe(bad)
+    ok = tmp_path / "ok.yaml"
+    ok.write_text("version: 1\nattribution:\n  steps: 20\n")
+    assert load_recipe(ok, ["attribution.steps=3"]).attribution.steps == 3
+
+
+def test_shipped_recipes_validate():
+    from pathlib import Path
+
+    recipes = sorted((Path(__file__).parent.parent / "recipes").glob("*.yaml"))
+    assert recipes
+    for path in recipes:
+        load_recipe(path)
