@@ -1,7 +1,8 @@
 """jas-prune: Joint Attribution Score neuron paths, FFN pruning and ONNX export for timm ViTs.
 
-The public names below are imported on first use, so ``jas-prune --help`` and the error paths
-of the CLI do not pay for importing torch, timm and Torch-Pruning.
+``locate`` is both a submodule (the engine) and the public function: it is bound eagerly, so that
+importing the submodule anywhere can never shadow the function. The other public names are
+imported on first use, so the CLI does not pay for importing timm and Torch-Pruning up front.
 """
 
 from __future__ import annotations
@@ -10,6 +11,7 @@ import importlib
 from typing import TYPE_CHECKING, Any
 
 from .errors import JasPruneError
+from .locate import JointAttribution, LocateResult, locate, path_jas
 
 __version__ = "0.1.0"
 
@@ -20,22 +22,17 @@ _EXPORTS = {
     "load_pruned": "checkpoint",
     "save_pruned": "checkpoint",
     "JASImportance": "importance",
-    "JointAttribution": "locate",
-    "LocateResult": "locate",
-    "locate": "locate",
-    "path_jas": "locate",
     "discover_ffn": "models",
     "load_model": "models",
     "prune_ffn": "prune",
 }
 
-__all__ = ["JasPruneError", *sorted(_EXPORTS)]
+__all__ = ["JasPruneError", "JointAttribution", "LocateResult", "locate", "path_jas", *sorted(_EXPORTS)]
 
 if TYPE_CHECKING:  # pragma: no cover
     from .aggregate import ClassMasks, load_masks
     from .checkpoint import load_pruned, save_pruned
     from .importance import JASImportance
-    from .locate import JointAttribution, LocateResult, locate, path_jas
     from .models import discover_ffn, load_model
     from .prune import prune_ffn
 

@@ -93,7 +93,7 @@ def data_shapes(split: str, out: Path, seed: int, probe_fraction: float, images_
 @click.option("--out", "out", type=click.Path(dir_okay=False, path_type=Path),
               default=Path("jas_prune/weights/shapes-vit.safetensors"), show_default=True)
 @click.option("--seed", type=int, default=0, show_default=True)
-@click.option("--epochs", type=float, default=24, show_default=True)
+@click.option("--epochs", type=float, default=32, show_default=True)
 @click.option("--images-per-class", "per_class", type=int, default=1000, show_default=True)
 @click.option("--batch-size", type=int, default=128, show_default=True)
 @click.option("--lr", type=float, default=1e-3, show_default=True)

@@ -80,22 +80,26 @@ def _path_multipliers(paths: torch.Tensor, layers: Sequence[int], widths: Sequen
 
 
 @torch.no_grad()
-def intervention_metrics(model: nn.Module, images: torch.Tensor, labels: torch.Tensor, targets: torch.Tensor,
-                         paths: torch.Tensor, layers: Sequence[int], *, scope: str,
-                         batch_size: int = 64) -> dict[str, float]:
+def intervention_metrics(model: nn.Module, batches: Iterable, layers: Sequence[int], *,
+                         scope: str) -> dict[str, float]:
     """Paper Table 1: edit each image's path neurons (×0 removal, ×2 enhancement) at the scope's
     positions; accuracy deviation (percentage points) and relative probability deviation of the
-    target class (%, mean and median)."""
+    target class (%, mean and median).
+
+    Args:
+        batches: iterable of (images, labels, targets, paths [b, L, K]) — streamed, so the
+            test partition never has to fit in memory.
+        layers: block index of each of the L path rows.
+    """
     from .models import discover_ffn
     from .neurons import edit
 
     p = next(model.parameters())
     widths = discover_ffn(model).widths
-    probs = {"clean": [], "removal": [], "enhancement": []}
-    correct = {"clean": [], "removal": [], "enhancement": []}
-    for s in range(0, len(images), batch_size):
-        x = images[s:s + batch_size].to(device=p.device, dtype=p.dtype)
-        y, t, path = labels[s:s + batch_size], targets[s:s + batch_size], paths[s:s + batch_size]
+    probs: dict[str, list[torch.Tensor]] = {"clean": [], "removal": [], "enhancement": []}
+    correct: dict[str, list[torch.Tensor]] = {"clean": [], "removal": [], "enhancement": []}
+    for x, y, t, path in batches:
+        x = x.to(device=p.device, dtype=p.dtype)
         for name, factor in (("clean", None), ("removal", 0.0), ("enhancement", 2.0)):
             if factor is None:
                 logits = model(x)
@@ -107,7 +111,7 @@ def intervention_metrics(model: nn.Module, images: torch.Tensor, labels: torch.T
             correct[name].append((logits.argmax(1) == y).float())
     pr = {k: torch.cat(v) for k, v in probs.items()}
     acc = {k: torch.cat(v).mean().item() for k, v in correct.items()}
-    out: dict[str, float] = {"images": len(images), "top1": acc["clean"]}
+    out: dict[str, float] = {"images": len(pr["clean"]), "top1": acc["clean"]}
     for name in ("removal", "enhancement"):
         rel = (pr[name] - pr["clean"]) / pr["clean"].clamp_min(1e-12)
         out[f"{name}_acc_dev"] = 100.0 * (acc[name] - acc["clean"])
@@ -117,14 +121,14 @@ def intervention_metrics(model: nn.Module, images: torch.Tensor, labels: torch.T
 
 
 @torch.no_grad()
-def cls_mask_protocol(model: nn.Module, images: torch.Tensor, labels: torch.Tensor, keep: torch.Tensor,
-                      layers: Sequence[int], *, depth: int, fraction: float, seed: int = 0,
-                      batch_size: int = 64) -> dict[str, float]:
+def cls_mask_protocol(model: nn.Module, batches: Iterable, keep: torch.Tensor, layers: Sequence[int], *,
+                      depth: int, fraction: float, seed: int = 0) -> dict[str, float]:
     """The paper's protocol (Tables 2/3, Fig. 6): for each test image of class c, keep class c's
     neurons ``keep[c]`` and zero a random fraction ``fraction`` of the other neurons at the class
     token only, in the first ``depth`` blocks; returns top-1/top-5.
 
     Args:
+        batches: iterable of (images, labels, ...) — streamed.
         keep: [C, L, n] bool, the neurons kept per class (rows follow ``layers``).
         layers: block index of each row of ``keep``.
     """
@@ -135,10 +139,9 @@ def cls_mask_protocol(model: nn.Module, images: torch.Tensor, labels: torch.Tens
     widths = discover_ffn(model).widths
     rows = [(j, int(b)) for j, b in enumerate(layers) if int(b) < depth]
     gen = torch.Generator().manual_seed(int(seed))
-    logits_all = []
-    for s in range(0, len(images), batch_size):
-        x = images[s:s + batch_size].to(device=p.device, dtype=p.dtype)
-        y = labels[s:s + batch_size]
+    logits_all, labels_all = [], []
+    for x, y, *_ in batches:
+        x = x.to(device=p.device, dtype=p.dtype)
         mults = {}
         for j, block in rows:
             kept = keep[y, j]  # [b, n]
@@ -146,4 +149,5 @@ def cls_mask_protocol(model: nn.Module, images: torch.Tensor, labels: torch.Tens
             mults[block] = (~(drop & ~kept)).float().to(p.device)
         with edit(model, mults, scope="cls"):
             logits_all.append(model(x).float().cpu())
-    return accuracy(torch.cat(logits_all), labels)
+        labels_all.append(y)
+    return accuracy(torch.cat(logits_all), torch.cat(labels_all))

@@ -244,15 +244,13 @@ def stage_intervention(ctx: RunContext, *, resume: bool = False) -> None:
     from .pathstore import PathStore
 
     stage_locate(ctx, "test", methods=list(TABLE1_METHODS), resume=resume)
-    samples = ctx.source.subset("test")
+    loader, samples = ctx.loader("test")
     located = PathStore(ctx.out / "paths" / "test", chunk_size=CHUNK_SIZE).read(len(samples))
-    x, _ = _images(ctx, samples)
-    x = x.to(ctx.device, dtype=getattr(torch, ctx.recipe.runtime.dtype))
     scope = ctx.recipe.attribution.scope  # type: ignore[union-attr]
     table = {}
     for method in TABLE1_METHODS:
-        m = intervention_metrics(ctx.model, x, located.labels, located.targets[method], located.paths[method],
-                                 located.layers, scope=scope, batch_size=ctx.recipe.data.batch_size)
+        batches = ((x, y, located.targets[method][pos], located.paths[method][pos]) for x, y, pos in loader)
+        m = intervention_metrics(ctx.model, batches, located.layers, scope=scope)
         m["path_jas_mean"] = located.jas[method].mean().item()
         table[method] = m
     ctx.metrics.setdefault("paper", {})["intervention"] = table
@@ -290,15 +288,14 @@ def stage_cls_mask(ctx: RunContext) -> None:
         for j in range(L):
             rand_keep[c, j, torch.randperm(n, generator=gen)[:K]] = True
     keeps["random"] = rand_keep
-    samples = ctx.source.subset("test")
-    x, y = _images(ctx, samples)
+    test_loader, samples = ctx.loader("test")
     depth = cm.depth or len(widths)
     results: dict[str, list[dict[str, float]]] = {}
     for name, keep in keeps.items():
         results[name] = []
         for fraction in cm.fractions:
-            acc = cls_mask_protocol(ctx.model, x, y, keep, located.layers, depth=depth, fraction=fraction,
-                                    seed=ctx.recipe.runtime.seed, batch_size=ctx.recipe.data.batch_size)
+            acc = cls_mask_protocol(ctx.model, test_loader, keep, located.layers, depth=depth, fraction=fraction,
+                                    seed=ctx.recipe.runtime.seed)
             results[name].append({"fraction": fraction, "top1": acc["top1"], "top5": acc["top5"]})
     ctx.metrics.setdefault("paper", {})["cls_mask"] = {"topk": K, "depth": depth, "fractions": cm.fractions,
                                                        "test_images": len(samples), "results": results}

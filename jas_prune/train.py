@@ -106,7 +106,7 @@ def fit(model: nn.Module, batches: Iterable, cfg: FitConfig, *, device: torch.de
     return {"steps": step, "loss": running, "seconds": time.perf_counter() - t0}
 
 
-def train_builtin(out: str | Path, *, seed: int = 0, epochs: float = 24, per_class: int = shapes.TRAIN_PER_CLASS,
+def train_builtin(out: str | Path, *, seed: int = 0, epochs: float = 32, per_class: int = shapes.TRAIN_PER_CLASS,
                   batch_size: int = 128, lr: float = 1e-3, device: str = "cpu", threads: int | None = None) -> dict:
     """Train ``builtin:shapes-vit`` from scratch on the shapes train split and save safetensors.
 

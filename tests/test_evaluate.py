@@ -36,7 +36,8 @@ def test_intervention_matches_manual_hooks(tiny_vit):
     x, y = torch.randn(6, 3, 32, 32), torch.randint(0, 5, (6,))
     paths = torch.randint(0, 64, (6, 2, 3))
     targets = y.clone()
-    m = intervention_metrics(model, x, y, targets, paths, [0, 1], scope="cls", batch_size=4)
+    batches = [(x[:4], y[:4], targets[:4], paths[:4]), (x[4:], y[4:], targets[4:], paths[4:])]
+    m = intervention_metrics(model, batches, [0, 1], scope="cls")
     clean = _manual_logits(model, x, {}).softmax(-1)[torch.arange(6), targets]
     for name, factor in (("removal", 0.0), ("enhancement", 2.0)):
         edits = {}
@@ -57,11 +58,12 @@ def test_cls_mask_protocol_limits(tiny_vit):
     plain = accuracy(_manual_logits(model, x, {}), y)
     keep_none = torch.zeros(4, 3, 64, dtype=torch.bool)
     keep_all = torch.ones(4, 3, 64, dtype=torch.bool)
-    assert cls_mask_protocol(model, x, y, keep_none, [0, 1, 2], depth=3, fraction=0.0)["top1"] == plain["top1"]
-    assert cls_mask_protocol(model, x, y, keep_all, [0, 1, 2], depth=3, fraction=1.0)["top5"] == plain["top5"]
+    data = [(x[:5], y[:5]), (x[5:], y[5:])]
+    assert cls_mask_protocol(model, data, keep_none, [0, 1, 2], depth=3, fraction=0.0)["top1"] == plain["top1"]
+    assert cls_mask_protocol(model, data, keep_all, [0, 1, 2], depth=3, fraction=1.0)["top5"] == plain["top5"]
     # fraction 1, nothing kept, depth 2: the class token of blocks 0 and 1 is zeroed, block 2 untouched
     zero_two = accuracy(_manual_logits(model, x, {0: torch.zeros(8, 64), 1: torch.zeros(8, 64)}), y)
-    got = cls_mask_protocol(model, x, y, keep_none, [0, 1, 2], depth=2, fraction=1.0)
+    got = cls_mask_protocol(model, data, keep_none, [0, 1, 2], depth=2, fraction=1.0)
     assert got["top1"] == zero_two["top1"] and got["top5"] == zero_two["top5"]
 
 
