@@ -377,9 +377,15 @@ def stage_prune(ctx: RunContext) -> None:
         score_seconds = time.perf_counter() - t0
         for ratio, comp in todo:
             model = copy.deepcopy(ctx.model)
-            summary = prune_ffn(model, scores, ratio=ratio, mode=p.mode, protect=protect, example_inputs=example,
-                                bias_compensation=stats if comp else None, head_classes=head_classes,
-                                class_names=ctx.source.class_names)
+            try:
+                summary = prune_ffn(model, scores, ratio=ratio, mode=p.mode, protect=protect, example_inputs=example,
+                                    bias_compensation=stats if comp else None, head_classes=head_classes,
+                                    class_names=ctx.source.class_names)
+            except ValueError as exc:  # settings that cannot be met together, e.g. protect > keep budget
+                from .errors import RecipeError
+
+                hint = "; lower prune.ratios or masks.topk" if "protected" in str(exc) else ""
+                raise RecipeError(f"prune.ratios: {ratio} with method '{method}': {exc}{hint}") from None
             ft = None
             if p.finetune is not None and p.finetune.epochs > 0:
                 ft = finetune(model, probe_loader, epochs=p.finetune.epochs, lr=p.finetune.lr,

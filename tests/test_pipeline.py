@@ -108,3 +108,12 @@ def test_unknown_class_is_a_user_error(tmp_path, tiny_builtin, capsys):
                       "prune: {methods: [jas], classes: [purple-hexagon]}\n")
     assert main(["recipe", "run", str(recipe), "--out", str(tmp_path / "run")]) == 2
     assert "prune.classes: 'purple-hexagon' is not a class" in capsys.readouterr().err
+
+
+def test_protected_masks_larger_than_the_keep_budget_is_a_user_error(tmp_path, tiny_builtin, capsys):
+    recipe = tmp_path / "r.yaml"
+    recipe.write_text("version: 1\ndata: {images_per_class: 3, batch_size: 16}\nattribution: {steps: 2}\n"
+                      "masks: {topk: 8}\nprune: {methods: [jas], ratios: [0.95], classes: [0, 1, 2, 3], head: cut}\n")
+    assert main(["recipe", "run", str(recipe), "--out", str(tmp_path / "run")]) == 2
+    err = capsys.readouterr().err
+    assert "prune.ratios: 0.95 with method 'jas'" in err and "lower prune.ratios or masks.topk" in err
