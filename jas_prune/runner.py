@@ -89,6 +89,20 @@ class RunContext:
     source: DataSource
     transform: Any
     metrics: dict[str, Any] = field(default_factory=dict)
+    #: per-neuron scores of data-driven criteria, by (method, classes): computed once per run
+    scores: dict[tuple, Any] = field(default_factory=dict)
+
+    def criterion_scores(self, method: str, loader, classes: list[int] | None = None, **kwargs: Any):
+        """``importance.criterion_scores`` on the probe data, computed once per (method, classes)."""
+        from .importance import criterion_scores
+
+        key = (method, None if classes is None else tuple(classes))
+        if key not in self.scores:
+            vit_slim = self.recipe.prune.vit_slim if self.recipe.prune is not None else None
+            self.scores[key] = criterion_scores(
+                method, self.model, loader, classes=classes, seed=self.recipe.runtime.seed, device=self.device,
+                vit_slim=vit_slim.model_dump(by_alias=True) if vit_slim is not None else None, **kwargs)
+        return self.scores[key]
 
     def loader(self, part: str, classes=None, batch_size: int | None = None):
         samples = self.source.subset(part, classes)
@@ -262,7 +276,6 @@ def stage_cls_mask(ctx: RunContext) -> None:
     every located method, a ViT-Slim-style learned mask and a random mask of the same size."""
     from .aggregate import aggregate
     from .evaluate import cls_mask_protocol
-    from .importance import criterion_scores
     from .models import discover_ffn
     from .pathstore import PathStore
 
@@ -276,8 +289,7 @@ def stage_cls_mask(ctx: RunContext) -> None:
         keeps[method] = aggregate(located.paths[method], located.scores[method], located.labels, num_classes=C,
                                   widths=n, topk=K, layers=located.layers, class_names=ctx.source.class_names).topk
     probe_loader, _ = ctx.loader("probe")
-    slim = criterion_scores("vit_slim", ctx.model, probe_loader, device=ctx.device, seed=ctx.recipe.runtime.seed,
-                            vit_slim=ctx.recipe.prune.vit_slim.model_dump(by_alias=True) if ctx.recipe.prune else None)
+    slim = ctx.criterion_scores("vit_slim", probe_loader)
     slim_keep = torch.zeros(L, n, dtype=torch.bool)
     for j, block in enumerate(located.layers):
         slim_keep[j, slim[block].topk(K).indices] = True
@@ -338,7 +350,7 @@ def stage_prune(ctx: RunContext) -> None:
     import copy
 
     from .checkpoint import save_pruned
-    from .importance import JASImportance, criterion_scores, ffn_activation_stats
+    from .importance import JASImportance, ffn_activation_stats
     from .prune import finetune, prune_ffn
 
     p = ctx.recipe.prune
@@ -370,9 +382,7 @@ def stage_prune(ctx: RunContext) -> None:
             imp = JASImportance.from_run(ctx.out, classes)
             scores, protect = imp.scores, imp.protect
         else:
-            scores = criterion_scores(method, ctx.model, probe_loader, classes=classes, example_inputs=example,
-                                      seed=ctx.recipe.runtime.seed, device=ctx.device,
-                                      vit_slim=p.vit_slim.model_dump(by_alias=True), stats=stats)
+            scores = ctx.criterion_scores(method, probe_loader, classes, example_inputs=example, stats=stats)
             protect = None
         score_seconds = time.perf_counter() - t0
         for ratio, comp in todo:
