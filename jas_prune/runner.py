@@ -47,25 +47,12 @@ def seed_everything(seed: int) -> None:
     torch.manual_seed(seed)
 
 
-#: Stages and options this version can run; a recipe asking for anything else is refused up front.
-_NOT_YET: dict[str, str] = {}
-
-
 def check_stages(recipe: Recipe) -> None:
-    """Refuse, before any work, a recipe that enables a stage this version cannot run.
+    """Refuse, before any work, a recipe that enables a stage without the stages it needs.
 
     Raises:
         StageNotAvailableError: naming the recipe key.
     """
-    for key, what in _NOT_YET.items():
-        section = getattr(recipe, key)
-        if key == "export" and section is not None and section.onnx is None:
-            continue
-        if section is not None:
-            raise StageNotAvailableError(
-                f"{key}: {what} is not available in this version of jas-prune; "
-                f"remove the '{key}' section or set it to null (--set {key}=null)"
-            )
     if recipe.masks is not None and recipe.attribution is None:
         raise StageNotAvailableError("masks: needs the attribution section (the masks are built from its paths)")
     if recipe.prune is not None and "jas" in recipe.prune.methods and recipe.masks is None:

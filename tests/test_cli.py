@@ -60,15 +60,18 @@ def test_user_errors_exit_2_with_one_line(tmp_path, tiny_builtin, capsys, text, 
     assert [line for line in err.splitlines() if line.startswith("jas-prune: error:")] == [err.strip().splitlines()[-1]]
 
 
-def test_stage_not_built_yet_is_refused(tmp_path, tiny_builtin, capsys):
-    from jas_prune.runner import _NOT_YET
-
-    if not _NOT_YET:
-        pytest.skip("every stage is available")
-    key = next(iter(_NOT_YET))
-    recipe = _write(tmp_path, f"version: 1\n{key}: {{}}\n")
+@pytest.mark.parametrize("text, needle", [
+    ("version: 1\nmasks: {topk: 2}\n", "masks: needs the attribution section"),
+    ("version: 1\nattribution: {steps: 2}\nprune: {methods: [jas]}\n", "prune.methods: 'jas' needs the attribution and masks"),
+    ("version: 1\nevaluate: {intervention: true}\n", "evaluate.intervention: needs the attribution section"),
+    ("version: 1\nattribution: {steps: 2}\nevaluate: {protocols: [paper_cls_mask]}\n", "'paper_cls_mask' needs"),
+])
+def test_stage_without_its_prerequisite_is_refused_before_any_work(tmp_path, capsys, text, needle):
+    recipe = _write(tmp_path, text)
     assert main(["recipe", "validate", str(recipe)]) == 2
-    assert f"{key}:" in capsys.readouterr().err
+    assert needle in capsys.readouterr().err
+    assert main(["recipe", "run", str(recipe), "--out", str(tmp_path / "run")]) == 2
+    assert not (tmp_path / "run" / "metrics.json").exists()
 
 
 def test_missing_recipe_and_unwritable_out(tmp_path, tiny_builtin, capsys):
