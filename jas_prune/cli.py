@@ -10,6 +10,7 @@ from pathlib import Path
 import click
 
 from .errors import JasPruneError
+from .train import BUILTIN_TRAINING
 
 __all__ = ["cli", "main"]
 
@@ -92,11 +93,11 @@ def data_shapes(split: str, out: Path, seed: int, probe_fraction: float, images_
 @cli.command("train")
 @click.option("--out", "out", type=click.Path(dir_okay=False, path_type=Path),
               default=Path("jas_prune/weights/shapes-vit.safetensors"), show_default=True)
-@click.option("--seed", type=int, default=0, show_default=True)
-@click.option("--epochs", type=float, default=32, show_default=True)
-@click.option("--images-per-class", "per_class", type=int, default=1000, show_default=True)
-@click.option("--batch-size", type=int, default=128, show_default=True)
-@click.option("--lr", type=float, default=1e-3, show_default=True)
+@click.option("--seed", type=int, default=BUILTIN_TRAINING["seed"], show_default=True)
+@click.option("--epochs", type=float, default=BUILTIN_TRAINING["epochs"], show_default=True)
+@click.option("--images-per-class", "per_class", type=int, default=BUILTIN_TRAINING["per_class"], show_default=True)
+@click.option("--batch-size", type=int, default=BUILTIN_TRAINING["batch_size"], show_default=True)
+@click.option("--lr", type=float, default=BUILTIN_TRAINING["lr"], show_default=True)
 @click.option("--device", type=click.Choice(["cpu", "cuda"]), default="cpu", show_default=True)
 def train(out: Path, seed: int, epochs: float, per_class: int, batch_size: int, lr: float, device: str) -> None:
     """Train builtin:shapes-vit from scratch on the shapes train split (deterministic per seed)."""

@@ -16,9 +16,12 @@ from tqdm.auto import tqdm
 
 from . import shapes
 
-__all__ = ["FitConfig", "fit", "ShapesTrainBatches", "train_builtin"]
+__all__ = ["FitConfig", "fit", "ShapesTrainBatches", "train_builtin", "BUILTIN_TRAINING"]
 
 log = logging.getLogger("jas_prune")
+
+#: The documented recipe of ``builtin:shapes-vit`` (``jas-prune train`` uses these defaults).
+BUILTIN_TRAINING = {"seed": 0, "epochs": 32.0, "per_class": shapes.TRAIN_PER_CLASS, "batch_size": 128, "lr": 1e-3}
 
 
 @dataclass(frozen=True)
@@ -106,8 +109,9 @@ def fit(model: nn.Module, batches: Iterable, cfg: FitConfig, *, device: torch.de
     return {"steps": step, "loss": running, "seconds": time.perf_counter() - t0}
 
 
-def train_builtin(out: str | Path, *, seed: int = 0, epochs: float = 32, per_class: int = shapes.TRAIN_PER_CLASS,
-                  batch_size: int = 128, lr: float = 1e-3, device: str = "cpu", threads: int | None = None) -> dict:
+def train_builtin(out: str | Path, *, seed: int = BUILTIN_TRAINING["seed"], epochs: float = BUILTIN_TRAINING["epochs"],
+                  per_class: int = BUILTIN_TRAINING["per_class"], batch_size: int = BUILTIN_TRAINING["batch_size"],
+                  lr: float = BUILTIN_TRAINING["lr"], device: str = "cpu", threads: int | None = None) -> dict:
     """Train ``builtin:shapes-vit`` from scratch on the shapes train split and save safetensors.
 
     Deterministic for a given (seed, device, thread count).
