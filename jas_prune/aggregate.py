@@ -17,9 +17,30 @@ import torch
 from .errors import FingerprintMismatchError
 from .io import atomic_write
 
-__all__ = ["ClassMasks", "aggregate", "save_masks", "load_masks", "MASKS_FILE"]
+__all__ = ["ClassMasks", "aggregate", "save_masks", "load_masks", "per_image_importance", "IMPORTANCE_AGGREGATIONS",
+           "MASKS_FILE"]
 
 MASKS_FILE = "masks.safetensors"
+
+#: How an image's candidate scores JAS(P ∪ {j}) become per-neuron importance before the class mean:
+#: ``mean`` the signed score (SPEC §2), ``mean_abs`` its magnitude, ``mean_abs_centered`` the
+#: magnitude of the score minus the layer's median over candidates. With ``candidates:
+#: layer_scaled`` every candidate of a layer shares the path's part of the score, so centring
+#: removes that offset and leaves each neuron's own contribution (for ``formula: ig`` exactly
+#: ``v̄_j ḡ_j`` up to the median neuron's).
+IMPORTANCE_AGGREGATIONS = ("mean", "mean_abs", "mean_abs_centered")
+
+
+def per_image_importance(scores: torch.Tensor, aggregation: str = "mean") -> torch.Tensor:
+    """Per-image importance ``[N, L, n]`` from candidate scores ``[N, L, n]`` (see
+    ``IMPORTANCE_AGGREGATIONS``); the class importance is its mean over the class's images."""
+    if aggregation == "mean":
+        return scores
+    if aggregation == "mean_abs":
+        return scores.abs()
+    if aggregation == "mean_abs_centered":
+        return (scores - scores.median(dim=2, keepdim=True).values).abs()
+    raise ValueError(f"aggregation: '{aggregation}' is not one of {', '.join(IMPORTANCE_AGGREGATIONS)}")
 
 
 @dataclass
@@ -34,6 +55,8 @@ class ClassMasks:
             by the mean dense score).
         topk_indices: [C, L, K] the same neurons, most frequent first.
         importance: [C, L, n] mean over the class's probe images of the dense candidate scores.
+        importance_by: the class importance under every ``IMPORTANCE_AGGREGATIONS`` entry
+            (``importance_by["mean"]`` is ``importance``).
         counts: [C] probe images per class.
         layers: block index of each of the L rows.
         class_names: C names.
@@ -49,6 +72,22 @@ class ClassMasks:
     layers: list[int]
     class_names: list[str]
     fingerprint: dict[str, Any] = field(default_factory=dict)
+    importance_by: dict[str, torch.Tensor] = field(default_factory=dict)
+
+    def importance_for(self, aggregation: str = "mean") -> torch.Tensor:
+        """The ``[C, L, n]`` class importance under one aggregation.
+
+        Raises:
+            ValueError: unknown aggregation, or one this (older) masks file does not hold.
+        """
+        if aggregation == "mean":
+            return self.importance
+        if aggregation not in IMPORTANCE_AGGREGATIONS:
+            per_image_importance(self.importance[:0], aggregation)  # raises the named error
+        if aggregation not in self.importance_by:
+            raise ValueError(f"aggregation: '{aggregation}' is not stored in these masks; rebuild them "
+                             "(re-run the recipe with --resume: the paths are reused)")
+        return self.importance_by[aggregation]
 
     def check_model(self, digest: str, source: str = "masks") -> None:
         """Refuse masks computed on other weights.
@@ -83,10 +122,15 @@ def aggregate(paths: torch.Tensor, scores: torch.Tensor, labels: torch.Tensor, *
     onehot.scatter_(2, paths.long(), 1.0)
     freq.index_add_(0, labels.long(), onehot)
     counts = torch.bincount(labels.long(), minlength=num_classes)
-    importance = torch.zeros(num_classes, n_layers, widths, dtype=torch.float64)
-    importance.index_add_(0, labels.long(), scores.double())
-    importance = importance / counts.clamp_min(1).double()[:, None, None]
-    importance[counts == 0] = float("nan")
+    importance_by = {}
+    scores = scores.float()
+    for how in IMPORTANCE_AGGREGATIONS:
+        imp = torch.zeros(num_classes, n_layers, widths, dtype=torch.float32)
+        imp.index_add_(0, labels.long(), per_image_importance(scores, how))
+        imp = imp.double() / counts.clamp_min(1).double()[:, None, None]
+        imp[counts == 0] = float("nan")
+        importance_by[how] = imp
+    importance = importance_by["mean"]
     row = freq.sum(dim=2, keepdim=True)
     utilisation = torch.where(row > 0, freq / row.clamp_min(1e-12), torch.zeros_like(freq))
     flat = utilisation.reshape(num_classes, -1)
@@ -103,7 +147,8 @@ def aggregate(paths: torch.Tensor, scores: torch.Tensor, labels: torch.Tensor, *
     return ClassMasks(utilisation=utilisation.float(), similarity=similarity.float(), topk=mask,
                       topk_indices=topk_indices, importance=importance.float(), counts=counts,
                       layers=[int(b) for b in layers], class_names=list(class_names),
-                      fingerprint=dict(fingerprint or {}))
+                      fingerprint=dict(fingerprint or {}),
+                      importance_by={k: v.float() for k, v in importance_by.items()})
 
 
 def save_masks(masks: ClassMasks, run_dir: str | Path) -> Path:
@@ -112,7 +157,8 @@ def save_masks(masks: ClassMasks, run_dir: str | Path) -> Path:
 
     tensors = {"utilisation": masks.utilisation, "similarity": masks.similarity, "topk": masks.topk.to(torch.uint8),
                "topk_indices": masks.topk_indices.long(), "importance": masks.importance,
-               "counts": masks.counts.long()}
+               "counts": masks.counts.long(),
+               **{f"importance.{k}": v for k, v in masks.importance_by.items() if k != "mean"}}
     meta = {"layers": json.dumps(masks.layers), "class_names": json.dumps(masks.class_names),
             "fingerprint": json.dumps(masks.fingerprint)}
     data = {k: v.contiguous() for k, v in tensors.items()}
@@ -141,6 +187,9 @@ def load_masks(run_dir: str | Path) -> ClassMasks:
         return ClassMasks(utilisation=t["utilisation"], similarity=t["similarity"], topk=t["topk"].bool(),
                           topk_indices=t["topk_indices"], importance=t["importance"], counts=t["counts"],
                           layers=json.loads(meta["layers"]), class_names=json.loads(meta["class_names"]),
-                          fingerprint=json.loads(meta.get("fingerprint", "{}")))
+                          fingerprint=json.loads(meta.get("fingerprint", "{}")),
+                          importance_by={"mean": t["importance"],
+                                         **{k.split(".", 1)[1]: v for k, v in t.items()
+                                            if k.startswith("importance.")}})
     except (KeyError, ValueError, OSError) as exc:
         raise CheckpointError(f"{path}: not a jas-prune masks file ({exc})") from None

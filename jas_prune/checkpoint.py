@@ -23,7 +23,8 @@ import torch
 from torch import nn
 
 from .errors import CheckpointError
-from .models import create_model, discover_ffn, model_spec
+from .io import atomic_write
+from .models import create_model, discover_ffn, load_error_reason, model_spec
 
 __all__ = ["FORMAT", "FORMAT_VERSION", "save_pruned", "load_pruned", "read_pruned_meta", "vit_arch_kwargs"]
 
@@ -89,16 +90,12 @@ def save_pruned(model: nn.Module, path: str | os.PathLike[str], *,
     path = Path(path)
     payload = _payload(model, extra)
     state = {k: v.detach().cpu().contiguous().clone() for k, v in model.state_dict().items()}
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(path.name + ".tmp")
     if path.suffix.lower() == ".safetensors":
         from safetensors.torch import save_file
 
-        save_file(state, str(tmp), metadata={_META_KEY: json.dumps(payload), "format": FORMAT})
-    else:
-        torch.save({_META_KEY: payload, "state_dict": state}, str(tmp))
-    tmp.replace(path)
-    return path
+        meta = {_META_KEY: json.dumps(payload), "format": FORMAT}
+        return atomic_write(path, lambda tmp: save_file(state, tmp, metadata=meta))
+    return atomic_write(path, lambda tmp: torch.save({_META_KEY: payload, "state_dict": state}, tmp))
 
 
 def _read(path: Path) -> tuple[dict[str, Any], dict[str, torch.Tensor] | None]:
@@ -127,7 +124,7 @@ def _read(path: Path) -> tuple[dict[str, Any], dict[str, torch.Tensor] | None]:
     except CheckpointError:
         raise
     except Exception as exc:  # truncated, corrupt, not a checkpoint at all
-        raise CheckpointError(f"checkpoint: cannot read {path}: {type(exc).__name__}: {exc}") from None
+        raise CheckpointError(f"checkpoint: cannot read {path}: {load_error_reason(exc)}") from None
     if not isinstance(payload, Mapping) or payload.get("format") != FORMAT:
         found = payload.get("format") if isinstance(payload, Mapping) else type(payload).__name__
         raise CheckpointError(f"checkpoint: {path} has an unknown format {found!r}")

@@ -9,7 +9,8 @@ from pathlib import Path
 
 import click
 
-from .errors import JasPruneError
+from .distributed import Interrupted
+from .errors import JasPruneError, one_line
 from .train import BUILTIN_TRAINING
 
 __all__ = ["cli", "main"]
@@ -51,13 +52,25 @@ def recipe_validate(recipe_file: Path, overrides: tuple[str, ...]) -> None:
 @click.option("--set", "overrides", multiple=True, metavar="KEY=VALUE", help=_SET_HELP)
 @click.option("--resume", is_flag=True, help="Continue a run in --out, skipping finished work.")
 def recipe_run(recipe_file: Path, out: Path | None, overrides: tuple[str, ...], resume: bool) -> None:
-    """Run a recipe and write its run directory."""
+    """Run a recipe and write its run directory.
+
+    Under ``torchrun --nproc_per_node=N -m jas_prune recipe run ...`` the N processes share the
+    locating; rank 0 writes the run directory and prints the summary.
+    """
+    from .distributed import env_rank
     from .recipe import load_recipe
     from .runner import run_recipe
 
     r = load_recipe(recipe_file, overrides)
     out = out or Path("runs") / recipe_file.stem
+    rank = env_rank()[0]
+    if rank != 0:  # rank 0 speaks for the run; the others log to run.rank<N>.log
+        for h in log.handlers:
+            if isinstance(h, _ConsoleHandler):
+                h.setLevel(logging.WARNING)
     metrics = run_recipe(r, out, resume=resume)
+    if rank != 0:
+        return
     dense = metrics.get("dense", {})
     click.echo(f"run directory: {out}")
     if dense:
@@ -85,7 +98,9 @@ def data_shapes(split: str, out: Path, seed: int, probe_fraction: float, images_
     images_per_class uses.
     """
     from .data import write_shapes_split
+    from .io import writable_dir
 
+    writable_dir(out, f"--out {out}")
     n = write_shapes_split(split, out, seed=seed, probe_fraction=probe_fraction, images_per_class=images_per_class)
     click.echo(f"wrote {n} images to {out}")
 
@@ -131,8 +146,13 @@ def export_onnx_cmd(checkpoint: Path, out: Path, opset: int, data_root: Path | N
 
     from .checkpoint import load_pruned
     from .data import build_source, make_loader, model_transform
+    from .errors import OutputDirError
     from .export import export_and_verify
+    from .io import writable_dir
 
+    if out.suffix.lower() == ".json":
+        raise OutputDirError(f"--out {out}: the ONNX file must not end in .json (that name is its sidecar's)")
+    writable_dir(out.parent, f"--out {out}")
     model = load_pruned(checkpoint)
     extra = getattr(model, "jas_checkpoint_extra", {}) or {}
     source = build_source("imagefolder" if data_root else "shapes", root=str(data_root) if data_root else None,
@@ -149,12 +169,31 @@ def export_onnx_cmd(checkpoint: Path, out: Path, opset: int, data_root: Path | N
 
 
 @cli.command("report")
-@click.argument("run_dir", type=click.Path(file_okay=False, path_type=Path))
-def report(run_dir: Path) -> None:
-    """Rebuild report.md of a run directory from its metrics, without recomputing."""
-    from .errors import OutputDirError
-    from .report import write_report
+@click.argument("run_dirs", metavar="RUN_DIR...", nargs=-1, required=True,
+                type=click.Path(file_okay=False, path_type=Path))
+@click.option("--combine", is_flag=True,
+              help="One report over several runs of the same recipe that differ only in runtime.seed "
+                   "(mean ± std); needs --out.")
+@click.option("--out", "out", type=click.Path(file_okay=False, path_type=Path), default=None,
+              help="Directory of the combined report (with --combine).")
+def report(run_dirs: tuple[Path, ...], combine: bool, out: Path | None) -> None:
+    """Rebuild report.md and its figures of a run directory from its metrics, without recomputing.
 
+    \b
+    jas-prune report RUN_DIR
+    jas-prune report --combine RUN_DIR1 RUN_DIR2 ... --out DIR
+    """
+    from .errors import OutputDirError
+    from .report import combine_reports, write_report
+
+    if combine:
+        if out is None:
+            raise OutputDirError("--combine: give --out DIR for the combined report")
+        click.echo(f"wrote {combine_reports(run_dirs, out)}")
+        return
+    if len(run_dirs) != 1 or out is not None:
+        raise OutputDirError("report: give one RUN_DIR (or --combine RUN_DIR... --out DIR to combine runs)")
+    run_dir = run_dirs[0]
     if not (run_dir / "metrics.json").is_file():
         raise OutputDirError(f"{run_dir}: no metrics.json (not a jas-prune run directory)")
     click.echo(f"wrote {write_report(run_dir)}")
@@ -180,6 +219,11 @@ def _setup_console_logging() -> None:
     log.propagate = False
 
 
+#: click ≥ 8.2 raises this (a UsageError carrying the whole help text) for a group run bare
+_NoArgsIsHelp: tuple[type[BaseException], ...] = tuple(
+    c for c in (getattr(click.exceptions, "NoArgsIsHelpError", None),) if c is not None)
+
+
 def main(argv: list[str] | None = None) -> int:
     """Console entry point: returns (and exits with) 0, 1 or 2."""
     _setup_console_logging()
@@ -187,12 +231,22 @@ def main(argv: list[str] | None = None) -> int:
         cli.main(args=argv, prog_name="jas-prune", standalone_mode=False)
         return 0
     except JasPruneError as exc:
-        click.echo(f"jas-prune: error: {exc}", err=True)
+        click.echo(f"jas-prune: error: {one_line(exc)}", err=True)
+        code = exc.exit_code
+    except Interrupted as exc:  # SIGTERM during a run: finished work is on disk
+        click.echo(f"jas-prune: {exc}; finished work is kept, continue with --resume", err=True)
         code = exc.exit_code
     except click.exceptions.Abort:
         click.echo("jas-prune: aborted", err=True)
         code = 130
     except click.exceptions.Exit as exc:
+        code = exc.exit_code
+    except _NoArgsIsHelp as exc:  # a bare group (`jas-prune`, `jas-prune recipe`): its help
+        exc.show()
+        code = exc.exit_code
+    except click.UsageError as exc:  # bad argument or option: one line, like every user error
+        where = f" (see '{exc.ctx.command_path} --help')" if exc.ctx is not None else ""
+        click.echo(f"jas-prune: error: {one_line(exc.format_message())}{where}", err=True)
         code = exc.exit_code
     except click.ClickException as exc:
         exc.show()

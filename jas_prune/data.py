@@ -28,6 +28,7 @@ __all__ = [
     "build_source",
     "model_transform",
     "make_loader",
+    "check_image_header",
 ]
 
 IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".bmp", ".ppm", ".pgm", ".tif", ".tiff", ".webp", ".jpeg2000")
@@ -110,6 +111,8 @@ def _imagefolder_source(root: str | None, seed: int, probe_fraction: float,
     if not root:
         raise DataError("data.root: required when data.kind is 'imagefolder'")
     path = Path(root).expanduser()
+    if path.exists() and not path.is_dir():
+        raise DataError(f"data.root: not a directory: {path}")
     if not path.is_dir():
         raise DataError(f"data.root: directory not found: {path}")
     classes = sorted(d.name for d in path.iterdir() if d.is_dir() and not d.name.startswith("."))
@@ -125,6 +128,8 @@ def _imagefolder_source(root: str | None, seed: int, probe_fraction: float,
             raise DataError(f"data.root: class folder '{name}' in {path} has no images")
         if images_per_class is not None:
             files = files[: int(images_per_class)]
+        for f in files:
+            check_image_header(f)
         samples.extend(Sample(id=str(f.relative_to(path)), label=label, ref=str(f)) for f in files)
     probe, test = partition([s.label for s in samples], probe_fraction, seed)
     names = [n.split("-", 1)[1] if n[:2].isdigit() and "-" in n else n for n in classes]
@@ -152,8 +157,28 @@ def model_transform(model: torch.nn.Module) -> Callable:
     return create_transform(**cfg, is_training=False)
 
 
-class _SkippedImage(Exception):
-    pass
+def check_image_header(path: str | os.PathLike[str]) -> None:
+    """Refuse a file that Pillow cannot identify as an image (reads only its header).
+
+    Raises:
+        DataError: naming the file, e.g. an HTML error page or an empty file saved as ``.jpg``.
+    """
+    from PIL import Image
+
+    try:
+        with Image.open(path):
+            pass
+    except Exception as exc:  # noqa: BLE001 - UnidentifiedImageError, OSError, DecompressionBombError
+        raise DataError(f"data.root: cannot read image {path}: {_image_error(exc)}") from None
+
+
+def _image_error(exc: BaseException) -> str:
+    """Pillow's reason, on one line, without repeating the path."""
+    from PIL import UnidentifiedImageError
+
+    if isinstance(exc, UnidentifiedImageError):
+        return "not an image file (Pillow cannot identify its format)"
+    return (" ".join(str(exc).split()) or type(exc).__name__)[:300]
 
 
 class ImageDataset(Dataset):
@@ -176,8 +201,8 @@ class ImageDataset(Dataset):
         try:
             with Image.open(sample.ref) as im:
                 return im.convert("RGB")
-        except Exception as exc:  # unreadable / truncated file
-            raise DataError(f"data.root: cannot read image {sample.ref}: {exc}") from None
+        except Exception as exc:  # noqa: BLE001 - truncated or corrupt past its header
+            raise DataError(f"data.root: cannot read image {sample.ref}: {_image_error(exc)}") from None
 
     def __getitem__(self, i: int):
         sample = self.samples[i]

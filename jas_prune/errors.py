@@ -7,6 +7,7 @@ Anything else that escapes is an internal failure (exit code 1, traceback in the
 from __future__ import annotations
 
 __all__ = [
+    "one_line",
     "JasPruneError",
     "RecipeError",
     "DataError",
@@ -22,9 +23,36 @@ __all__ = [
 
 
 class JasPruneError(Exception):
-    """Base class of every user error (exit code 2)."""
+    """Base class of every user error (exit code 2).
+
+    Raised inside a ``DataLoader`` worker, the error comes back to the main process rebuilt from
+    PyTorch's "Caught ... in DataLoader worker process" text, traceback included; the original
+    one-line message is recovered here so the CLI can still print one line.
+    """
 
     exit_code = 2
+
+    def __init__(self, *args: object) -> None:
+        if len(args) == 1 and isinstance(args[0], str):
+            args = (_worker_message(args[0], type(self)),)
+        super().__init__(*args)
+
+
+def _worker_message(text: str, cls: type) -> str:
+    """The original message of an error re-raised from a ``DataLoader`` worker (else ``text``)."""
+    if not (text.startswith("Caught ") and "\nOriginal Traceback" in text):
+        return text
+    marker = f"{cls.__module__}.{cls.__qualname__}: "
+    at = text.rfind(marker)
+    return text[at + len(marker):].strip() if at >= 0 else text
+
+
+def one_line(exc: BaseException | str) -> str:
+    """The message of ``exc`` on a single line (its lines joined by spaces)."""
+    text = str(exc).strip()
+    if "\n" not in text and "\r" not in text:
+        return text
+    return " ".join(part.strip() for part in text.splitlines() if part.strip())
 
 
 class RecipeError(JasPruneError):

@@ -30,7 +30,7 @@ def predict_logits(model: nn.Module, loader: Iterable, *, device: torch.device |
         if bad.any():
             j = int(pos[bad.nonzero()[0, 0]])
             name = sample_ids[j] if sample_ids is not None else f"#{j}"
-            raise NonFiniteOutputError(f"model output is not finite for image {name}")
+            raise NonFiniteOutputError(f"{desc}: model output is not finite (NaN/Inf logits) for image {name}")
         outs.append(logits)
         labels.append(y)
     if not outs:

@@ -33,6 +33,7 @@ import torch
 from torch import nn
 
 from .errors import ExportVerificationError
+from .io import atomic_write_text
 from .models import discover_ffn
 
 __all__ = [
@@ -89,18 +90,6 @@ def read_sidecar(onnx_path: str | os.PathLike[str]) -> dict[str, Any] | None:
     if not p.is_file():
         return None
     return json.loads(p.read_text(encoding="utf-8"))
-
-
-def _atomic_write_text(path: Path, text: str) -> None:
-    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-    try:
-        with open(tmp, "w", encoding="utf-8") as fh:
-            fh.write(text)
-            fh.flush()
-            os.fsync(fh.fileno())
-        os.replace(tmp, path)
-    finally:
-        tmp.unlink(missing_ok=True)
 
 
 def _jsonable(v: Any) -> Any:
@@ -378,7 +367,7 @@ def export_onnx(
         os.replace(tmp, path)
     finally:
         tmp.unlink(missing_ok=True)
-    _atomic_write_text(side_path, json.dumps(side, indent=2) + "\n")
+    atomic_write_text(side_path, json.dumps(side, indent=2) + "\n")
     log.info("exported %s with the %s exporter in %.1fs%s", path, used, seconds,
              f" (dynamo exporter failed: {fallback_reason})" if fallback_reason else "")
     return {

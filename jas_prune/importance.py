@@ -428,7 +428,7 @@ class JASImportance(tp.importance.Importance):
 
     @classmethod
     def from_run(cls, run_dir: str | os.PathLike[str], classes: Sequence[int | str] | None = None, *,
-                 protect_topk: bool | None = None, normalizer: str = "mean",
+                 aggregation: str = "mean", protect_topk: bool | None = None, normalizer: str = "mean",
                  min_keep: float | int = 0.05) -> "JASImportance":
         """Dense per-class importance saved by a run's ``aggregate`` stage.
 
@@ -439,6 +439,8 @@ class JASImportance(tp.importance.Importance):
         Args:
             run_dir: a run directory holding ``masks.*``.
             classes: class indices or names (class-specialised importance).
+            aggregation: ``mean`` (the signed candidate score, SPEC), ``mean_abs`` or
+                ``mean_abs_centered`` (see :data:`jas_prune.aggregate.IMPORTANCE_AGGREGATIONS`).
             protect_topk: never prune the class TopK masks of ``classes`` (default: True when
                 ``classes`` is given, False otherwise).
 
@@ -450,7 +452,7 @@ class JASImportance(tp.importance.Importance):
 
         masks = load_masks(run_dir)
         names = list(masks.class_names)
-        importance = torch.as_tensor(masks.importance, dtype=torch.float64)
+        importance = torch.as_tensor(masks.importance_for(aggregation), dtype=torch.float64)
         topk = torch.as_tensor(masks.topk, dtype=torch.bool)
         counts = torch.as_tensor(masks.counts, dtype=torch.float64)
         layers = [int(b) for b in masks.layers]
@@ -475,6 +477,7 @@ class JASImportance(tp.importance.Importance):
         imp = cls(scores, normalizer=normalizer, min_keep=min_keep, protect=protect)
         imp.source = imp._run_dir = str(run_dir)
         imp.classes = None if classes is None else sel
+        imp.aggregation = aggregation
         imp.fingerprint = dict(getattr(masks, "fingerprint", {}) or {})  # type: ignore[attr-defined]
         return imp
 

@@ -12,7 +12,33 @@ import tempfile
 from pathlib import Path
 from typing import Any, Callable
 
-__all__ = ["atomic_write", "atomic_write_text", "atomic_write_json", "read_json", "to_jsonable"]
+__all__ = ["atomic_write", "atomic_write_text", "atomic_write_json", "read_json", "to_jsonable", "writable_dir"]
+
+
+def writable_dir(directory: str | os.PathLike[str], label: str) -> Path:
+    """Create ``directory`` if needed and check that files can be written into it.
+
+    Args:
+        directory: the folder to write into.
+        label: what the user passed, for the message (e.g. ``--out run/model.onnx``).
+
+    Raises:
+        OutputDirError: naming ``label`` and the reason.
+    """
+    from .errors import OutputDirError
+
+    directory = Path(directory)
+    blocker = next((p for p in (directory, *directory.parents) if p.exists()), None)
+    if blocker is not None and not blocker.is_dir():
+        raise OutputDirError(f"{label}: cannot write there ({blocker} is a file, not a directory)")
+    try:
+        directory.mkdir(parents=True, exist_ok=True)
+        fd, probe = tempfile.mkstemp(prefix=".write-test-", dir=str(directory))
+        os.close(fd)
+        os.unlink(probe)
+    except OSError as exc:
+        raise OutputDirError(f"{label}: cannot write there ({exc.strerror or exc})") from None
+    return directory
 
 
 def atomic_write(path: str | os.PathLike[str], writer: Callable[[str], None]) -> Path:

@@ -29,6 +29,7 @@ __all__ = [
     "create_model",
     "discover_ffn",
     "load_state_dict_file",
+    "load_error_reason",
     "input_size",
     "model_spec",
 ]
@@ -192,8 +193,21 @@ def create_model(name: str, *, num_classes: int | None = None, **overrides: Any)
             kwargs["num_classes"] = num_classes
         model = timm.create_model(name, pretrained=False, **kwargs)
     except RuntimeError as exc:  # timm: "Unknown model (...)"
-        raise UnsupportedModelError(f"model.name: {exc}") from None
+        if not str(exc).startswith("Unknown model"):
+            raise
+        raise UnsupportedModelError(f"model.name: unknown timm model '{name}'{_name_hint(name)}") from None
     return model
+
+
+def _name_hint(name: str) -> str:
+    """`` (did you mean 'x'?)`` for the closest timm or built-in model name, else ``""``."""
+    import difflib
+
+    import timm
+
+    known = timm.list_models() + [BUILTIN_PREFIX + k for k in BUILTIN_MODELS]
+    close = difflib.get_close_matches(name.split(".")[0], known, n=1, cutoff=0.6)
+    return f" (did you mean '{close[0]}'?)" if close else ""
 
 
 def load_state_dict_file(path: str | os.PathLike[str]) -> dict[str, torch.Tensor]:
@@ -219,11 +233,31 @@ def load_state_dict_file(path: str | os.PathLike[str]) -> dict[str, torch.Tensor
     except CheckpointError:
         raise
     except Exception as exc:  # corrupt file, truncated download, wrong format
-        raise CheckpointError(f"model.checkpoint: cannot read {path}: {exc}") from None
+        raise CheckpointError(f"model.checkpoint: cannot read {path}: {load_error_reason(exc)}") from None
     raise CheckpointError(
         f"model.checkpoint: unsupported file type '{suffix}' for {path} "
         "(use .safetensors, .pth/.pt or a big_vision .npz)"
     )
+
+
+def load_error_reason(exc: BaseException) -> str:
+    """Why a weights file could not be read, in one short line (torch's and safetensors' messages
+    run over several lines and mostly give advice that does not apply here)."""
+    import re
+
+    text = str(exc)
+    if "Weights only load failed" in text:
+        found = re.search(r"Unsupported global: GLOBAL ([\w.]+)", text)
+        if found:
+            return (f"it holds pickled Python objects ({found.group(1)}), not a state dict of tensors; "
+                    "save model.state_dict() instead (jas-prune never unpickles code)")
+        return "not a PyTorch checkpoint, or a corrupt one (torch.load with weights_only=True cannot parse it)"
+    if isinstance(exc, OSError) and exc.filename is None and exc.strerror:  # a reader seeking past the end
+        return f"corrupt or truncated file ({exc.strerror})"
+    lines = [line.strip() for line in text.splitlines() if line.strip()]
+    first = lines[0] if lines else type(exc).__name__
+    first = first.split(". ")[0].rstrip(".")
+    return first[:300]
 
 
 def _head_classes(state: Mapping[str, torch.Tensor]) -> int | None:
@@ -236,7 +270,8 @@ def _load_weights(model: nn.Module, path: Path, strict_label: str) -> None:
         try:
             model.load_pretrained(str(path))  # timm's big_vision/JAX reader
         except Exception as exc:
-            raise CheckpointError(f"{strict_label}: cannot load big_vision .npz {path}: {exc}") from None
+            raise CheckpointError(
+                f"{strict_label}: cannot load big_vision .npz {path}: {load_error_reason(exc)}") from None
         return
     from timm.models.vision_transformer import checkpoint_filter_fn
 
@@ -245,6 +280,12 @@ def _load_weights(model: nn.Module, path: Path, strict_label: str) -> None:
         state = checkpoint_filter_fn(state, model)
     except Exception:  # noqa: BLE001 - already in timm layout
         pass
+    own = model.state_dict()
+    sizes = [f"{k} {list(v.shape)} in the file, {list(own[k].shape)} in the model"
+             for k, v in state.items() if k in own and tuple(v.shape) != tuple(own[k].shape)]
+    if sizes:
+        more = f"; {len(sizes) - 2} more" if len(sizes) > 2 else ""
+        raise CheckpointError(f"{strict_label}: {path} does not match the model: {'; '.join(sizes[:2])}{more}")
     result = model.load_state_dict(state, strict=False)
     problems = []
     if result.missing_keys:
@@ -265,8 +306,19 @@ def _checkpoint_num_classes(path: Path) -> int | None:
                     if key in z:
                         return int(z[key].shape[-1])
         except Exception as exc:
-            raise CheckpointError(f"model.checkpoint: cannot read {path}: {exc}") from None
+            raise CheckpointError(f"model.checkpoint: cannot read {path}: {load_error_reason(exc)}") from None
         return None
+    if path.suffix.lower() == ".safetensors" and path.is_file():  # the header is enough
+        from safetensors import safe_open
+
+        try:
+            with safe_open(str(path), framework="pt") as f:
+                if "head.weight" not in f.keys():
+                    return None
+                shape = f.get_slice("head.weight").get_shape()
+        except Exception as exc:
+            raise CheckpointError(f"model.checkpoint: cannot read {path}: {load_error_reason(exc)}") from None
+        return int(shape[0]) if len(shape) == 2 else None
     return _head_classes(load_state_dict_file(path))
 
 
@@ -328,9 +380,19 @@ def load_model(
                     f"model.name: the weights of '{name}' are missing from the package ({ckpt}); "
                     "reinstall jas-prune or retrain with `jas-prune train`"
                 )
-    if ckpt is not None and num_classes is None:
-        num_classes = _checkpoint_num_classes(ckpt)
+    if ckpt is not None:
+        in_file = _checkpoint_num_classes(ckpt)
+        if num_classes is None:
+            num_classes = in_file
+        elif in_file is not None and in_file != num_classes:
+            raise CheckpointError(
+                f"model.num_classes: {num_classes}, but the checkpoint {ckpt} has a {in_file}-class head; "
+                "leave model.num_classes unset to use the checkpoint's")
     model = create_model(name, num_classes=num_classes)
+    try:
+        discover_ffn(model)  # refuse unsupported models early, with the reason
+    except UnsupportedModelError as exc:
+        raise UnsupportedModelError(f"model.name: {exc}") from None
     if pretrained and ckpt is None:
         cached = _cached_pretrained_file(model)
         if cached is None:
@@ -343,7 +405,6 @@ def load_model(
         ckpt = cached
     if ckpt is not None:
         _load_weights(model, ckpt, "model.checkpoint")
-    discover_ffn(model)  # refuse unsupported models early, with the reason
     return model.eval()
 
 

@@ -2,7 +2,9 @@
 guarded by a fingerprint of (model weights, data selection, attribution settings).
 
 Chunk ``i`` always holds the same images (positions ``[i*size, (i+1)*size)`` of the partition),
-so a resumed or sharded run skips finished chunks and never counts an image twice.
+so a resumed or sharded run skips finished chunks and never counts an image twice. A chunk file
+appears only by an atomic rename of a finished write: a killed run leaves at most a ``.*.tmp``
+file, which :meth:`PathStore.done` never takes for a chunk.
 """
 
 from __future__ import annotations
@@ -100,6 +102,21 @@ class PathStore:
     def pending(self, n_images: int, *, rank: int = 0, world: int = 1) -> list[int]:
         """Chunks not written yet (of this rank's shard: ``i % world == rank``)."""
         return [i for i in range(self.n_chunks(n_images)) if i % world == rank and not self.done(i)]
+
+    def remove_partial(self) -> list[Path]:
+        """Delete the temporary files of writes that never finished (a run killed mid-write).
+
+        Finished chunks are only ever created by an atomic rename, so a ``.*.tmp`` file is never
+        trusted; removing it just tidies the folder. Call only while nothing writes here.
+        """
+        removed = []
+        for tmp in sorted(self.root.glob(".*.tmp")) if self.root.is_dir() else []:
+            try:
+                tmp.unlink()
+                removed.append(tmp)
+            except FileNotFoundError:
+                pass
+        return removed
 
     def write_chunk(self, i: int, tensors: dict[str, torch.Tensor], meta: dict[str, Any]) -> Path:
         from safetensors.torch import save_file

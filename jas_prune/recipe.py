@@ -82,6 +82,19 @@ class AttributionSection(_Section):
                 raise ValueError("block indices must be distinct and ≥ 0")
         return v
 
+    @field_validator("method")
+    @classmethod
+    def _method(cls, v):
+        if isinstance(v, list) and (not v or len(set(v)) != len(v)):
+            raise ValueError("must name at least one method, each once")
+        return v
+
+    @model_validator(mode="after")
+    def _steps_for_quadrature(self) -> "AttributionSection":
+        if self.quadrature == "trapezoid" and self.steps < 2:
+            raise ValueError("steps: must be ≥ 2 with quadrature 'trapezoid' (it needs both ends)")
+        return self
+
     @property
     def methods(self) -> list[str]:
         """The located methods, the first being the one masks and importance are built from."""
@@ -93,6 +106,8 @@ class AttributionSection(_Section):
 
 class MasksSection(_Section):
     topk: int = Field(default=5, ge=1)
+    #: how per-image candidate scores become the importance JAS pruning uses (aggregate.py)
+    importance: Literal["mean", "mean_abs", "mean_abs_centered"] = "mean"
 
 
 class FinetuneSection(_Section):
@@ -131,6 +146,13 @@ class PruneSection(_Section):
     def _methods(cls, v: list[str]) -> list[str]:
         if not v:
             raise ValueError("must list at least one method")
+        return v
+
+    @field_validator("classes")
+    @classmethod
+    def _classes(cls, v: list[int | str] | None) -> list[int | str] | None:
+        if v is not None and not v:
+            raise ValueError("must list at least one class (or be null for every class)")
         return v
 
     @property
@@ -232,6 +254,8 @@ def _friendly(err: dict) -> str:
         return f"{path}: must be < {ctx.get('lt')} (got {err.get('input')!r})"
     if kind == "less_than_equal":
         return f"{path}: must be ≤ {ctx.get('le')} (got {err.get('input')!r})"
+    if kind in ("model_type", "model_attributes_type", "dict_type"):
+        return f"{path}: must be a mapping of keys to values (got {err.get('input')!r})"
     if kind == "literal_error":
         return f"{path}: must be one of {ctx.get('expected')} (got {err.get('input')!r})"
     if kind == "value_error":

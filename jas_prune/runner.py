@@ -1,8 +1,9 @@
 """``jas-prune recipe run``: recipe -> stages -> run directory.
 
-The run directory holds ``recipe.yaml`` (resolved), ``run.log``, ``metrics.json`` (rewritten
-atomically after every stage), ``report.md`` and whatever the stages write (``paths/``,
-``masks.*``, pruned checkpoints, ``*.onnx`` with sidecars).
+The run directory holds ``recipe.yaml`` (resolved), ``run.log`` (``run.rank<N>.log`` for the
+other ranks of a torchrun run), ``metrics.json`` (rewritten atomically after every stage),
+``report.md`` and whatever the stages write (``paths/``, ``masks.*``, pruned checkpoints,
+``*.onnx`` with sidecars).
 """
 
 from __future__ import annotations
@@ -20,9 +21,10 @@ import torch
 from torch import nn
 
 from .data import DataSource, build_source, make_loader, model_transform
+from .distributed import Dist, Interrupted, init_from_env, sigterm_raises
 from .errors import JasPruneError, OutputDirError, StageNotAvailableError
 from .evaluate import accuracy, count_params_macs, predict_logits
-from .io import atomic_write_json, atomic_write_text, read_json
+from .io import atomic_write_json, atomic_write_text, read_json, writable_dir
 from .models import input_size, load_model
 from .recipe import Recipe, dump_recipe
 
@@ -65,6 +67,39 @@ def check_stages(recipe: Recipe) -> None:
             "evaluate.protocols: 'paper_cls_mask' needs the attribution and masks sections (it keeps the class TopK)")
 
 
+def check_against_model(recipe: Recipe, model: nn.Module, source: DataSource) -> None:
+    """Refuse, once the model and data are known but before any work, settings that cannot fit them.
+
+    Raises:
+        RecipeError: ``attribution.layers`` out of range, ``attribution.topk`` or ``masks.topk``
+            above an FFN width (naming the block and the width), ``evaluate.cls_mask.depth``
+            above the model's depth.
+        UnsupportedModelError: ``attribution.scope: cls`` for a model without a class token.
+        DataError: a ``prune.classes`` entry that is not a class of the data set.
+    """
+    from .errors import RecipeError
+    from .models import discover_ffn
+    from .neurons import check_scope, resolve_layers
+
+    info = discover_ffn(model)
+    blocks = list(range(info.depth))
+    a = recipe.attribution
+    if a is not None:
+        check_scope(info, a.scope, key="attribution.scope")
+        blocks = resolve_layers(info, a.layers, key="attribution.layers")
+    for key, k in (("attribution.topk", a.topk if a is not None else None),
+                   ("masks.topk", recipe.masks.topk if recipe.masks is not None else None)):
+        narrow = next((l for l in blocks if k is not None and k > info.layers[l].hidden), None)
+        if narrow is not None:
+            raise RecipeError(f"{key}: {k} exceeds the FFN width {info.layers[narrow].hidden} of block {narrow}")
+    depth = recipe.evaluate.cls_mask.depth
+    if "paper_cls_mask" in recipe.evaluate.protocols and depth is not None and depth > info.depth:
+        raise RecipeError(f"evaluate.cls_mask.depth: {depth} exceeds the {info.depth} blocks of model "
+                          f"'{recipe.model.name}'")
+    if recipe.prune is not None and recipe.prune.classes is not None:
+        resolve_classes(recipe.prune.classes, source.class_names)
+
+
 @dataclass
 class RunContext:
     """What the stages share: the recipe, the run directory, the model, the data and the metrics."""
@@ -78,6 +113,8 @@ class RunContext:
     metrics: dict[str, Any] = field(default_factory=dict)
     #: per-neuron scores of data-driven criteria, by (method, classes): computed once per run
     scores: dict[tuple, Any] = field(default_factory=dict)
+    #: this process's rank under torchrun (a one-process run by default)
+    dist: Dist = field(default_factory=Dist)
 
     def criterion_scores(self, method: str, loader, classes: list[int] | None = None, **kwargs: Any):
         """``importance.criterion_scores`` on the probe data, computed once per (method, classes)."""
@@ -97,7 +134,9 @@ class RunContext:
                            workers=self.recipe.data.workers, seed=self.recipe.runtime.seed), samples
 
     def save_metrics(self) -> None:
-        atomic_write_json(self.out / "metrics.json", self.metrics)
+        """Rewrite ``metrics.json`` (rank 0 only: the other ranks never write it)."""
+        if self.dist.is_root:
+            atomic_write_json(self.out / "metrics.json", self.metrics)
 
 
 def prepare_run_dir(out: Path, *, resume: bool) -> None:
@@ -106,21 +145,17 @@ def prepare_run_dir(out: Path, *, resume: bool) -> None:
     Raises:
         OutputDirError: unwritable directory, or a previous run there without ``--resume``.
     """
-    try:
-        out.mkdir(parents=True, exist_ok=True)
-        probe = out / f".write-test-{os.getpid()}"
-        probe.write_text("ok")
-        probe.unlink()
-    except OSError as exc:
-        raise OutputDirError(f"--out {out}: cannot write there ({exc.strerror or exc})") from None
+    writable_dir(out, f"--out {out}")
     if not resume and ((out / "metrics.json").exists() or (out / "recipe.yaml").exists()):
         raise OutputDirError(
             f"--out {out}: already holds a run; pass --resume to continue it or choose another directory"
         )
 
 
-def _attach_log(out: Path) -> logging.Handler:
-    handler = logging.FileHandler(out / LOG_NAME, encoding="utf-8")
+def _attach_log(out: Path, rank: int = 0) -> logging.Handler:
+    """Log to ``run.log`` (rank 0) or ``run.rank<N>.log`` (the other ranks of a torchrun run)."""
+    name = LOG_NAME if rank == 0 else f"{Path(LOG_NAME).stem}.rank{rank}{Path(LOG_NAME).suffix}"
+    handler = logging.FileHandler(out / name, encoding="utf-8")
     handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(message)s"))
     log.addHandler(handler)
     log.setLevel(logging.INFO)
@@ -161,55 +196,106 @@ def _locate_settings(ctx: RunContext) -> dict[str, Any]:
                                        "layers", "internal_batch_size")}
 
 
+def _paths_fingerprint(ctx: RunContext, part: str, methods: list[str], digest: str) -> dict[str, Any]:
+    """What ``paths/<part>/`` results depend on: model weights, image selection, settings."""
+    settings = _locate_settings(ctx)
+    return {
+        "model": digest,
+        "data": {**ctx.source.selection_fingerprint(), "partition": part},
+        "attribution": {**{k: v for k, v in settings.items() if k != "internal_batch_size"},
+                        "methods": methods, "chunk_size": CHUNK_SIZE, "dtype": ctx.recipe.runtime.dtype},
+    }
+
+
+def check_resumable(ctx: RunContext) -> None:
+    """On ``--resume``, compare the stored ``paths/`` fingerprints before anything is rewritten.
+
+    Raises:
+        FingerprintMismatchError: naming the part (model, data, attribution) that differs.
+    """
+    from .pathstore import PathStore, weights_digest
+
+    if ctx.recipe.attribution is None:
+        return
+    parts = [("probe", ctx.recipe.attribution.methods)]
+    if ctx.recipe.evaluate.intervention:
+        parts.append(("test", list(TABLE1_METHODS)))
+    digest = None
+    for part, methods in parts:
+        store = PathStore(ctx.out / "paths" / part, chunk_size=CHUNK_SIZE)
+        if (store.root / "fingerprint.json").exists():
+            digest = digest or weights_digest(ctx.model)
+            store.check_or_write_fingerprint(_paths_fingerprint(ctx, part, methods, digest), resume=True)
+
+
 def stage_locate(ctx: RunContext, part: str, *, methods: list[str] | None = None, resume: bool = False) -> None:
-    """Locate every image of a partition, chunk by chunk, into ``paths/<part>/`` (resumable)."""
+    """Locate every image of a partition, chunk by chunk, into ``paths/<part>/`` (resumable).
+
+    Under torchrun every rank calls this: rank 0 checks the fingerprint and lists the chunks
+    still to do, the ranks take every ``world``-th of them, and all chunks are on disk when it
+    returns (on every rank). ``metrics.locate`` counts the images of all ranks; its ``seconds``
+    is the wall time of the slowest rank.
+    """
     from tqdm.auto import tqdm
 
     from .errors import NonFiniteOutputError
     from .locate import locate
     from .pathstore import PathStore, weights_digest
 
+    dist = ctx.dist
     methods = methods or ctx.recipe.attribution.methods  # type: ignore[union-attr]
     settings = _locate_settings(ctx)
     samples = ctx.source.subset(part)
     store = PathStore(ctx.out / "paths" / part, chunk_size=CHUNK_SIZE)
-    digest = weights_digest(ctx.model)
-    ctx.metrics.setdefault("fingerprint", {})["model"] = digest
-    store.check_or_write_fingerprint({
-        "model": digest,
-        "data": {**ctx.source.selection_fingerprint(), "partition": part},
-        "attribution": {**{k: v for k, v in settings.items() if k != "internal_batch_size"},
-                        "methods": methods, "chunk_size": CHUNK_SIZE, "dtype": ctx.recipe.runtime.dtype},
-    }, resume=resume)
-    pending = store.pending(len(samples))
+    with dist.stage(f"checking paths/{part}") as plan:
+        if dist.is_root:  # one rank reads and writes the fingerprint: no race on it
+            digest = weights_digest(ctx.model)
+            ctx.metrics.setdefault("fingerprint", {})["model"] = digest
+            store.check_or_write_fingerprint(_paths_fingerprint(ctx, part, methods, digest), resume=resume)
+            removed = store.remove_partial()
+            if removed:
+                log.info("locate %s: removed %d unfinished write(s) of an interrupted run", part, len(removed))
+            plan.value = store.pending(len(samples))
+    pending: list[int] = plan.values[0]
+    mine = pending[dist.rank::dist.world]  # a fresh run: chunk i on rank i % world
     done_before = store.n_chunks(len(samples)) - len(pending)
-    t0 = time.perf_counter()
-    n_new = 0
-    bar = tqdm(pending, desc=f"locate {part} ({'+'.join(methods)})", unit="chunk", mininterval=2)
-    for i in bar:
-        rng = store.chunk_range(i, len(samples))
-        chunk = [samples[j] for j in rng]
-        x, y = _images(ctx, chunk)
-        x = x.to(ctx.device, dtype=getattr(torch, ctx.recipe.runtime.dtype))
-        results = {}
-        for method in methods:
-            r = locate(ctx.model, x, y.to(ctx.device), method=method, **settings)
-            bad = (~torch.isfinite(r.probs)).nonzero()
-            if len(bad):
-                raise NonFiniteOutputError(f"model output is not finite for image {chunk[int(bad[0, 0])].id}")
-            results[method] = r
-        layers = results[methods[0]].layers
-        store.write_chunk(i, store.chunk_tensors(rng, y, results),
-                          {"ids": [s.id for s in chunk], "layers": layers, "methods": methods})
-        n_new += len(chunk)
-    seconds = time.perf_counter() - t0
+    with dist.stage(f"locating {part}") as work:
+        t0 = time.perf_counter()
+        n_new = 0
+        bar = tqdm(mine, desc=f"locate {part} ({'+'.join(methods)})", unit="chunk", mininterval=2,
+                   disable=not dist.is_root)
+        for i in bar:
+            rng = store.chunk_range(i, len(samples))
+            chunk = [samples[j] for j in rng]
+            x, y = _images(ctx, chunk)
+            x = x.to(ctx.device, dtype=getattr(torch, ctx.recipe.runtime.dtype))
+            results = {}
+            for method in methods:
+                r = locate(ctx.model, x, y.to(ctx.device), method=method, **settings)
+                bad = (~torch.isfinite(r.probs)).nonzero()
+                if len(bad):
+                    raise NonFiniteOutputError(f"model output is not finite for image {chunk[int(bad[0, 0])].id}")
+                results[method] = r
+            layers = results[methods[0]].layers
+            store.write_chunk(i, store.chunk_tensors(rng, y, results),
+                              {"ids": [s.id for s in chunk], "layers": layers, "methods": methods})
+            n_new += len(chunk)
+        work.value = (n_new, time.perf_counter() - t0)
+        if dist.enabled:
+            log.info("locate %s: rank %d/%d located %d images in %.1f s", part, dist.rank, dist.world,
+                     n_new, work.value[1])
+    n_new = sum(v[0] for v in work.values)
+    per_rank = [v[1] for v in work.values]
+    seconds = max(per_rank)
     key = "locate" if part == "probe" else f"locate_{part}"
     ctx.metrics[key] = {
         "images": len(samples), "images_this_run": n_new, "chunks_resumed": done_before,
         "seconds": seconds, "images_per_second": (n_new / seconds) if n_new and seconds > 0 else None,
+        "world_size": dist.world, "seconds_per_rank": per_rank,
         "methods": methods, **settings, "device": str(ctx.device),
     }
-    log.info("locate %s: %d images (%d new) in %.1f s", part, len(samples), n_new, seconds)
+    log.info("locate %s: %d images (%d new) in %.1f s%s", part, len(samples), n_new, seconds,
+             f" on {dist.world} ranks" if dist.enabled else "")
 
 
 def stage_masks(ctx: RunContext) -> None:
@@ -234,17 +320,28 @@ def stage_masks(ctx: RunContext) -> None:
                       fingerprint={"model": ctx.metrics.get("fingerprint", {}).get("model"), "method": method,
                                    "attribution": _locate_settings(ctx)})
     path = save_masks(masks, ctx.out)
-    ctx.metrics["masks"] = {"file": path.name, "method": method, "topk": topk, "classes": ctx.source.num_classes,
+    ctx.metrics["masks"] = {"file": path.name, "method": method, "topk": topk, "importance": ctx.recipe.masks.importance,
+                            "classes": ctx.source.num_classes,
                             "layers": located.layers, "probe_images": int(masks.counts.sum())}
     log.info("masks: top-%d per layer for %d classes -> %s", topk, ctx.source.num_classes, path.name)
+    from .semantic import semantic_check  # paper Finding 4, where class names carry the truth (shapes)
+
+    semantic = semantic_check(masks.similarity, masks.class_names, valid=masks.counts > 0)
+    if semantic is not None:
+        ctx.metrics.setdefault("paper", {})["semantic"] = semantic
 
 
 def stage_intervention(ctx: RunContext, *, resume: bool = False) -> None:
-    """Table 1 on the test partition: path JAS, removal/enhancement deviations per method."""
+    """Table 1 on the test partition: path JAS, removal/enhancement deviations per method.
+
+    Under torchrun the test partition is located by every rank, like the probe partition; the
+    rest runs on rank 0 (the other ranks return right after locating)."""
     from .evaluate import intervention_metrics
     from .pathstore import PathStore
 
     stage_locate(ctx, "test", methods=list(TABLE1_METHODS), resume=resume)
+    if not ctx.dist.is_root:
+        return
     loader, samples = ctx.loader("test")
     located = PathStore(ctx.out / "paths" / "test", chunk_size=CHUNK_SIZE).read(len(samples))
     scope = ctx.recipe.attribution.scope  # type: ignore[union-attr]
@@ -352,8 +449,10 @@ def stage_prune(ctx: RunContext) -> None:
                                                sample_ids=[s.id for s in test_samples], desc="evaluate dense subset")
     dense_sub = accuracy(dense_logits, test_labels)
     stats = ffn_activation_stats(ctx.model, probe_loader, classes=classes, device=ctx.device)
+    aggregation = ctx.recipe.masks.importance if ctx.recipe.masks is not None else None
     done = {(e["method"], e["ratio"], e["bias_compensation"]): e for e in ctx.metrics.get("pruned", [])
-            if e.get("classes") == classes and (ctx.out / e["checkpoint"]).is_file()}
+            if e.get("classes") == classes and (ctx.out / e["checkpoint"]).is_file()
+            and (e["method"] != "jas" or e.get("importance", "mean") == aggregation)}
     entries = list(done.values())
     others = [e for e in ctx.metrics.get("pruned", []) if e.get("classes") != classes]
     for method in p.methods:
@@ -366,7 +465,7 @@ def stage_prune(ctx: RunContext) -> None:
             from .pathstore import weights_digest
 
             load_masks(ctx.out).check_model(weights_digest(ctx.model), source=str(ctx.out / "masks.safetensors"))
-            imp = JASImportance.from_run(ctx.out, classes)
+            imp = JASImportance.from_run(ctx.out, classes, aggregation=aggregation)
             scores, protect = imp.scores, imp.protect
         else:
             scores = ctx.criterion_scores(method, probe_loader, classes, example_inputs=example, stats=stats)
@@ -402,6 +501,8 @@ def stage_prune(ctx: RunContext) -> None:
                      "dense_top1": dense_sub["top1"], "dense_top5": dense_sub["top5"], "test_images": acc["n"],
                      "removed_fraction": summary.removed_fraction, "widths": summary.widths_after,
                      "finetune": ft, "score_seconds": score_seconds}
+            if method == "jas":
+                entry["importance"] = aggregation
             entries.append(entry)
             ctx.metrics["pruned"] = others + entries
             ctx.save_metrics()
@@ -447,46 +548,85 @@ def stage_export(ctx: RunContext) -> None:
 
 
 def run_recipe(recipe: Recipe, out: str | os.PathLike[str], *, resume: bool = False) -> dict[str, Any]:
-    """Run every stage the recipe enables and return ``metrics.json``'s content."""
-    from .report import write_report
+    """Run every stage the recipe enables and return ``metrics.json``'s content.
 
+    Under torchrun (``WORLD_SIZE`` > 1) every rank calls this with the same arguments: the ranks
+    share the locating (the probe partition, and the test partition for
+    ``evaluate.intervention``); rank 0 alone writes the run directory, runs every other stage and
+    returns the metrics; the other ranks return ``{}`` once their locating is done. SIGTERM
+    raises :class:`~jas_prune.distributed.Interrupted` (finished chunks and checkpoints are kept:
+    continue with ``resume=True``).
+    """
     check_stages(recipe)
     out = Path(out)
-    prepare_run_dir(out, resume=resume)
-    handler = _attach_log(out)
+    device = resolve_device(recipe.runtime.device)
+    with sigterm_raises():
+        dist = init_from_env(device)  # on CUDA, "cuda" is now this rank's GPU (LOCAL_RANK)
+        try:
+            return _run_stages(recipe, out, device, dist, resume=resume)
+        finally:
+            dist.close()
+
+
+def _run_stages(recipe: Recipe, out: Path, device: torch.device, dist: Dist, *, resume: bool) -> dict[str, Any]:
+    from .report import write_report
+
+    with dist.stage("preparing the run directory"):
+        if dist.is_root:
+            prepare_run_dir(out, resume=resume)
+    handler = _attach_log(out, dist.rank)
     try:
         t0 = time.perf_counter()
-        atomic_write_text(out / "recipe.yaml", dump_recipe(recipe))
         rt = recipe.runtime
+        if dist.is_root and not resume:
+            atomic_write_text(out / "recipe.yaml", dump_recipe(recipe))
         seed_everything(rt.seed)
-        device = resolve_device(rt.device)
-        log.info("run %s on %s (torch %s)", out, device, torch.__version__)
-        m = recipe.model
-        model = load_model(m.name, checkpoint=m.checkpoint, pretrained=m.pretrained, num_classes=m.num_classes)
-        model = model.to(device=device, dtype=getattr(torch, rt.dtype))
-        d = recipe.data
-        source = build_source(d.kind, root=d.root, seed=rt.seed, probe_fraction=d.probe_fraction,
-                              images_per_class=d.images_per_class)
-        n_out = int(getattr(model, "num_classes", 0))
-        if n_out and n_out < source.num_classes:
-            from .errors import DataError
+        log.info("run %s on %s (torch %s)%s", out, device, torch.__version__,
+                 f", rank {dist.rank} of {dist.world}" if dist.enabled else "")
+        if recipe.attribution is None:  # locating is the only work the ranks share
+            if not dist.is_root:
+                return {}
+            dist.release()
+        with dist.stage("loading the model and data"):
+            m = recipe.model
+            model = load_model(m.name, checkpoint=m.checkpoint, pretrained=m.pretrained, num_classes=m.num_classes)
+            model = model.to(device=device, dtype=getattr(torch, rt.dtype))
+            d = recipe.data
+            source = build_source(d.kind, root=d.root, seed=rt.seed, probe_fraction=d.probe_fraction,
+                                  images_per_class=d.images_per_class)
+            n_out = int(getattr(model, "num_classes", 0))
+            if n_out and n_out < source.num_classes:
+                from .errors import DataError
 
-            raise DataError(f"data: {source.num_classes} classes but model '{m.name}' has only {n_out} outputs")
-        metrics: dict[str, Any] = read_json(out / "metrics.json") if resume and (out / "metrics.json").exists() else {}
-        ctx = RunContext(recipe, out, device, model, source, model_transform(model), metrics)
-        ctx.metrics["data"] = {"kind": source.kind, "classes": source.num_classes, "images": len(source.samples),
-                               "probe": len(source.probe), "test": len(source.test)}
-        stage_dense(ctx)
-        ctx.save_metrics()
+                raise DataError(f"data: {source.num_classes} classes but model '{m.name}' has only {n_out} outputs")
+            check_against_model(recipe, model, source)
+            resumed = dist.is_root and resume and (out / "metrics.json").exists()
+            metrics: dict[str, Any] = read_json(out / "metrics.json") if resumed else {}
+            ctx = RunContext(recipe, out, device, model, source, model_transform(model), metrics, dist=dist)
+            if dist.is_root and resume:  # refuse other settings before recipe.yaml or metrics change
+                check_resumable(ctx)
+                atomic_write_text(out / "recipe.yaml", dump_recipe(recipe))
+            ctx.metrics["data"] = {"kind": source.kind, "classes": source.num_classes, "images": len(source.samples),
+                                   "probe": len(source.probe), "test": len(source.test)}
+        with dist.stage("evaluating the dense model"):
+            if dist.is_root:
+                stage_dense(ctx)
+                ctx.save_metrics()
         if recipe.attribution is not None:
             stage_locate(ctx, "probe", resume=resume)
             ctx.save_metrics()
         if recipe.masks is not None:
-            stage_masks(ctx)
-            ctx.save_metrics()
+            with dist.stage("building the masks"):
+                if dist.is_root:
+                    stage_masks(ctx)
+                    ctx.save_metrics()
         if recipe.evaluate.intervention:
             stage_intervention(ctx, resume=resume)
             ctx.save_metrics()
+        if not dist.is_root:
+            log.info("rank %d: locating done; rank 0 runs the other stages", dist.rank)
+            return {}
+        dist.release()  # the other ranks are done: no more meetings
         if "paper_cls_mask" in recipe.evaluate.protocols:
             stage_cls_mask(ctx)
             ctx.save_metrics()
@@ -496,13 +636,17 @@ def run_recipe(recipe: Recipe, out: str | os.PathLike[str], *, resume: bool = Fa
             stage_export(ctx)
             ctx.save_metrics()
         ctx.metrics["run"] = {"seconds": time.perf_counter() - t0, "device": str(device),
-                              "torch": torch.__version__}
+                              "torch": torch.__version__, "world_size": dist.world}
         ctx.save_metrics()
         write_report(out)
         log.info("done in %.1f s: %s", time.perf_counter() - t0, out)
         return ctx.metrics
     except JasPruneError as exc:
         log.error("run failed: %s", exc, extra={"file_only": True})
+        raise
+    except (Interrupted, KeyboardInterrupt) as exc:
+        log.error("interrupted, resume with --resume (%s; finished chunks and checkpoints are kept)",
+                  exc or "interrupted by SIGINT", extra={"file_only": True})
         raise
     except Exception:
         log.exception("run failed (internal error)", extra={"file_only": True})

@@ -42,6 +42,36 @@ def test_aggregate_matches_brute_force():
     assert m.similarity[0, 0] == pytest.approx(1.0, abs=1e-6)
 
 
+def test_importance_aggregations_and_round_trip(tmp_path):
+    g = torch.Generator().manual_seed(1)
+    N, L, n, C = 12, 2, 6, 3
+    paths = torch.randint(0, n, (N, L, 1), generator=g)
+    scores = torch.randn(N, L, n, generator=g)
+    labels = torch.arange(N) % C
+    m = aggregate(paths, scores, labels, num_classes=C, widths=n, topk=2, layers=[0, 1], class_names=list("abc"))
+    for c in range(C):
+        s = scores[labels == c]
+        torch.testing.assert_close(m.importance_for("mean")[c], s.mean(0))
+        torch.testing.assert_close(m.importance_for("mean_abs")[c], s.abs().mean(0))
+        # centred: each (image, layer) row minus its median over the n candidates, by hand
+        centred = torch.stack([torch.stack([(s[i, l] - s[i, l].sort().values[(n - 1) // 2]).abs()
+                                            for l in range(L)]) for i in range(len(s))])
+        torch.testing.assert_close(m.importance_for("mean_abs_centered")[c], centred.mean(0))
+    # adding a per-(image, layer) constant (the path's share of every candidate score) changes nothing
+    shifted = aggregate(paths, scores + torch.randn(N, L, 1, generator=g), labels, num_classes=C, widths=n, topk=2,
+                        layers=[0, 1], class_names=list("abc"))
+    torch.testing.assert_close(shifted.importance_for("mean_abs_centered"), m.importance_for("mean_abs_centered"))
+    save_masks(m, tmp_path)
+    back = load_masks(tmp_path)
+    for how in ("mean", "mean_abs", "mean_abs_centered"):
+        torch.testing.assert_close(back.importance_for(how), m.importance_for(how))
+    with pytest.raises(ValueError, match="aggregation: 'median' is not one of mean, mean_abs"):
+        back.importance_for("median")
+    back.importance_by = {"mean": back.importance}  # a masks file written before the option existed
+    with pytest.raises(ValueError, match="'mean_abs' is not stored in these masks"):
+        back.importance_for("mean_abs")
+
+
 def test_ties_broken_by_mean_dense_score():
     paths = torch.tensor([[[0]], [[1]]])  # neurons 0 and 1 each used once by class 0
     scores = torch.tensor([[[0.1, 0.9, 0.0]], [[0.1, 0.9, 0.0]]])

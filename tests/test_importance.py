@@ -200,8 +200,10 @@ def _fake_masks(n: int):
     imp[2, :, 0] = float("nan")  # a class without probe images
     topk = torch.zeros(3, 2, n, dtype=torch.bool)
     topk[0, 0, 3] = topk[1, 0, 5] = topk[1, 1, 7] = True
+    by = {"mean": imp, "mean_abs": imp + 10.0}
     return types.SimpleNamespace(importance=imp, topk=topk, counts=torch.tensor([1, 3, 0]), layers=[0, 2],
-                                 class_names=["a", "b", "c"], fingerprint={"model": "tiny"})
+                                 class_names=["a", "b", "c"], fingerprint={"model": "tiny"},
+                                 importance_for=lambda how: by[how])
 
 
 def test_from_run(model, monkeypatch, tmp_path):
@@ -218,6 +220,9 @@ def test_from_run(model, monkeypatch, tmp_path):
     assert sub.fingerprint == {"model": "tiny"}
     only_b = JASImportance.from_run(tmp_path, classes=[1], protect_topk=False)
     assert torch.allclose(only_b.scores[2], torch.full((n,), 4.0)) and only_b.protect == {}
+    assert only_b.aggregation == "mean"
+    abs_b = JASImportance.from_run(tmp_path, classes=[1], aggregation="mean_abs")
+    assert torch.allclose(abs_b.scores[2], torch.full((n,), 14.0)) and abs_b.aggregation == "mean_abs"
     with pytest.raises(ValueError, match="classes: unknown class name 'zebra'"):
         JASImportance.from_run(tmp_path, classes=["zebra"])
     with pytest.raises(ValueError, match="classes: class index 9"):

@@ -16,6 +16,7 @@ from jas_prune.recipe import SECTIONS, apply_overrides, dump_recipe, load_recipe
     ({"version": 1, "attribution": {"layers": [1, 1]}}, "attribution.layers: block indices must be distinct"),
     ({"version": 1, "prune": {"ratios": [0.5, 1.0]}}, "prune.ratios: 1.0 is outside (0, 1)"),
     ({"version": 1, "prune": {"ratios": []}}, "prune.ratios: must list at least one ratio"),
+    ({"version": 1, "masks": {"importance": "median"}}, "masks.importance: must be one of 'mean', 'mean_abs'"),
     ({"version": 1, "prune": {"methods": ["jas", "l1"]}}, "prune.methods.1: must be one of"),
     ({"version": 1, "data": {"kind": "imagefolder"}}, "data.root: required when kind is 'imagefolder'"),
     ({"version": 1, "data": {"probe_fraction": 1.5}}, "data.probe_fraction: must be < 1.0"),

@@ -1,0 +1,150 @@
+"""Multi-process locating under torchrun (gloo on CPU) and the rank agreement protocol.
+
+``torchrun --nproc_per_node=2 -m jas_prune recipe run`` on the shipped ``builtin:shapes-vit`` (the
+worker processes cannot see the ``tiny_builtin`` monkeypatch) must give exactly what one
+process gives: the same chunks, masks and metrics (timings aside).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import socket
+import subprocess
+import sys
+import textwrap
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from jas_prune.cli import main
+
+RECIPE = """version: 1
+data: {images_per_class: 3, batch_size: 64}
+attribution: {method: jas, steps: 2}
+masks: {topk: 2}
+evaluate: {intervention: true}
+runtime: {device: cpu, seed: 0}
+"""
+NOT_RESULTS = {"seconds", "images_per_second", "images_this_run", "chunks_resumed", "world_size",
+               "seconds_per_rank"}
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def results(run: Path) -> dict:
+    """Paths, masks and metrics of a run directory, timings and run history left out."""
+
+    def strip(obj):
+        if isinstance(obj, dict):
+            return {k: strip(v) for k, v in obj.items() if k not in NOT_RESULTS and not k.endswith("_seconds")}
+        if isinstance(obj, list):
+            return [strip(v) for v in obj]
+        return obj
+
+    out = {"metrics": strip(json.loads((run / "metrics.json").read_text()))}
+    for f in sorted((run / "paths").rglob("chunk-*.safetensors")) + [run / "masks.safetensors"]:
+        out[str(f.relative_to(run))] = {k: v.tolist() for k, v in load_file(f).items()}
+    return out
+
+
+def test_two_processes_give_what_one_gives(tmp_path):
+    recipe = tmp_path / "r.yaml"
+    recipe.write_text(RECIPE)
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    two = tmp_path / "two"
+    proc = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2",
+                           f"--master_port={free_port()}", "-m", "jas_prune", "recipe", "run", str(recipe),
+                           "--out", str(two)], capture_output=True, text=True, env=env, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert proc.stdout.count("run directory:") == 1  # rank 0 speaks for the run
+    assert "rank 1: locating done" in (two / "run.rank1.log").read_text()
+    m = json.loads((two / "metrics.json").read_text())
+    for key, images in (("locate", 96), ("locate_test", 48)):  # both partitions are sharded
+        assert m[key]["world_size"] == 2 and len(m[key]["seconds_per_rank"]) == 2
+        assert m[key]["images_this_run"] == images == m[key]["images"]
+        assert m[key]["seconds"] == max(m[key]["seconds_per_rank"])
+
+    one = tmp_path / "one"
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)  # as each torchrun worker
+    try:
+        with pytest.MonkeyPatch.context() as mp:  # no figures: seconds of plotting, not results
+            mp.setattr("jas_prune.report.write_report", lambda run_dir: Path(run_dir) / "report.md")
+            assert main(["recipe", "run", str(recipe), "--out", str(one)]) == 0
+    finally:
+        torch.set_num_threads(threads)
+    assert json.loads((one / "metrics.json").read_text())["locate"]["world_size"] == 1
+    r1, r2 = results(one), results(two)
+    assert sorted(r1) == sorted(r2) and len(r1) == 1 + 3 + 2 + 1  # metrics, 3 probe + 2 test chunks, masks
+    for key in r1:
+        assert r1[key] == r2[key], f"{key} differs between 1 and 2 processes"
+
+
+RANK_SCRIPT = textwrap.dedent("""
+    import sys, torch
+    from jas_prune.distributed import PeerFailedError, init_from_env
+    from jas_prune.errors import DataError
+
+    d = init_from_env(torch.device("cpu"))
+    assert (d.rank, d.world, d.backend) == (int(sys.argv[1]), 2, "gloo")
+    with d.stage("sharing") as s:
+        s.value = 10 * d.rank
+    print("values", s.values)
+    try:
+        with d.stage("reading images"):
+            if d.rank == 1:
+                raise DataError("image 7 is unreadable")
+    except PeerFailedError as exc:
+        print("peer failed", exc.exit_code, exc)
+    except DataError:
+        print("own error")
+    if d.rank == 1:
+        sys.exit(0)  # gone without a word
+    try:
+        with d.stage("waiting for rank 1"):
+            pass
+    except PeerFailedError as exc:
+        print("lost", exc)
+    d.close()
+""")
+
+
+def test_a_failing_or_vanished_rank_stops_the_others(tmp_path):
+    script = tmp_path / "rank.py"
+    script.write_text(RANK_SCRIPT)
+    port = free_port()
+    procs = []
+    for rank in (0, 1):
+        env = {**os.environ, "OMP_NUM_THREADS": "1", "WORLD_SIZE": "2", "RANK": str(rank), "LOCAL_RANK": str(rank),
+               "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(port), "JAS_PRUNE_DIST_TIMEOUT": "20"}
+        procs.append(subprocess.Popen([sys.executable, str(script), str(rank)], stdout=subprocess.PIPE,
+                                      stderr=subprocess.PIPE, text=True, env=env))
+    outs = [p.communicate(timeout=120) for p in procs]
+    assert [p.returncode for p in procs] == [0, 0], [o[1][-2000:] for o in outs]
+    zero, one = outs[0][0], outs[1][0]
+    assert "values [0, 10]" in zero and "values [0, 10]" in one
+    assert "peer failed 2 rank 1 failed while reading images: image 7 is unreadable" in zero
+    assert "own error" in one
+    assert "lost rank 0: lost contact with the other ranks while waiting for rank 1" in zero
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+def test_too_few_gpus_is_a_user_error(monkeypatch):
+    from jas_prune.distributed import init_from_env
+    from jas_prune.errors import StageNotAvailableError
+
+    n = torch.cuda.device_count()
+    monkeypatch.setenv("WORLD_SIZE", str(n + 1))
+    monkeypatch.setenv("RANK", str(n))
+    monkeypatch.setenv("LOCAL_RANK", str(n))
+    monkeypatch.setenv("MASTER_ADDR", "127.0.0.1")
+    monkeypatch.setenv("MASTER_PORT", str(free_port()))
+    with pytest.raises(StageNotAvailableError, match="GPU"):
+        init_from_env(torch.device("cuda"))
