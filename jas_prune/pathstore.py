@@ -81,7 +81,7 @@ class PathStore:
                     else:
                         detail.append(k)
                 raise FingerprintMismatchError(
-                    f"--resume {self.root.parent}: the stored results were computed with a different "
+                    f"--resume {self.root.parent.parent}: the stored results were computed with a different "
                     f"{'; '.join(detail)}; use a new --out directory or restore the original settings")
             return
         atomic_write_json(path, fingerprint)
@@ -125,8 +125,13 @@ class PathStore:
         header = {"meta": json.dumps(meta)}
         return atomic_write(self.chunk_path(i), lambda tmp: save_file(data, tmp, metadata=header))
 
-    def read(self, n_images: int) -> LocatedImages:
-        """Concatenate every chunk; all of them must exist."""
+    def read(self, n_images: int, *, scores: bool = True) -> LocatedImages:
+        """Concatenate every chunk; all of them must exist.
+
+        Args:
+            scores: also load the dense candidate scores (``[N, L, n]`` per method, by far the
+                largest part); without them ``.scores`` is empty.
+        """
         from safetensors import safe_open
 
         missing = [i for i in range(self.n_chunks(n_images)) if not self.done(i)]
@@ -139,7 +144,8 @@ class PathStore:
             with safe_open(str(self.chunk_path(i)), framework="pt") as f:
                 meta = json.loads(f.metadata()["meta"])
                 for k in f.keys():
-                    parts.setdefault(k, []).append(f.get_tensor(k))
+                    if scores or not k.startswith(("scores.", "scale.")):
+                        parts.setdefault(k, []).append(f.get_tensor(k))
             ids.extend(meta["ids"])
             layers = meta["layers"]
         cat = {k: torch.cat(v) for k, v in parts.items()}
@@ -148,10 +154,10 @@ class PathStore:
             return {k[len(prefix):]: v for k, v in cat.items() if k.startswith(prefix)}
 
         scales = by_method("scale.")
-        scores = {m: s.float() * scales[m][:, :, None] for m, s in by_method("scores.").items()}
+        dense = {m: s.float() * scales[m][:, :, None] for m, s in by_method("scores.").items()}
         return LocatedImages(positions=cat["positions"], labels=cat["labels"], targets=by_method("targets."),
                              probs=by_method("probs."), paths=by_method("paths."), jas=by_method("jas."),
-                             scores=scores, layers=layers, ids=ids)
+                             scores=dense, layers=layers, ids=ids)
 
     @staticmethod
     def chunk_tensors(positions: Iterable[int], labels: torch.Tensor, results: dict[str, Any]) -> dict[str, torch.Tensor]:

@@ -591,7 +591,7 @@ def _path_figures(figs: _FigureList, run_dir: Path, metrics: dict[str, Any], rec
             from .pathstore import PathStore
             from .runner import CHUNK_SIZE
 
-            located = PathStore(probe_dir, chunk_size=CHUNK_SIZE).read(int(n_probe))
+            located = PathStore(probe_dir, chunk_size=CHUNK_SIZE).read(int(n_probe), scores=False)
             method = (metrics.get("masks") or {}).get("method") or next(iter(located.paths))
             paths = located.paths.get(method)
             if paths is None:

@@ -228,6 +228,24 @@ def check_resumable(ctx: RunContext) -> None:
             store.check_or_write_fingerprint(_paths_fingerprint(ctx, part, methods, digest), resume=True)
 
 
+def _check_finite(r: Any, chunk: list, where: str) -> None:
+    """Refuse NaN/Inf model outputs or attribution scores, naming the image (and block).
+
+    Raises:
+        NonFiniteOutputError
+    """
+    from .errors import NonFiniteOutputError
+
+    bad = (~torch.isfinite(r.probs)).nonzero()
+    if len(bad):
+        raise NonFiniteOutputError(f"{where}: model output is not finite for image {chunk[int(bad[0, 0])].id}")
+    for block, sc in zip(r.layers, r.scores):
+        bad = (~torch.isfinite(sc)).nonzero()
+        if len(bad):
+            raise NonFiniteOutputError(f"{where}: attribution scores are not finite for image "
+                                       f"{chunk[int(bad[0, 0])].id} in block {block}")
+
+
 def stage_locate(ctx: RunContext, part: str, *, methods: list[str] | None = None, resume: bool = False) -> None:
     """Locate every image of a partition, chunk by chunk, into ``paths/<part>/`` (resumable).
 
@@ -238,7 +256,6 @@ def stage_locate(ctx: RunContext, part: str, *, methods: list[str] | None = None
     """
     from tqdm.auto import tqdm
 
-    from .errors import NonFiniteOutputError
     from .locate import locate
     from .pathstore import PathStore, weights_digest
 
@@ -272,9 +289,7 @@ def stage_locate(ctx: RunContext, part: str, *, methods: list[str] | None = None
             results = {}
             for method in methods:
                 r = locate(ctx.model, x, y.to(ctx.device), method=method, **settings)
-                bad = (~torch.isfinite(r.probs)).nonzero()
-                if len(bad):
-                    raise NonFiniteOutputError(f"model output is not finite for image {chunk[int(bad[0, 0])].id}")
+                _check_finite(r, chunk, f"locate {part} ({method})")
                 results[method] = r
             layers = results[methods[0]].layers
             store.write_chunk(i, store.chunk_tensors(rng, y, results),
@@ -343,7 +358,7 @@ def stage_intervention(ctx: RunContext, *, resume: bool = False) -> None:
     if not ctx.dist.is_root:
         return
     loader, samples = ctx.loader("test")
-    located = PathStore(ctx.out / "paths" / "test", chunk_size=CHUNK_SIZE).read(len(samples))
+    located = PathStore(ctx.out / "paths" / "test", chunk_size=CHUNK_SIZE).read(len(samples), scores=False)
     scope = ctx.recipe.attribution.scope  # type: ignore[union-attr]
     table = {}
     for method in TABLE1_METHODS:

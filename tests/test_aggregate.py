@@ -6,6 +6,7 @@ import torch
 from jas_prune.aggregate import aggregate, load_masks, save_masks
 from jas_prune.cli import main
 from jas_prune.errors import CheckpointError, FingerprintMismatchError
+from jas_prune.pathstore import PathStore
 
 
 def _brute(paths, scores, labels, C, n, K):
@@ -113,6 +114,10 @@ def test_run_locate_masks_intervention_and_resume(tmp_path, tiny_builtin, capsys
     assert masks.topk.shape == (48, 2, 64) and masks.topk.sum() == 48 * 2 * 2
     chunks = sorted((out / "paths" / "probe").glob("chunk-*.safetensors"))
     assert len(chunks) == 3  # 96 probe images / 32 per chunk
+    store = PathStore(out / "paths" / "probe", chunk_size=32)
+    full, light = store.read(96), store.read(96, scores=False)
+    assert full.scores["jas"].shape == (96, 2, 64) and light.scores == {}
+    assert light.ids == full.ids and all(torch.equal(light.paths[k], full.paths[k]) for k in full.paths)
     # lose a chunk, resume: only it is recomputed and the masks are identical
     chunks[1].unlink()
     assert main(["recipe", "run", str(r), "--out", str(out), "--resume"]) == 0

@@ -376,7 +376,7 @@ def test_nan_weights_in_locate_name_the_image(tmp_path, tiny_builtin, capsys, mo
 
     monkeypatch.setattr(runner, "stage_dense", lambda ctx: None)
     args = _run(tmp_path, LOCATE + f"model: {{checkpoint: {_nan_checkpoint(tmp_path, tiny_builtin)}}}\n")
-    check_user_error(capsys, args, "model output is not finite for image shapes:eval:", tmp_path, "nan-weights-locate")
+    check_user_error(capsys, args, "locate probe (jas): model output is not finite for image shapes:eval:", tmp_path, "nan-weights-locate")
 
 
 def test_resume_with_another_model_is_refused(tmp_path, tiny_builtin, capsys):
@@ -439,3 +439,21 @@ def test_a_write_that_dies_half_way_leaves_the_old_file(tmp_path, tiny_builtin, 
         save_pruned(tiny_builtin, target)
     assert target.read_bytes() == before and sorted(tmp_path.iterdir()) == files
     load_pruned(target)
+
+
+def test_non_finite_attribution_scores_name_image_and_block():
+    """Finite probabilities but a NaN candidate score (e.g. an overflowing gradient) are refused too."""
+    import types
+
+    from jas_prune.data import Sample
+    from jas_prune.errors import NonFiniteOutputError
+    from jas_prune.runner import _check_finite
+
+    chunk = [Sample("img-a", 0, 0), Sample("img-b", 1, 1)]
+    ok = types.SimpleNamespace(probs=torch.tensor([0.5, 0.4]), layers=[0, 3],
+                               scores=[torch.zeros(2, 4), torch.zeros(2, 4)])
+    _check_finite(ok, chunk, "locate probe (jas)")
+    ok.scores[1][1, 2] = float("nan")
+    with pytest.raises(NonFiniteOutputError, match=r"^locate probe \(jas\): attribution scores are not finite "
+                                                   r"for image img-b in block 3$"):
+        _check_finite(ok, chunk, "locate probe (jas)")

@@ -17,9 +17,9 @@ from pathlib import Path
 
 import pytest
 import torch
-from safetensors.torch import load_file
 
 from jas_prune.cli import main
+from run_results import assert_same_results, results
 
 RECIPE = """version: 1
 data: {images_per_class: 3, batch_size: 64}
@@ -28,30 +28,11 @@ masks: {topk: 2}
 evaluate: {intervention: true}
 runtime: {device: cpu, seed: 0}
 """
-NOT_RESULTS = {"seconds", "images_per_second", "images_this_run", "chunks_resumed", "world_size",
-               "seconds_per_rank"}
-
 
 def free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         return s.getsockname()[1]
-
-
-def results(run: Path) -> dict:
-    """Paths, masks and metrics of a run directory, timings and run history left out."""
-
-    def strip(obj):
-        if isinstance(obj, dict):
-            return {k: strip(v) for k, v in obj.items() if k not in NOT_RESULTS and not k.endswith("_seconds")}
-        if isinstance(obj, list):
-            return [strip(v) for v in obj]
-        return obj
-
-    out = {"metrics": strip(json.loads((run / "metrics.json").read_text()))}
-    for f in sorted((run / "paths").rglob("chunk-*.safetensors")) + [run / "masks.safetensors"]:
-        out[str(f.relative_to(run))] = {k: v.tolist() for k, v in load_file(f).items()}
-    return out
 
 
 def test_two_processes_give_what_one_gives(tmp_path):
@@ -81,10 +62,8 @@ def test_two_processes_give_what_one_gives(tmp_path):
     finally:
         torch.set_num_threads(threads)
     assert json.loads((one / "metrics.json").read_text())["locate"]["world_size"] == 1
-    r1, r2 = results(one), results(two)
-    assert sorted(r1) == sorted(r2) and len(r1) == 1 + 3 + 2 + 1  # metrics, 3 probe + 2 test chunks, masks
-    for key in r1:
-        assert r1[key] == r2[key], f"{key} differs between 1 and 2 processes"
+    assert len(results(one)) == 1 + 3 + 2 + 1  # metrics, 3 probe + 2 test chunks, masks
+    assert_same_results(one, two)
 
 
 RANK_SCRIPT = textwrap.dedent("""

@@ -4,7 +4,6 @@ directory contents, the report, and the pruned checkpoint -> ONNX path outside a
 import json
 
 import pytest
-import torch
 
 from jas_prune import load_pruned
 from jas_prune.cli import main
