@@ -429,7 +429,7 @@ class JASImportance(tp.importance.Importance):
     @classmethod
     def from_run(cls, run_dir: str | os.PathLike[str], classes: Sequence[int | str] | None = None, *,
                  aggregation: str = "mean", protect_topk: bool | None = None, normalizer: str = "mean",
-                 min_keep: float | int = 0.05) -> "JASImportance":
+                 min_keep: float | int = 0.05, model: nn.Module | None = None) -> "JASImportance":
         """Dense per-class importance saved by a run's ``aggregate`` stage.
 
         The score of a neuron is the mean over the probe images of the selected classes (all when
@@ -443,6 +443,8 @@ class JASImportance(tp.importance.Importance):
                 ``mean_abs_centered`` (see :data:`jas_prune.aggregate.IMPORTANCE_AGGREGATIONS`).
             protect_topk: never prune the class TopK masks of ``classes`` (default: True when
                 ``classes`` is given, False otherwise).
+            model: when given, refuse masks computed on other weights (compared by the weights
+                digest the run stored); without it only the FFN widths are checked, at pruning.
 
         Raises:
             ValueError: unknown class.
@@ -451,6 +453,10 @@ class JASImportance(tp.importance.Importance):
         from .aggregate import load_masks
 
         masks = load_masks(run_dir)
+        if model is not None:
+            from .pathstore import weights_digest
+
+            masks.check_model(weights_digest(model), source=str(run_dir))
         names = list(masks.class_names)
         importance = torch.as_tensor(masks.importance_for(aggregation), dtype=torch.float64)
         topk = torch.as_tensor(masks.topk, dtype=torch.bool)

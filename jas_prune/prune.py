@@ -35,6 +35,7 @@ from .importance import (
 __all__ = [
     "MODES",
     "PruneSummary",
+    "BudgetError",
     "prune_ffn",
     "cut_head",
     "resolve_head_classes",
@@ -44,6 +45,10 @@ __all__ = [
 ]
 
 MODES = ("uniform", "global")
+
+
+class BudgetError(ValueError):
+    """The neurons that must stay (protected masks, ``min_keep``) exceed what the ratio keeps."""
 
 
 @dataclass
@@ -125,7 +130,7 @@ def _keep_uniform(scores: Mapping[int, torch.Tensor], ratio: float,
         n_keep = max(1, n - round(n * ratio))
         prot = protect.get(block, [])
         if len(prot) > n_keep:
-            raise ValueError(f"protect[{block}]: {len(prot)} protected neurons but ratio {ratio} keeps only "
+            raise BudgetError(f"protect[{block}]: {len(prot)} protected neurons but ratio {ratio} keeps only "
                              f"{n_keep} of {n}")
         order = torch.sort(s, descending=True, stable=True).indices.tolist()
         chosen = set(prot)
@@ -148,7 +153,7 @@ def _keep_global(scores: Mapping[int, torch.Tensor], ratio: float, protect: Mapp
     n_keep = max(len(blocks), total - round(total * ratio))
     forced = int(torch.isinf(flat).sum())
     if forced > n_keep:
-        raise ValueError(f"ratio: removing {ratio} of {total} FFN neurons keeps {n_keep}, but protect and "
+        raise BudgetError(f"ratio: removing {ratio} of {total} FFN neurons keeps {n_keep}, but protect and "
                          f"min_keep={min_keep} force keeping {forced}")
     top = torch.sort(flat, descending=True, stable=True).indices[:n_keep]
     kept: dict[int, list[int]] = {b: [] for b in blocks}

@@ -450,7 +450,7 @@ def stage_prune(ctx: RunContext) -> None:
 
     from .checkpoint import save_pruned
     from .importance import JASImportance, ffn_activation_stats
-    from .prune import finetune, prune_ffn
+    from .prune import BudgetError, finetune, prune_ffn
 
     p = ctx.recipe.prune
     assert p is not None
@@ -476,11 +476,7 @@ def stage_prune(ctx: RunContext) -> None:
             continue
         t0 = time.perf_counter()
         if method == "jas":
-            from .aggregate import load_masks
-            from .pathstore import weights_digest
-
-            load_masks(ctx.out).check_model(weights_digest(ctx.model), source=str(ctx.out / "masks.safetensors"))
-            imp = JASImportance.from_run(ctx.out, classes, aggregation=aggregation)
+            imp = JASImportance.from_run(ctx.out, classes, aggregation=aggregation, model=ctx.model)
             scores, protect = imp.scores, imp.protect
         else:
             scores = ctx.criterion_scores(method, probe_loader, classes, example_inputs=example, stats=stats)
@@ -492,11 +488,11 @@ def stage_prune(ctx: RunContext) -> None:
                 summary = prune_ffn(model, scores, ratio=ratio, mode=p.mode, protect=protect, example_inputs=example,
                                     bias_compensation=stats if comp else None, head_classes=head_classes,
                                     class_names=ctx.source.class_names)
-            except ValueError as exc:  # settings that cannot be met together, e.g. protect > keep budget
+            except BudgetError as exc:  # the protected class masks do not fit the keep budget
                 from .errors import RecipeError
 
-                hint = "; lower prune.ratios or masks.topk" if "protected" in str(exc) else ""
-                raise RecipeError(f"prune.ratios: {ratio} with method '{method}': {exc}{hint}") from None
+                raise RecipeError(f"prune.ratios: {ratio} with method '{method}': {exc}; "
+                                  "lower prune.ratios or masks.topk") from None
             ft = None
             if p.finetune is not None and p.finetune.epochs > 0:
                 ft = finetune(model, probe_loader, epochs=p.finetune.epochs, lr=p.finetune.lr,

@@ -325,3 +325,19 @@ def test_criterion_scores_errors(model, loader):
         criterion_scores("taylor", model, None)
     with pytest.raises(ValueError, match="vit_slim: unknown"):
         criterion_scores("vit_slim", model, loader, vit_slim={"momentum": 0.9})
+
+
+def test_from_run_with_model_refuses_other_weights_of_the_same_shape(tiny_vit, tmp_path):
+    from jas_prune.aggregate import aggregate, save_masks
+    from jas_prune.errors import FingerprintMismatchError
+    from jas_prune.pathstore import weights_digest
+
+    mine, other = tiny_vit(num_classes=2, depth=2, seed=0), tiny_vit(num_classes=2, depth=2, seed=1)
+    n = mine.blocks[0].mlp.fc1.out_features
+    masks = aggregate(torch.zeros(4, 2, 1, dtype=torch.long), torch.rand(4, 2, n), torch.tensor([0, 1, 0, 1]),
+                      num_classes=2, widths=n, topk=1, layers=[0, 1], class_names=["a", "b"],
+                      fingerprint={"model": weights_digest(mine)})
+    save_masks(masks, tmp_path)
+    assert set(JASImportance.from_run(tmp_path, model=mine).scores) == {0, 1}
+    with pytest.raises(FingerprintMismatchError, match="computed on a different model"):
+        JASImportance.from_run(tmp_path, model=other)

@@ -10,7 +10,7 @@ import torch
 import torch_pruning as tp
 
 from jas_prune.importance import JASImportance, ffn_activation_stats, random_scores
-from jas_prune.prune import PruneSummary, cut_head, finetune, prune_ffn, remap_labels
+from jas_prune.prune import BudgetError, PruneSummary, cut_head, finetune, prune_ffn, remap_labels
 
 N_CLASSES = 6  # the six-class model, batch and loader fixtures live in conftest.py
 
@@ -84,7 +84,7 @@ def test_protect_from_importance_and_over_budget(model):
     weakest = torch.argsort(scores[2])[:3].tolist()
     summary = prune_ffn(copy.deepcopy(model), JASImportance(scores, protect={2: weakest}), ratio=0.5)
     assert set(weakest) <= set(summary.kept[2])
-    with pytest.raises(ValueError, match=r"protect\[1\]: 40 protected neurons"):
+    with pytest.raises(BudgetError, match=r"protect\[1\]: 40 protected neurons"):
         prune_ffn(model, scores, ratio=0.5, protect={1: list(range(40))})
 
 
