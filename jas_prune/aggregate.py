@@ -10,15 +10,15 @@ from __future__ import annotations
 import json
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Sequence
+from typing import Any, Iterable, Sequence
 
 import torch
 
 from .errors import FingerprintMismatchError
 from .io import atomic_write
 
-__all__ = ["ClassMasks", "aggregate", "save_masks", "load_masks", "per_image_importance", "IMPORTANCE_AGGREGATIONS",
-           "MASKS_FILE"]
+__all__ = ["ClassMasks", "MaskAccumulator", "aggregate", "aggregate_store", "save_masks", "load_masks",
+           "per_image_importance", "IMPORTANCE_AGGREGATIONS", "MASKS_FILE"]
 
 MASKS_FILE = "masks.safetensors"
 
@@ -101,6 +101,68 @@ class ClassMasks:
                 f"{source}: computed on a different model (weights digest {mine[:12]}… vs {digest[:12]}…)")
 
 
+class MaskAccumulator:
+    """Per-class path counts and importance sums, fed image batch by image batch (e.g. one
+    ``paths/`` chunk at a time), so aggregating a large partition never holds every image's
+    dense scores at once. :func:`aggregate` is the one-batch form.
+
+    Args:
+        num_classes: C.
+        n_layers: L.
+        widths: n, FFN neurons per layer.
+    """
+
+    def __init__(self, num_classes: int, n_layers: int, widths: int):
+        self.num_classes, self.n_layers, self.widths = num_classes, n_layers, widths
+        shape = (num_classes, n_layers, widths)
+        self.freq = torch.zeros(shape, dtype=torch.float64)
+        self.sums = {how: torch.zeros(shape, dtype=torch.float32) for how in IMPORTANCE_AGGREGATIONS}
+        self.counts = torch.zeros(num_classes, dtype=torch.long)
+
+    def add(self, paths: torch.Tensor, scores: torch.Tensor, labels: torch.Tensor) -> None:
+        """Count a batch: ``paths`` [b, L, K], ``scores`` [b, L, n] candidate scores, ``labels`` [b]."""
+        labels = labels.long()
+        onehot = torch.zeros(len(paths), self.n_layers, self.widths, dtype=torch.float64)
+        onehot.scatter_(2, paths.long(), 1.0)
+        self.freq.index_add_(0, labels, onehot)
+        self.counts += torch.bincount(labels, minlength=self.num_classes)
+        scores = scores.float()
+        for how in IMPORTANCE_AGGREGATIONS:
+            self.sums[how].index_add_(0, labels, per_image_importance(scores, how))
+
+    def finish(self, *, topk: int, layers: Sequence[int], class_names: Sequence[str],
+               fingerprint: dict[str, Any] | None = None) -> ClassMasks:
+        """The class masks of everything added (``topk`` neurons per layer per class)."""
+        C, n = self.num_classes, self.widths
+        if topk > n:
+            raise ValueError(f"masks.topk: {topk} exceeds the FFN width {n}")
+        freq, counts = self.freq, self.counts
+        importance_by = {}
+        for how, total in self.sums.items():
+            imp = total / counts.clamp_min(1).float()[:, None, None]
+            imp[counts == 0] = float("nan")
+            importance_by[how] = imp
+        importance = importance_by["mean"]
+        row = freq.sum(dim=2, keepdim=True)
+        utilisation = torch.where(row > 0, freq / row.clamp_min(1e-12), torch.zeros_like(freq))
+        flat = utilisation.reshape(C, -1)
+        norms = flat.norm(dim=1).clamp_min(1e-12)
+        similarity = (flat @ flat.T) / (norms[:, None] * norms[None, :])
+        # frequency first, ties by mean dense score: rank by frequency + tiny, order-preserving tiebreak
+        tie = torch.nan_to_num(importance, nan=0.0)
+        span = tie.abs().amax(dim=2, keepdim=True).clamp_min(1e-30)
+        key = freq + 0.25 * (tie / span)  # |tiebreak| < 0.5 never overturns a whole count
+        topk_indices = key.topk(topk, dim=2).indices
+        mask = torch.zeros(C, self.n_layers, n, dtype=torch.bool)
+        mask.scatter_(2, topk_indices, True)
+        mask[counts == 0] = False
+        return ClassMasks(utilisation=utilisation.float(), similarity=similarity.float(), topk=mask,
+                          topk_indices=topk_indices, importance=importance.float(), counts=counts.clone(),
+                          layers=[int(b) for b in layers], class_names=list(class_names),
+                          fingerprint=dict(fingerprint or {}),
+                          importance_by={k: v.float() for k, v in importance_by.items()})
+
+
 def aggregate(paths: torch.Tensor, scores: torch.Tensor, labels: torch.Tensor, *, num_classes: int,
               widths: int, topk: int, layers: Sequence[int], class_names: Sequence[str],
               fingerprint: dict[str, Any] | None = None) -> ClassMasks:
@@ -114,41 +176,24 @@ def aggregate(paths: torch.Tensor, scores: torch.Tensor, labels: torch.Tensor, *
         widths: n, FFN neurons per layer.
         topk: neurons per layer in each class mask.
     """
-    n_img, n_layers, _ = paths.shape
-    if topk > widths:
-        raise ValueError(f"masks.topk: {topk} exceeds the FFN width {widths}")
-    freq = torch.zeros(num_classes, n_layers, widths, dtype=torch.float64)
-    onehot = torch.zeros(n_img, n_layers, widths, dtype=torch.float64)
-    onehot.scatter_(2, paths.long(), 1.0)
-    freq.index_add_(0, labels.long(), onehot)
-    counts = torch.bincount(labels.long(), minlength=num_classes)
-    importance_by = {}
-    scores = scores.float()
-    for how in IMPORTANCE_AGGREGATIONS:
-        imp = torch.zeros(num_classes, n_layers, widths, dtype=torch.float32)
-        imp.index_add_(0, labels.long(), per_image_importance(scores, how))
-        imp = imp.double() / counts.clamp_min(1).double()[:, None, None]
-        imp[counts == 0] = float("nan")
-        importance_by[how] = imp
-    importance = importance_by["mean"]
-    row = freq.sum(dim=2, keepdim=True)
-    utilisation = torch.where(row > 0, freq / row.clamp_min(1e-12), torch.zeros_like(freq))
-    flat = utilisation.reshape(num_classes, -1)
-    norms = flat.norm(dim=1).clamp_min(1e-12)
-    similarity = (flat @ flat.T) / (norms[:, None] * norms[None, :])
-    # frequency first, ties by mean dense score: rank by frequency + tiny, order-preserving tiebreak
-    tie = torch.nan_to_num(importance, nan=0.0)
-    span = tie.abs().amax(dim=2, keepdim=True).clamp_min(1e-30)
-    key = freq + 0.25 * (tie / span)  # |tiebreak| < 0.5 never overturns a whole count
-    topk_indices = key.topk(topk, dim=2).indices
-    mask = torch.zeros(num_classes, n_layers, widths, dtype=torch.bool)
-    mask.scatter_(2, topk_indices, True)
-    mask[counts == 0] = False
-    return ClassMasks(utilisation=utilisation.float(), similarity=similarity.float(), topk=mask,
-                      topk_indices=topk_indices, importance=importance.float(), counts=counts,
-                      layers=[int(b) for b in layers], class_names=list(class_names),
-                      fingerprint=dict(fingerprint or {}),
-                      importance_by={k: v.float() for k, v in importance_by.items()})
+    acc = MaskAccumulator(num_classes, paths.shape[1], widths)
+    acc.add(paths, scores, labels)
+    return acc.finish(topk=topk, layers=layers, class_names=class_names, fingerprint=fingerprint)
+
+
+def aggregate_store(chunks: Iterable[Any], method: str, *, num_classes: int, widths: int, topk: int,
+                    class_names: Sequence[str], fingerprint: dict[str, Any] | None = None) -> ClassMasks:
+    """:func:`aggregate` over a partition's stored chunks (``PathStore.iter_chunks``), one chunk in
+    memory at a time."""
+    acc: MaskAccumulator | None = None
+    layers: list[int] = []
+    for c in chunks:
+        if acc is None:
+            acc, layers = MaskAccumulator(num_classes, c.paths[method].shape[1], widths), c.layers
+        acc.add(c.paths[method], c.scores[method], c.labels)
+    if acc is None:
+        raise ValueError("aggregate: no located images")
+    return acc.finish(topk=topk, layers=layers, class_names=class_names, fingerprint=fingerprint)
 
 
 def save_masks(masks: ClassMasks, run_dir: str | Path) -> Path:

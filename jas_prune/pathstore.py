@@ -13,7 +13,7 @@ import hashlib
 import json
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Iterable
+from typing import Any, Iterable, Iterator
 
 import torch
 from torch import nn
@@ -125,39 +125,49 @@ class PathStore:
         header = {"meta": json.dumps(meta)}
         return atomic_write(self.chunk_path(i), lambda tmp: save_file(data, tmp, metadata=header))
 
-    def read(self, n_images: int, *, scores: bool = True) -> LocatedImages:
-        """Concatenate every chunk; all of them must exist.
+    def iter_chunks(self, n_images: int, *, scores: bool = True) -> Iterator[LocatedImages]:
+        """Every chunk in image order, one at a time (memory bounded by one chunk); all of them
+        must exist.
 
         Args:
-            scores: also load the dense candidate scores (``[N, L, n]`` per method, by far the
+            scores: also load the dense candidate scores (``[b, L, n]`` per method, by far the
                 largest part); without them ``.scores`` is empty.
+
+        Raises:
+            FileNotFoundError: naming the first missing chunk.
         """
         from safetensors import safe_open
 
         missing = [i for i in range(self.n_chunks(n_images)) if not self.done(i)]
         if missing:
             raise FileNotFoundError(f"{self.root}: {len(missing)} chunk(s) missing, first {missing[0]}")
-        parts: dict[str, list[torch.Tensor]] = {}
-        ids: list[str] = []
-        layers: list[int] = []
         for i in range(self.n_chunks(n_images)):
             with safe_open(str(self.chunk_path(i)), framework="pt") as f:
                 meta = json.loads(f.metadata()["meta"])
-                for k in f.keys():
-                    if scores or not k.startswith(("scores.", "scale.")):
-                        parts.setdefault(k, []).append(f.get_tensor(k))
-            ids.extend(meta["ids"])
-            layers = meta["layers"]
-        cat = {k: torch.cat(v) for k, v in parts.items()}
+                t = {k: f.get_tensor(k) for k in f.keys() if scores or not k.startswith(("scores.", "scale."))}
+            yield self._located(t, meta["ids"], meta["layers"])
 
+    def read(self, n_images: int, *, scores: bool = True) -> LocatedImages:
+        """All chunks concatenated (see :meth:`iter_chunks`; prefer it when the dense scores of
+        a large partition need not be in memory at once)."""
+        chunks = list(self.iter_chunks(n_images, scores=scores))
+        cat = lambda get: {k: torch.cat([get(c)[k] for c in chunks]) for k in get(chunks[0])}  # noqa: E731
+        return LocatedImages(
+            positions=torch.cat([c.positions for c in chunks]), labels=torch.cat([c.labels for c in chunks]),
+            targets=cat(lambda c: c.targets), probs=cat(lambda c: c.probs), paths=cat(lambda c: c.paths),
+            jas=cat(lambda c: c.jas), scores=cat(lambda c: c.scores), layers=chunks[0].layers,
+            ids=[i for c in chunks for i in c.ids])
+
+    @staticmethod
+    def _located(t: dict[str, torch.Tensor], ids: list[str], layers: list[int]) -> LocatedImages:
         def by_method(prefix: str) -> dict[str, torch.Tensor]:
-            return {k[len(prefix):]: v for k, v in cat.items() if k.startswith(prefix)}
+            return {k[len(prefix):]: v for k, v in t.items() if k.startswith(prefix)}
 
         scales = by_method("scale.")
         dense = {m: s.float() * scales[m][:, :, None] for m, s in by_method("scores.").items()}
-        return LocatedImages(positions=cat["positions"], labels=cat["labels"], targets=by_method("targets."),
+        return LocatedImages(positions=t["positions"], labels=t["labels"], targets=by_method("targets."),
                              probs=by_method("probs."), paths=by_method("paths."), jas=by_method("jas."),
-                             scores=dense, layers=layers, ids=ids)
+                             scores=dense, layers=list(layers), ids=list(ids))
 
     @staticmethod
     def chunk_tensors(positions: Iterable[int], labels: torch.Tensor, results: dict[str, Any]) -> dict[str, torch.Tensor]:

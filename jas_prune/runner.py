@@ -313,31 +313,29 @@ def stage_locate(ctx: RunContext, part: str, *, methods: list[str] | None = None
              f" on {dist.world} ranks" if dist.enabled else "")
 
 
+def _probe_chunks(ctx: RunContext):
+    """The stored probe chunks, one at a time."""
+    from .pathstore import PathStore
+
+    return PathStore(ctx.out / "paths" / "probe", chunk_size=CHUNK_SIZE).iter_chunks(len(ctx.source.subset("probe")))
+
+
 def stage_masks(ctx: RunContext) -> None:
     """Per-class utilisation, similarity, TopK masks and importance from the probe paths."""
-    from .aggregate import aggregate, save_masks
+    from .aggregate import aggregate_store, save_masks
     from .models import discover_ffn
-    from .pathstore import PathStore
 
     assert ctx.recipe.masks is not None and ctx.recipe.attribution is not None
     method = ctx.recipe.attribution.methods[0]
-    samples = ctx.source.subset("probe")
-    located = PathStore(ctx.out / "paths" / "probe", chunk_size=CHUNK_SIZE).read(len(samples))
-    widths = discover_ffn(ctx.model).widths
-    topk = ctx.recipe.masks.topk
-    if topk > min(widths):
-        from .errors import RecipeError
-
-        raise RecipeError(f"masks.topk: {topk} exceeds the FFN width {min(widths)}")
-    masks = aggregate(located.paths[method], located.scores[method], located.labels,
-                      num_classes=ctx.source.num_classes, widths=widths[0], topk=topk, layers=located.layers,
-                      class_names=ctx.source.class_names,
-                      fingerprint={"model": ctx.metrics.get("fingerprint", {}).get("model"), "method": method,
-                                   "attribution": _locate_settings(ctx)})
+    topk = ctx.recipe.masks.topk  # checked against the FFN widths by check_against_model
+    masks = aggregate_store(_probe_chunks(ctx), method, num_classes=ctx.source.num_classes,
+                            widths=discover_ffn(ctx.model).widths[0], topk=topk, class_names=ctx.source.class_names,
+                            fingerprint={"model": ctx.metrics.get("fingerprint", {}).get("model"), "method": method,
+                                         "attribution": _locate_settings(ctx)})
     path = save_masks(masks, ctx.out)
     ctx.metrics["masks"] = {"file": path.name, "method": method, "topk": topk, "importance": ctx.recipe.masks.importance,
                             "classes": ctx.source.num_classes,
-                            "layers": located.layers, "probe_images": int(masks.counts.sum())}
+                            "layers": masks.layers, "probe_images": int(masks.counts.sum())}
     log.info("masks: top-%d per layer for %d classes -> %s", topk, ctx.source.num_classes, path.name)
     from .semantic import semantic_check  # paper Finding 4, where class names carry the truth (shapes)
 
@@ -373,24 +371,25 @@ def stage_intervention(ctx: RunContext, *, resume: bool = False) -> None:
 def stage_cls_mask(ctx: RunContext) -> None:
     """The paper's CLS-token masking protocol on the test partition, for the class TopK masks of
     every located method, a ViT-Slim-style learned mask and a random mask of the same size."""
-    from .aggregate import aggregate
+    from .aggregate import aggregate_store
     from .evaluate import cls_mask_protocol
     from .models import discover_ffn
-    from .pathstore import PathStore
 
     a, mk, cm = ctx.recipe.attribution, ctx.recipe.masks, ctx.recipe.evaluate.cls_mask
     assert a is not None and mk is not None
     widths = discover_ffn(ctx.model).widths
-    located = PathStore(ctx.out / "paths" / "probe", chunk_size=CHUNK_SIZE).read(len(ctx.source.subset("probe")))
-    C, L, n, K = ctx.source.num_classes, len(located.layers), widths[0], mk.topk
+    C, n, K = ctx.source.num_classes, widths[0], mk.topk
     keeps: dict[str, torch.Tensor] = {}
+    layers: list[int] = []
     for method in a.methods:
-        keeps[method] = aggregate(located.paths[method], located.scores[method], located.labels, num_classes=C,
-                                  widths=n, topk=K, layers=located.layers, class_names=ctx.source.class_names).topk
+        masks = aggregate_store(_probe_chunks(ctx), method, num_classes=C, widths=n, topk=K,
+                                class_names=ctx.source.class_names)
+        keeps[method], layers = masks.topk, masks.layers
+    L = len(layers)
     probe_loader, _ = ctx.loader("probe")
     slim = ctx.criterion_scores("vit_slim", probe_loader)
     slim_keep = torch.zeros(L, n, dtype=torch.bool)
-    for j, block in enumerate(located.layers):
+    for j, block in enumerate(layers):
         slim_keep[j, slim[block].topk(K).indices] = True
     keeps["vit_slim"] = slim_keep.expand(C, L, n).clone()
     gen = torch.Generator().manual_seed(ctx.recipe.runtime.seed)
@@ -405,7 +404,7 @@ def stage_cls_mask(ctx: RunContext) -> None:
     for name, keep in keeps.items():
         results[name] = []
         for fraction in cm.fractions:
-            acc = cls_mask_protocol(ctx.model, test_loader, keep, located.layers, depth=depth, fraction=fraction,
+            acc = cls_mask_protocol(ctx.model, test_loader, keep, layers, depth=depth, fraction=fraction,
                                     seed=ctx.recipe.runtime.seed)
             results[name].append({"fraction": fraction, "top1": acc["top1"], "top5": acc["top5"]})
     ctx.metrics.setdefault("paper", {})["cls_mask"] = {"topk": K, "depth": depth, "fractions": cm.fractions,

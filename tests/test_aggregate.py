@@ -73,6 +73,28 @@ def test_importance_aggregations_and_round_trip(tmp_path):
         back.importance_for("mean_abs")
 
 
+def test_streaming_over_chunks_equals_one_batch():
+    import types
+
+    from jas_prune.aggregate import aggregate_store
+
+    g = torch.Generator().manual_seed(2)
+    N, L, n, C = 50, 3, 8, 4
+    paths = torch.randint(0, n, (N, L, 2), generator=g)
+    scores, labels = torch.randn(N, L, n, generator=g), torch.randint(0, C, (N,), generator=g)
+    one = aggregate(paths, scores, labels, num_classes=C, widths=n, topk=3, layers=[1, 2, 4], class_names=list("abcd"))
+    chunks = [types.SimpleNamespace(paths={"jas": paths[i:i + 16]}, scores={"jas": scores[i:i + 16]},
+                                    labels=labels[i:i + 16], layers=[1, 2, 4]) for i in range(0, N, 16)]
+    streamed = aggregate_store(iter(chunks), "jas", num_classes=C, widths=n, topk=3, class_names=list("abcd"))
+    assert streamed.layers == [1, 2, 4] and torch.equal(streamed.counts, one.counts)
+    assert torch.equal(streamed.topk, one.topk)
+    for how in ("mean", "mean_abs", "mean_abs_centered"):
+        torch.testing.assert_close(streamed.importance_for(how), one.importance_for(how))
+    torch.testing.assert_close(streamed.similarity, one.similarity)
+    with pytest.raises(ValueError, match="no located images"):
+        aggregate_store(iter([]), "jas", num_classes=C, widths=n, topk=3, class_names=list("abcd"))
+
+
 def test_ties_broken_by_mean_dense_score():
     paths = torch.tensor([[[0]], [[1]]])  # neurons 0 and 1 each used once by class 0
     scores = torch.tensor([[[0.1, 0.9, 0.0]], [[0.1, 0.9, 0.0]]])
