@@ -160,9 +160,28 @@ class PruneSection(_Section):
         return [self.bias_compensation] if isinstance(self.bias_compensation, bool) else list(self.bias_compensation)
 
 
+class ClsMaskAblationSection(_Section):
+    """The paper's Table 3-style ablation: every top-K × depth × fraction for the class TopK
+    masks of the first located method, beside random masks of the same size."""
+
+    topk: list[int] = [1, 5, 10]
+    depth: list[int] | None = None  # None: 1/3, 2/3 and all of the model's blocks
+
+    @field_validator("topk", "depth")
+    @classmethod
+    def _positive(cls, v: list[int] | None) -> list[int] | None:
+        if v is not None:
+            if not v:
+                raise ValueError("must list at least one value")
+            if any(k < 1 for k in v):
+                raise ValueError("every value must be ≥ 1")
+        return v
+
+
 class ClsMaskSection(_Section):
     fractions: list[float] = [0.5]
     depth: int | None = Field(default=None, ge=1)
+    ablation: ClsMaskAblationSection | None = None
 
     @field_validator("fractions")
     @classmethod

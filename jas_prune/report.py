@@ -359,17 +359,7 @@ def _paper(metrics: dict[str, Any]) -> list[str]:
                           _num(r["enhancement_acc_dev"]),
                           f"{_num(r['enhancement_prob_dev_mean'])} / {_num(r['enhancement_prob_dev_median'])} %"]
                          for m, r in table1.items()], "---|" + "|".join(["---:"] * 5))]
-    cls_mask = paper.get("cls_mask")
-    if cls_mask:
-        fr = cls_mask["fractions"]
-        out += ["## Paper protocol: CLS-token masking", "",
-                f"Keep each class's top-{cls_mask['topk']} neurons per layer, zero a random fraction p of the others "
-                f"at the class token in the first {cls_mask['depth']} blocks; top-5 (top-1) on "
-                f"{cls_mask['test_images']} test images.", "",
-                *_table(["mask", *[f"p = {p:g}" for p in fr]],
-                        [[name, *[f"{_pct(r['top5'])} ({_pct(r['top1'])})" for r in rows]]
-                         for name, rows in cls_mask["results"].items()], "---|" + "|".join(["---:"] * len(fr)))]
-    return out
+    return out + _cls_mask_table([metrics])
 
 
 def _pruned_table(stats: Sequence[PruneStat], names: Sequence[str] | None, combined: bool) -> list[str]:
@@ -524,6 +514,48 @@ def _cls_mask_figure(figs: _FigureList, runs: Sequence[dict[str, Any]]) -> None:
                  f" (mean ± std over {len(runs)} runs)" if len(runs) > 1 else ""),
                                        xlabel="share p of non-mask neurons zeroed (%)", ylabel="test accuracy (%)",
                                        bar_xlabel="mask (at p = {x:.0f} %)"))
+    if cm.get("ablation"):
+        figs.add("cls_mask_ablation",
+                 "Paper protocol ablation (Table 3): top-5 vs share p of the other neurons zeroed, one panel per "
+                 "masked depth; darker = more neurons K kept per block; random masks of the same K in grey.",
+                 lambda p: tradeoff_figure(p, _cls_mask_ablation_panels(runs),
+                                           title="CLS-token masking ablation: top-K × depth × p" + (
+                                               f" (mean ± std over {len(runs)} runs)" if len(runs) > 1 else ""),
+                                           xlabel="share p of non-mask neurons zeroed (%)",
+                                           ylabel="test top-5 (%)", bar_xlabel="mask (at p = {x:.0f} %)"))
+
+
+def _cls_mask_ablation_panels(runs: Sequence[dict[str, Any]]):
+    from .figures import Panel, method_colour
+
+    rows = [r for m in runs for r in (((m.get("paper") or {}).get("cls_mask") or {}).get("ablation") or [])]
+    depths = sorted({r["depth"] for r in rows})
+    ks = sorted({r["topk"] for r in rows})
+    shade = {k: 0.45 + 0.55 * (i + 1) / len(ks) for i, k in enumerate(ks)}
+    panels = []
+    for d in depths:
+        series: dict[str, list] = {}
+        colours: dict[str, str] = {}
+        for mask in dict.fromkeys(r["mask"] for r in rows):
+            for k in ks:
+                at = [r for r in rows if r["mask"] == mask and r["topk"] == k and r["depth"] == d]
+                if not at:
+                    continue
+                label = f"{mask} K={k}"
+                series[label] = []
+                for p in sorted({r["fraction"] for r in at}):
+                    mean, sd = _mean_std([r["top5"] for r in at if r["fraction"] == p])
+                    series[label].append((100 * p, 100 * mean, None if sd is None else 100 * sd))
+                rgb = np.array(_hex_rgb(method_colour(mask)))
+                colours[label] = "#%02x%02x%02x" % tuple(int(c) for c in 255 - (255 - rgb) * shade[k])
+        dense, sd = _mean_std([(m.get("dense") or {}).get("top5") for m in runs])
+        panels.append(Panel(f"first {d} block{'s' if d > 1 else ''} masked", series,
+                            None if dense is None else 100 * dense, None if sd is None else 100 * sd, colours))
+    return panels
+
+
+def _hex_rgb(colour: str) -> tuple[int, int, int]:
+    return tuple(int(colour.lstrip("#")[i:i + 2], 16) for i in (0, 2, 4))  # type: ignore[return-value]
 
 
 def _pruning_figures(figs: _FigureList, runs: Sequence[dict[str, Any]], names: Sequence[str] | None) -> None:
@@ -704,23 +736,38 @@ def _check_same_recipe(run_dirs: Sequence[Path], recipes: Sequence[dict[str, Any
 
 
 def _cls_mask_table(runs: Sequence[dict[str, Any]]) -> list[str]:
+    """The CLS-mask protocol (and its ablation, when run): top-5 (top-1), mean ± std over runs."""
     cm = (runs[0].get("paper") or {}).get("cls_mask")
     if not cm:
         return []
+    over = f"mean ± sample std over {len(runs)} runs" if len(runs) > 1 else f"{cm.get('test_images')} test images"
     results = [(m.get("paper") or {}).get("cls_mask", {}).get("results", {}) for m in runs]
     fr = cm["fractions"]
-    rows = []
-    for name in results[0]:
-        cells = []
-        for i in range(len(fr)):
-            t5 = _mean_std([res[name][i]["top5"] for res in results if name in res and i < len(res[name])])
-            t1 = _mean_std([res[name][i]["top1"] for res in results if name in res and i < len(res[name])])
-            cells.append(f"{_pct_pm(*t5)} ({_pct_pm(*t1)})")
-        rows.append([name, *cells])
-    return ["## Paper protocol: CLS-token masking", "",
-            f"Keep each class's top-{cm['topk']} neurons per layer, zero a random fraction p of the others at the "
-            f"class token in the first {cm['depth']} blocks; top-5 (top-1), mean ± sample std over {len(runs)} runs.",
-            "", *_table(["mask", *[f"p = {p:g}" for p in fr]], rows, "---|" + "|".join(["---:"] * len(fr)))]
+
+    def cell(rows_per_run: list[list[dict[str, Any]]], i: int) -> str:
+        at = [rows[i] for rows in rows_per_run if i < len(rows)]
+        t5, t1 = _mean_std([r["top5"] for r in at]), _mean_std([r["top1"] for r in at])
+        return f"{_pct_pm(*t5)} ({_pct_pm(*t1)})"
+
+    rows = [[name, *[cell([res.get(name, []) for res in results], i) for i in range(len(fr))]]
+            for name in results[0]]
+    out = ["## Paper protocol: CLS-token masking", "",
+           f"Keep each class's top-{cm['topk']} neurons per layer, zero a random fraction p of the others at the "
+           f"class token in the first {cm['depth']} blocks; top-5 (top-1), {over}.",
+           "", *_table(["mask", *[f"p = {p:g}" for p in fr]], rows, "---|" + "|".join(["---:"] * len(fr)))]
+    if cm.get("ablation"):
+        keys = list(dict.fromkeys((r["mask"], r["topk"], r["depth"]) for r in cm["ablation"]))
+        by_run = [{(r["mask"], r["topk"], r["depth"], r["fraction"]): r
+                   for r in ((m.get("paper") or {}).get("cls_mask") or {}).get("ablation", [])} for m in runs]
+        rows = [[mask, str(k), str(d), *[cell([[b[(mask, k, d, p)]] if (mask, k, d, p) in b else [] for b in by_run], 0)
+                                        for p in fr]]
+                for mask, k, d in sorted(keys, key=lambda t: (t[1], t[2], t[0] == "random"))]
+        out += ["### Ablation: top-K × depth × fraction (paper Table 3)", "",
+                f"The class's K most frequent path neurons (or K random ones) kept in every block, the others "
+                f"zeroed with probability p at the class token in the first `depth` blocks; top-5 (top-1), {over}.",
+                "", *_table(["mask", "K", "depth", *[f"p = {p:g}" for p in fr]], rows,
+                            "---|---:|---:|" + "|".join(["---:"] * len(fr)))]
+    return out
 
 
 def render_combined(run_dirs: Sequence[Path], runs: Sequence[dict[str, Any]], recipe_text: str,

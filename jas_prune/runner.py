@@ -92,10 +92,17 @@ def check_against_model(recipe: Recipe, model: nn.Module, source: DataSource) ->
         narrow = next((l for l in blocks if k is not None and k > info.layers[l].hidden), None)
         if narrow is not None:
             raise RecipeError(f"{key}: {k} exceeds the FFN width {info.layers[narrow].hidden} of block {narrow}")
-    depth = recipe.evaluate.cls_mask.depth
-    if "paper_cls_mask" in recipe.evaluate.protocols and depth is not None and depth > info.depth:
-        raise RecipeError(f"evaluate.cls_mask.depth: {depth} exceeds the {info.depth} blocks of model "
-                          f"'{recipe.model.name}'")
+    cm = recipe.evaluate.cls_mask
+    if "paper_cls_mask" in recipe.evaluate.protocols:
+        ablation = cm.ablation
+        for key, depths in (("evaluate.cls_mask.depth", [cm.depth] if cm.depth is not None else []),
+                            ("evaluate.cls_mask.ablation.depth", (ablation.depth or []) if ablation else [])):
+            deep = next((d for d in depths if d > info.depth), None)
+            if deep is not None:
+                raise RecipeError(f"{key}: {deep} exceeds the {info.depth} blocks of model '{recipe.model.name}'")
+        wide = next((k for k in (ablation.topk if ablation else []) if k > min(info.widths)), None)
+        if wide is not None:
+            raise RecipeError(f"evaluate.cls_mask.ablation.topk: {wide} exceeds the FFN width {min(info.widths)}")
     if recipe.prune is not None and recipe.prune.classes is not None:
         resolve_classes(recipe.prune.classes, source.class_names)
 
@@ -407,9 +414,52 @@ def stage_cls_mask(ctx: RunContext) -> None:
             acc = cls_mask_protocol(ctx.model, test_loader, keep, layers, depth=depth, fraction=fraction,
                                     seed=ctx.recipe.runtime.seed)
             results[name].append({"fraction": fraction, "top1": acc["top1"], "top5": acc["top5"]})
-    ctx.metrics.setdefault("paper", {})["cls_mask"] = {"topk": K, "depth": depth, "fractions": cm.fractions,
-                                                       "test_images": len(samples), "results": results}
+    entry: dict[str, Any] = {"topk": K, "depth": depth, "fractions": cm.fractions, "test_images": len(samples),
+                             "results": results}
     log.info("paper CLS-mask protocol: %s", {k: [round(r["top5"], 4) for r in v] for k, v in results.items()})
+    if cm.ablation is not None:
+        entry["ablation"] = _cls_mask_ablation(ctx, a.methods[0], layers, test_loader)
+    ctx.metrics.setdefault("paper", {})["cls_mask"] = entry
+
+
+def _nested_keep(order: torch.Tensor, k: int, n: int) -> torch.Tensor:
+    """[C, L, n] bool: the first ``k`` neurons of each row ``order[c, l]``."""
+    keep = torch.zeros(*order.shape[:2], n, dtype=torch.bool)
+    keep.scatter_(2, order[:, :, :k], True)
+    return keep
+
+
+def _cls_mask_ablation(ctx: RunContext, method: str, layers: list[int], test_loader) -> list[dict[str, Any]]:
+    """Every top-K × depth × fraction (paper Table 3) for the class TopK masks of ``method`` and
+    random masks of the same size. The masks are nested: the top-K of a class are the first K of
+    its neurons by path frequency, the random ones the first K of one seeded permutation."""
+    from .aggregate import aggregate_store
+    from .evaluate import cls_mask_protocol
+    from .models import discover_ffn
+
+    ab = ctx.recipe.evaluate.cls_mask.ablation
+    assert ab is not None
+    info = discover_ffn(ctx.model)
+    n, C, L = info.widths[0], ctx.source.num_classes, len(layers)
+    depths = ab.depth or sorted({max(1, round(info.depth / 3)), max(1, round(2 * info.depth / 3)), info.depth})
+    masks = aggregate_store(_probe_chunks(ctx), method, num_classes=C, widths=n, topk=max(ab.topk),
+                            class_names=ctx.source.class_names)
+    gen = torch.Generator().manual_seed(ctx.recipe.runtime.seed + 1)
+    shuffled = torch.stack([torch.stack([torch.randperm(n, generator=gen) for _ in range(L)]) for _ in range(C)])
+    rows = []
+    for k in ab.topk:
+        for name, order in ((method, masks.topk_indices), ("random", shuffled)):
+            keep = _nested_keep(order, k, n)
+            if name == method:
+                keep[masks.counts == 0] = False  # a class without probe images keeps nothing, as in its mask
+            for depth in depths:
+                for fraction in ctx.recipe.evaluate.cls_mask.fractions:
+                    acc = cls_mask_protocol(ctx.model, test_loader, keep, layers, depth=depth, fraction=fraction,
+                                            seed=ctx.recipe.runtime.seed)
+                    rows.append({"mask": name, "topk": k, "depth": depth, "fraction": fraction,
+                                 "top1": acc["top1"], "top5": acc["top5"]})
+    log.info("paper CLS-mask ablation: %d settings (top-K %s × depth %s × fractions)", len(rows), ab.topk, depths)
+    return rows
 
 
 def resolve_classes(names_or_ids, class_names: list[str], key: str = "prune.classes") -> list[int]:

@@ -225,6 +225,12 @@ CASES = [
     Case("cls_mask.depth-above-depth", lambda t, m: _run(
         t, LOCATE + "masks: {topk: 2}\nevaluate: {protocols: [paper_cls_mask], cls_mask: {depth: 7}}\n"),
         "evaluate.cls_mask.depth: 7 exceeds the 2 blocks of model 'builtin:shapes-vit'"),
+    Case("cls_mask.ablation-depth-above-depth", lambda t, m: _run(
+        t, LOCATE + "masks: {topk: 2}\nevaluate: {protocols: [paper_cls_mask], cls_mask: {ablation: {depth: [1, 3]}}}\n"),
+        "evaluate.cls_mask.ablation.depth: 3 exceeds the 2 blocks of model 'builtin:shapes-vit'"),
+    Case("cls_mask.ablation-topk-above-width", lambda t, m: _run(
+        t, LOCATE + "masks: {topk: 2}\nevaluate: {protocols: [paper_cls_mask], cls_mask: {ablation: {topk: [65]}}}\n"),
+        "evaluate.cls_mask.ablation.topk: 65 exceeds the FFN width 64"),
     Case("num_classes-vs-checkpoint", lambda t, m: _run(t, BASE + "model: {num_classes: 10}\n"),
          "model.num_classes: 10, but the checkpoint"),
     Case("cuda-without-cuda", lambda t, m: _run(t, "version: 1\nruntime: {device: cuda}\n"),

@@ -14,7 +14,8 @@ data: {images_per_class: 3, batch_size: 16}
 attribution: {method: [jas, activation], steps: 3}
 masks: {topk: 2}
 prune: {methods: [jas, random], ratios: [0.5], bias_compensation: [false, true]}
-evaluate: {protocols: [structured, paper_cls_mask], intervention: true, cls_mask: {fractions: [0.5], depth: 1}}
+evaluate: {protocols: [structured, paper_cls_mask], intervention: true,
+           cls_mask: {fractions: [0.5], depth: 1, ablation: {topk: [1, 2], depth: [1, 2]}}}
 export: {onnx: {benchmark: false}}
 """
 
@@ -43,10 +44,17 @@ def test_every_stage_writes_its_part(run_dir, tiny_builtin):
     for rec in m["export"]:
         assert rec["parity_max_abs"] <= 1e-4 and rec["top1_agreement"] == 1.0
         assert (run_dir / f"{rec['model']}.onnx").is_file() and (run_dir / f"{rec['model']}.json").is_file()
-    assert {"jas", "activation", "vit_slim", "random"} <= set(m["paper"]["cls_mask"]["results"])
+    cm = m["paper"]["cls_mask"]
+    assert {"jas", "activation", "vit_slim", "random"} <= set(cm["results"])
+    ablation = {(r["mask"], r["topk"], r["depth"], r["fraction"]): r for r in cm["ablation"]}
+    assert set(ablation) == {(mask, k, d, 0.5) for mask in ("jas", "random") for k in (1, 2) for d in (1, 2)}
+    # the ablation's K = masks.topk, depth = cls_mask.depth cell is the main protocol's measurement
+    assert ablation[("jas", 2, 1, 0.5)]["top5"] == cm["results"]["jas"][0]["top5"]
+    assert (run_dir / "figures" / "cls_mask_ablation.png").is_file()
     report = (run_dir / "report.md").read_text()
     for heading in ("## Dense model", "## Neuron paths", "## Paper Table 1", "## Paper protocol",
-                    "## Structured FFN pruning", "## ONNX export", "## Settings"):
+                    "### Ablation: top-K × depth × fraction", "## Structured FFN pruning", "## ONNX export",
+                    "## Settings"):
         assert heading in report
 
 
