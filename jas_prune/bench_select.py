@@ -27,7 +27,7 @@ import numpy as np
 import torch
 
 from .aggregate import IMPORTANCE_AGGREGATIONS, per_image_importance
-from .data import build_source, make_loader, model_transform
+from .data import build_source, make_loader, model_transform, partition
 from .evaluate import accuracy, predict_logits
 from .importance import criterion_scores, ffn_activation_stats
 from .io import atomic_write_json
@@ -43,17 +43,8 @@ YARDSTICKS = ("taylor", "magnitude", "activation")
 
 
 def split_fit_val(labels: Sequence[int], seed: int) -> tuple[list[int], list[int]]:
-    """Positions split per class into two halves (fit gets the extra image of an odd class)."""
-    labels = np.asarray(labels)
-    fit: list[int] = []
-    val: list[int] = []
-    for c in np.unique(labels):
-        idx = np.flatnonzero(labels == c)
-        idx = idx[np.random.default_rng([seed, 0x5E1EC7, int(c)]).permutation(len(idx))]
-        half = (len(idx) + 1) // 2
-        fit.extend(int(i) for i in idx[:half])
-        val.extend(int(i) for i in idx[half:])
-    return sorted(fit), sorted(val)
+    """Positions split per class into two seeded halves (``data.partition`` at 0.5)."""
+    return partition(labels, 0.5, seed)
 
 
 def fit_importance(scores: torch.Tensor, positions: torch.Tensor, fit: Sequence[int], layers: Sequence[int],
@@ -64,7 +55,7 @@ def fit_importance(scores: torch.Tensor, positions: torch.Tensor, fit: Sequence[
     return {int(b): imp[j] for j, b in enumerate(layers)}
 
 
-def _locate(out: Path, scope: str, formula: str, args: argparse.Namespace):
+def _locate(out: Path, scope: str, formula: str, args: argparse.Namespace, model, source):
     """Locate the probe partition with one (scope, formula) through the recipe runner's stage."""
     from .runner import CHUNK_SIZE, RunContext, prepare_run_dir, stage_locate
 
@@ -74,12 +65,9 @@ def _locate(out: Path, scope: str, formula: str, args: argparse.Namespace):
                            "runtime": {"seed": args.seed}})
     run = out / f"{scope}-{formula}"
     prepare_run_dir(run, resume=True)
-    model = load_model(args.model)
-    source = build_source("shapes", seed=args.seed, probe_fraction=recipe.data.probe_fraction,
-                          images_per_class=args.images_per_class)
     ctx = RunContext(recipe, run, torch.device("cpu"), model, source, model_transform(model))
     stage_locate(ctx, "probe", resume=True)
-    return PathStore(run / "paths" / "probe", chunk_size=CHUNK_SIZE).read(len(source.probe)), ctx
+    return PathStore(run / "paths" / "probe", chunk_size=CHUNK_SIZE).read(len(source.probe))
 
 
 def main(argv: list[str] | None = None) -> dict[str, Any]:
@@ -92,40 +80,40 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     ap.add_argument("--ratios", type=float, nargs="+", default=[0.3, 0.5, 0.7, 0.9])
     args = ap.parse_args(argv)
     t0 = time.perf_counter()
-    rows: list[dict[str, Any]] = []
-    ctx = None
+    model = load_model(args.model)
+    source = build_source("shapes", seed=args.seed, images_per_class=args.images_per_class)
+    transform = model_transform(model)
+    probe = source.subset("probe")
+    fit, val = split_fit_val([s.label for s in probe], args.seed)
+    fit_loader = make_loader([probe[i] for i in fit], transform, batch_size=64, seed=args.seed)
+    val_samples = [probe[i] for i in val]
+    val_loader = make_loader(val_samples, transform, batch_size=64, seed=args.seed)
+    example = torch.zeros(1, *input_size(model))
+    stats = ffn_activation_stats(model, fit_loader)
+    dense = accuracy(*predict_logits(model, val_loader, sample_ids=[s.id for s in val_samples]))
+
+    def evaluate(scores: dict[int, torch.Tensor]) -> list[float]:
+        """Val top-1 after pruning a copy at every ratio (uniform, bias compensation)."""
+        accs = []
+        for ratio in args.ratios:
+            pruned = copy.deepcopy(model)
+            prune_ffn(pruned, scores, ratio=ratio, example_inputs=example, bias_compensation=stats)
+            logits, labels = predict_logits(pruned, val_loader, sample_ids=[s.id for s in val_samples])
+            accs.append(accuracy(logits, labels)["top1"])
+        return accs
+
+    rows: list[dict[str, Any]] = [
+        {"criterion": method, "top1": evaluate(criterion_scores(method, model, fit_loader, example_inputs=example,
+                                                                stats=stats))} for method in YARDSTICKS]
     for scope, formula in CONFIGS:
-        located, ctx = _locate(args.out, scope, formula, args)
-        probe = ctx.source.subset("probe")
-        fit, val = split_fit_val([s.label for s in probe], args.seed)
-        if not rows:  # the halves and the yardsticks are the same for every configuration
-            fit_loader = make_loader([probe[i] for i in fit], ctx.transform, batch_size=64, seed=args.seed)
-            val_samples = [probe[i] for i in val]
-            val_loader = make_loader(val_samples, ctx.transform, batch_size=64, seed=args.seed)
-            example = torch.zeros(1, *input_size(ctx.model))
-            stats = ffn_activation_stats(ctx.model, fit_loader)
-            dense = accuracy(*predict_logits(ctx.model, val_loader, sample_ids=[s.id for s in val_samples]))
-
-            def evaluate(scores: dict[int, torch.Tensor]) -> list[float]:
-                accs = []
-                for ratio in args.ratios:
-                    model = copy.deepcopy(ctx.model)
-                    prune_ffn(model, scores, ratio=ratio, example_inputs=example, bias_compensation=stats)
-                    logits, labels = predict_logits(model, val_loader, sample_ids=[s.id for s in val_samples])
-                    accs.append(accuracy(logits, labels)["top1"])
-                return accs
-
-            for method in YARDSTICKS:
-                scores = criterion_scores(method, ctx.model, fit_loader, example_inputs=example, stats=stats)
-                rows.append({"criterion": method, "top1": evaluate(scores)})
+        located = _locate(args.out, scope, formula, args, model, source)
         for how in IMPORTANCE_AGGREGATIONS:
             scores = fit_importance(located.scores["jas"], located.positions, fit, located.layers, how)
             rows.append({"criterion": "jas", "scope": scope, "formula": formula, "aggregation": how,
                          "top1": evaluate(scores)})
     for r in rows:
         r["mean_top1"] = float(np.mean(r["top1"]))
-    jas_rows = [r for r in rows if r["criterion"] == "jas"]
-    best = max(jas_rows, key=lambda r: r["mean_top1"])
+    best = max((r for r in rows if r["criterion"] == "jas"), key=lambda r: r["mean_top1"])
     result = {"seed": args.seed, "images_per_class": args.images_per_class, "ratios": args.ratios,
               "fit_images": len(fit), "val_images": len(val), "dense_val_top1": dense["top1"],
               "rows": rows, "best": {k: best[k] for k in ("scope", "formula", "aggregation", "mean_top1")},

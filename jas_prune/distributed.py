@@ -2,16 +2,21 @@
 
 ``torchrun --nproc_per_node=N -m jas_prune recipe run RECIPE --out DIR`` starts N copies of the
 command; each finds its rank in torchrun's environment (``WORLD_SIZE``, ``RANK``,
-``LOCAL_RANK``). The ranks share the locating work (chunk by chunk) and rank 0 does everything
-else. They meet only at the end of *stages* (:meth:`Dist.stage`): every rank goes through the
-same sequence of stages, each runs a block (work for every rank, or for rank 0 alone while the
-others wait) and then every rank learns every other rank's outcome. A failure on one rank therefore stops all of them with a message naming
-the rank, instead of leaving the others waiting; a rank that dies without a word (SIGKILL, out
-of memory) is noticed when the stage's timeout expires (``JAS_PRUNE_DIST_TIMEOUT`` seconds,
-default 1800), if torchrun has not already stopped the others.
+``LOCAL_RANK``). The ranks share the locating work (chunk by chunk) first; then the other
+ranks exit and rank 0 does everything else. They meet only at the end of *stages*
+(:meth:`Dist.stage`): every rank goes through the same sequence of stages, each runs a block
+(work for every rank, or for rank 0 alone while the others wait) and then every rank learns
+every other rank's outcome. A failure on one rank therefore stops all of them with a message
+naming the rank, instead of leaving the others waiting. A rank that fails also says so at once
+in the rendezvous store (torchrun's TCPStore), and long shared blocks look there between steps
+(:meth:`Dist.check_peers`, between locating chunks), so the others stop within one step instead
+of finishing their share first. A rank that dies without a word (SIGKILL, out of memory) is
+noticed when the stage's timeout expires (``JAS_PRUNE_DIST_TIMEOUT`` seconds, default 1800), if
+torchrun has not already stopped the others.
 
-The default process group uses gloo on CPU and NCCL on CUDA (one GPU per rank: ``LOCAL_RANK``);
-the stage agreements travel over a gloo group, so they never touch the GPU.
+The process group is gloo, on CPU and on CUDA alike: it only carries the small stage agreements
+(model and results never travel between ranks; the chunks go through the shared ``--out``). On
+CUDA each rank uses GPU ``LOCAL_RANK``.
 
 :func:`sigterm_raises` turns SIGTERM into :class:`Interrupted` (a ``BaseException``, like
 ``KeyboardInterrupt``): the chunk being written is abandoned atomically (see
@@ -22,15 +27,18 @@ from __future__ import annotations
 
 import contextlib
 import datetime
+import json
 import os
+import secrets
 import signal
 import threading
 from dataclasses import dataclass, field
-from typing import Any, Iterator
+from pathlib import Path
+from typing import Any, Callable, Iterator
 
 import torch
 
-from .errors import JasPruneError, StageNotAvailableError
+from .errors import JasPruneError, OutputDirError, StageNotAvailableError
 
 __all__ = [
     "Dist",
@@ -48,6 +56,12 @@ __all__ = [
 DEFAULT_TIMEOUT_S = 1800
 #: Environment variable that overrides :data:`DEFAULT_TIMEOUT_S`.
 TIMEOUT_ENV = "JAS_PRUNE_DIST_TIMEOUT"
+#: Store keys (under :data:`_STORE_PREFIX`): how many ranks failed, and the first failure.
+_STORE_PREFIX = "jas_prune/"
+_FAILURES_KEY = "failures"
+_FAILED_KEY = "failed"
+#: File rank 0 writes in ``--out`` for the other ranks to find (removed once they have).
+SHARED_TOKEN = ".jas-prune-shared-dir"
 
 
 class PeerFailedError(JasPruneError):
@@ -109,7 +123,8 @@ class Dist:
         rank: 0 .. world - 1; rank 0 writes the run directory and runs every stage (locating is shared).
         world: number of processes (1 without torchrun).
         local_rank: index on this machine (the GPU this rank uses).
-        backend: ``gloo`` or ``nccl``; ``None`` for a one-process run.
+        backend: ``gloo`` (or the backend of a process group the caller created); ``None`` for
+            a one-process run.
     """
 
     rank: int = 0
@@ -117,6 +132,7 @@ class Dist:
     local_rank: int = 0
     backend: str | None = None
     _control: Any = field(default=None, repr=False)
+    _store: Any = field(default=None, repr=False)
     _released: bool = field(default=False, repr=False)
     _owned: bool = field(default=False, repr=False)
 
@@ -130,28 +146,91 @@ class Dist:
         """Rank 0."""
         return self.rank == 0
 
-    def stage(self, what: str) -> contextlib.AbstractContextManager["Step"]:
+    @contextlib.contextmanager
+    def stage(self, what: str) -> Iterator["Step"]:
         """A block every rank runs, followed by an agreement on its outcome.
 
         Use ``if dist.is_root:`` inside for work of rank 0 alone: the other ranks then just wait
         for it. Set ``step.value`` inside to share a small picklable value: after the block,
-        ``step.values`` holds every rank's, by rank.
+        ``step.values`` holds every rank's, by rank. A long block shared by every rank should
+        call :meth:`check_peers` between its steps.
 
         Raises:
             The rank's own exception, once the others know of it; :class:`PeerFailedError` when
             another rank failed (naming it, with its exit code) or cannot be reached in time.
         """
-        return self._stage(what)
-
-    @contextlib.contextmanager
-    def _stage(self, what: str) -> Iterator["Step"]:
         step = Step()
         try:
             yield step
         except BaseException as exc:  # noqa: BLE001 - told to the others, then re-raised
+            self._announce(what, exc)
             self._agree(what, step, exc)
             raise
         self._agree(what, step, None)
+
+    def _announce(self, what: str, exc: BaseException) -> None:
+        """Tell the other ranks at once (in the store) that this rank failed: they stop at their
+        next :meth:`check_peers` instead of at the end of the stage. The first failure is kept."""
+        if not self.enabled or self._released or self._store is None or isinstance(exc, PeerFailedError):
+            return
+        with contextlib.suppress(Exception):  # the agreement that follows still tells them
+            if self._store.add(_FAILURES_KEY, 1) == 1:
+                self._store.set(_FAILED_KEY, json.dumps({"rank": self.rank, "what": what, **_describe(exc)}))
+
+    def check_peers(self, what: str) -> None:
+        """Raise if another rank has failed (a cheap look in the store; a no-op in one process).
+
+        Raises:
+            PeerFailedError: naming the rank that failed, with its exit code; or, when the store
+                cannot be reached, saying that this rank lost contact with the others.
+        """
+        if not self.enabled or self._released or self._store is None:
+            return
+        try:
+            if not self._store.check([_FAILED_KEY]):
+                return
+            failure = json.loads(self._store.get(_FAILED_KEY))
+        except Exception as exc:  # noqa: BLE001 - the store's host is gone
+            first = str(exc).splitlines()[0] if str(exc) else ""
+            raise PeerFailedError(f"rank {self.rank}: lost contact with the other ranks while {what} "
+                                  f"({type(exc).__name__}: {first})") from None
+        raise PeerFailedError(f"rank {failure['rank']} failed while {failure['what']}: {failure['message']}",
+                              exit_code=failure["exit_code"])
+
+    def shared_dir(self, out: Path, prepare: Callable[[], None]) -> None:
+        """Rank 0 runs ``prepare()`` (creating ``out``); then every rank checks that it sees the
+        directory rank 0 prepared: under torchrun on several machines, ``--out`` must be on a
+        file system they share.
+
+        Raises:
+            OutputDirError: on the rank that cannot see rank 0's ``out`` (naming it and the rank);
+                :class:`PeerFailedError` on the others.
+        """
+        with self.stage("preparing the run directory") as step:
+            if self.is_root:
+                prepare()
+                if self.enabled:
+                    step.value = secrets.token_hex(8)
+                    (out / SHARED_TOKEN).write_text(step.value, encoding="utf-8")
+        if not self.enabled:
+            return
+        token = step.values[0]
+        try:
+            with self.stage("checking that every rank sees --out"):
+                if not self.is_root:
+                    try:
+                        seen = (out / SHARED_TOKEN).read_text(encoding="utf-8")
+                    except OSError:
+                        seen = None
+                    if seen != token:
+                        raise OutputDirError(
+                            f"--out {out}: rank {self.rank} does not see the run directory rank 0 prepared "
+                            f"({'no' if seen is None else 'another'} {SHARED_TOKEN} there); every rank must "
+                            "see the same --out directory (on several machines, a shared file system)")
+        finally:
+            if self.is_root:
+                with contextlib.suppress(OSError):
+                    (out / SHARED_TOKEN).unlink()
 
     def _agree(self, what: str, step: "Step", error: BaseException | None) -> None:
         if not self.enabled or self._released:
@@ -171,10 +250,11 @@ class Dist:
                                   f"({type(exc).__name__}: {first})") from None
         if error is not None:
             return
-        for r, (_, failure) in enumerate(gathered):
-            if failure is not None:
-                raise PeerFailedError(f"rank {r} failed while {what}: {failure['message']}",
-                                      exit_code=failure["exit_code"])
+        failures = [(r, f) for r, (_, f) in enumerate(gathered) if f is not None]
+        if failures:  # name the rank that failed first, not those its failure stopped
+            r, failure = next(((r, f) for r, f in failures if f["type"] != PeerFailedError.__name__), failures[0])
+            raise PeerFailedError(f"rank {r} failed while {what}: {failure['message']}",
+                                  exit_code=failure["exit_code"])
         step.values = [v for v, _ in gathered]
 
     def release(self) -> None:
@@ -196,8 +276,9 @@ def init_from_env(device: torch.device) -> Dist:
     """Join torchrun's process group when ``WORLD_SIZE`` > 1; a one-process :class:`Dist` otherwise.
 
     Args:
-        device: the resolved ``runtime.device``: ``cpu`` -> gloo, ``cuda`` -> NCCL with this rank
-            on GPU ``LOCAL_RANK`` (made the current device, so ``cuda`` means that GPU).
+        device: the resolved ``runtime.device``; on ``cuda`` this rank uses GPU ``LOCAL_RANK``
+            (made the current device, so ``cuda`` means that GPU). The process group is gloo
+            either way: it carries only the stage agreements.
 
     Raises:
         StageNotAvailableError: too few GPUs for the ranks, or a missing rendezvous variable.
@@ -218,16 +299,27 @@ def init_from_env(device: torch.device) -> Dist:
                 f"runtime.device: rank {rank} (LOCAL_RANK {local_rank}) needs GPU {local_rank} but only "
                 f"{torch.cuda.device_count()} GPU(s) are visible; use --nproc_per_node ≤ the GPU count")
         torch.cuda.set_device(local_rank)
-        backend = "nccl"
-    else:
-        backend = "gloo"
     owned = not dist.is_initialized()  # a caller's own process group is used, and left alone
     if owned:
-        dist.init_process_group(backend=backend, rank=rank, world_size=world, timeout=timeout)
-    else:
-        backend = str(dist.get_backend())
+        dist.init_process_group(backend="gloo", rank=rank, world_size=world, timeout=timeout)
+    backend = str(dist.get_backend())
     control = None if backend == "gloo" else dist.new_group(backend="gloo", timeout=timeout)
-    return Dist(rank=rank, world=world, local_rank=local_rank, backend=backend, _control=control, _owned=owned)
+    return Dist(rank=rank, world=world, local_rank=local_rank, backend=backend, _control=control,
+                _store=_failure_store(), _owned=owned)
+
+
+def _failure_store() -> Any:
+    """The rendezvous store of the default process group (torchrun's TCPStore, per restart
+    attempt) under a prefix of ours; ``None`` where torch does not expose it (failures then
+    reach the others at the end of the stage only)."""
+    import torch.distributed as dist
+
+    try:
+        from torch.distributed.distributed_c10d import _get_default_store
+
+        return dist.PrefixStore(_STORE_PREFIX, _get_default_store())
+    except Exception:  # noqa: BLE001 - a private torch API: degrade, never fail the run
+        return None
 
 
 @contextlib.contextmanager

@@ -151,7 +151,7 @@ def tradeoff_figure(path: str | Path, panels: Sequence[Panel], *, title: str, xl
         axes[0].set_ylim(0, 109)
     else:
         lo = min(p[1] - (p[2] or 0) for panel in panels for pts in panel.series.values() for p in pts)
-        axes[0].set_ylim(max(0.0, min(lo, *(p.dense for p in panels if p.dense is not None)) - 5), 103)
+        axes[0].set_ylim(max(0.0, min([lo, *(p.dense for p in panels if p.dense is not None)]) - 5), 103)
     fig.suptitle(title, fontsize=11)
     return save_figure(fig, path)
 

@@ -429,7 +429,8 @@ class JASImportance(tp.importance.Importance):
     @classmethod
     def from_run(cls, run_dir: str | os.PathLike[str], classes: Sequence[int | str] | None = None, *,
                  aggregation: str = "mean", protect_topk: bool | None = None, normalizer: str = "mean",
-                 min_keep: float | int = 0.05, model: nn.Module | None = None) -> "JASImportance":
+                 min_keep: float | int = 0.05, model: nn.Module | None = None,
+                 digest: str | None = None) -> "JASImportance":
         """Dense per-class importance saved by a run's ``aggregate`` stage.
 
         The score of a neuron is the mean over the probe images of the selected classes (all when
@@ -445,18 +446,24 @@ class JASImportance(tp.importance.Importance):
                 ``classes`` is given, False otherwise).
             model: when given, refuse masks computed on other weights (compared by the weights
                 digest the run stored); without it only the FFN widths are checked, at pruning.
+            digest: the same check with an already computed
+                :func:`~jas_prune.pathstore.weights_digest` of the model.
 
         Raises:
-            ValueError: unknown class.
-            FingerprintMismatchError: the saved importance does not fit the masks' layers.
+            ValueError: unknown class; an unknown aggregation, or one an older masks file does
+                not hold.
+            FingerprintMismatchError: the saved importance does not fit the masks' layers, or
+                ``model``/``digest`` differ from the model the masks were computed on.
         """
         from .aggregate import load_masks
 
         masks = load_masks(run_dir)
-        if model is not None:
+        if model is not None and digest is None:
             from .pathstore import weights_digest
 
-            masks.check_model(weights_digest(model), source=str(run_dir))
+            digest = weights_digest(model)
+        if digest is not None:
+            masks.check_model(digest, source=str(run_dir))
         names = list(masks.class_names)
         importance = torch.as_tensor(masks.importance_for(aggregation), dtype=torch.float64)
         topk = torch.as_tensor(masks.topk, dtype=torch.bool)

@@ -99,9 +99,9 @@ class PathStore:
     def done(self, i: int) -> bool:
         return self.chunk_path(i).is_file()
 
-    def pending(self, n_images: int, *, rank: int = 0, world: int = 1) -> list[int]:
-        """Chunks not written yet (of this rank's shard: ``i % world == rank``)."""
-        return [i for i in range(self.n_chunks(n_images)) if i % world == rank and not self.done(i)]
+    def pending(self, n_images: int) -> list[int]:
+        """Chunks not written yet, in order (ranks under torchrun share them out)."""
+        return [i for i in range(self.n_chunks(n_images)) if not self.done(i)]
 
     def remove_partial(self) -> list[Path]:
         """Delete the temporary files of writes that never finished (a run killed mid-write).

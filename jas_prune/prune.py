@@ -35,6 +35,7 @@ from .importance import (
 __all__ = [
     "MODES",
     "PruneSummary",
+    "PruneSettingError",
     "BudgetError",
     "prune_ffn",
     "cut_head",
@@ -47,8 +48,20 @@ __all__ = [
 MODES = ("uniform", "global")
 
 
-class BudgetError(ValueError):
-    """The neurons that must stay (protected masks, ``min_keep``) exceed what the ratio keeps."""
+class PruneSettingError(ValueError):
+    """Settings this model or budget cannot meet (a user error, unlike a malformed argument)."""
+
+
+class BudgetError(PruneSettingError):
+    """The neurons that must stay (protected masks, ``min_keep``) exceed what the ratio keeps.
+
+    Attributes:
+        protected: whether protected neurons (class TopK masks) take part in the excess.
+    """
+
+    def __init__(self, message: str, *, protected: bool):
+        super().__init__(message)
+        self.protected = protected
 
 
 @dataclass
@@ -131,7 +144,7 @@ def _keep_uniform(scores: Mapping[int, torch.Tensor], ratio: float,
         prot = protect.get(block, [])
         if len(prot) > n_keep:
             raise BudgetError(f"protect[{block}]: {len(prot)} protected neurons but ratio {ratio} keeps only "
-                             f"{n_keep} of {n}")
+                              f"{n_keep} of {n}", protected=True)
         order = torch.sort(s, descending=True, stable=True).indices.tolist()
         chosen = set(prot)
         for i in order:
@@ -154,7 +167,7 @@ def _keep_global(scores: Mapping[int, torch.Tensor], ratio: float, protect: Mapp
     forced = int(torch.isinf(flat).sum())
     if forced > n_keep:
         raise BudgetError(f"ratio: removing {ratio} of {total} FFN neurons keeps {n_keep}, but protect and "
-                         f"min_keep={min_keep} force keeping {forced}")
+                          f"min_keep={min_keep} force keeping {forced}", protected=any(len(v) for v in protect.values()))
     top = torch.sort(flat, descending=True, stable=True).indices[:n_keep]
     kept: dict[int, list[int]] = {b: [] for b in blocks}
     for j, i in zip(owner[top].tolist(), local[top].tolist()):
@@ -213,7 +226,7 @@ def cut_head(model: nn.Module, classes: Sequence[int | str], *, example_inputs: 
     vit, _ = _find_vit(model)
     head = getattr(vit, "head", None)
     if not isinstance(head, nn.Linear):
-        raise ValueError(f"head_classes: the model's head is {type(head).__name__}, not a linear classifier")
+        raise PruneSettingError(f"head_classes: the model's head is {type(head).__name__}, not a linear classifier")
     previous = getattr(vit, "jas_head_classes", None)
     names = list(class_names) if class_names is not None else getattr(vit, "jas_head_class_names", None)
     keep = resolve_head_classes(classes, head.out_features, names)
@@ -302,12 +315,14 @@ def prune_ffn(model: nn.Module, scores: Mapping[int, Any] | JASImportance, *, ra
     if means is not None:
         for block in widths:
             if info.layers[block].fc2.bias is None:
-                raise ValueError(f"bias_compensation: block {block} fc2 has no bias to compensate into")
+                raise PruneSettingError(f"bias_compensation: block {block} fc2 has no bias to compensate into")
     if head_classes is not None:
         head = getattr(vit, "head", None)
-        n_out = head.out_features if isinstance(head, nn.Linear) else 0
+        if not isinstance(head, nn.Linear):  # validate before touching the model
+            raise PruneSettingError(f"head_classes: the model's head is {type(head).__name__}, "
+                                    "not a linear classifier")
         names = class_names if class_names is not None else getattr(vit, "jas_head_class_names", None)
-        resolve_head_classes(head_classes, n_out, names)  # validate before touching the model
+        resolve_head_classes(head_classes, head.out_features, names)
 
     if mode == "uniform":
         kept = _keep_uniform(score_map, ratio, prot)

@@ -8,6 +8,7 @@ other ranks of a torchrun run), ``metrics.json`` (rewritten atomically after eve
 
 from __future__ import annotations
 
+import functools
 import logging
 import os
 import random
@@ -62,6 +63,9 @@ def check_stages(recipe: Recipe) -> None:
                                      "(JAS importance comes from the class masks)")
     if recipe.evaluate.intervention and recipe.attribution is None:
         raise StageNotAvailableError("evaluate.intervention: needs the attribution section")
+    if recipe.evaluate.cls_mask.ablation is not None and "paper_cls_mask" not in recipe.evaluate.protocols:
+        raise StageNotAvailableError("evaluate.cls_mask.ablation: needs 'paper_cls_mask' in evaluate.protocols "
+                                     "(it ablates that protocol)")
     if "paper_cls_mask" in recipe.evaluate.protocols and recipe.masks is None:
         raise StageNotAvailableError(
             "evaluate.protocols: 'paper_cls_mask' needs the attribution and masks sections (it keeps the class TopK)")
@@ -75,7 +79,8 @@ def check_against_model(recipe: Recipe, model: nn.Module, source: DataSource) ->
             above an FFN width (naming the block and the width), ``evaluate.cls_mask.depth``
             above the model's depth.
         UnsupportedModelError: ``attribution.scope: cls`` for a model without a class token.
-        DataError: a ``prune.classes`` entry that is not a class of the data set.
+        DataError: a ``prune.classes`` entry that is not a class of the data set, or has no probe
+            or no test images.
     """
     from .errors import RecipeError
     from .models import discover_ffn
@@ -104,7 +109,16 @@ def check_against_model(recipe: Recipe, model: nn.Module, source: DataSource) ->
         if wide is not None:
             raise RecipeError(f"evaluate.cls_mask.ablation.topk: {wide} exceeds the FFN width {min(info.widths)}")
     if recipe.prune is not None and recipe.prune.classes is not None:
-        resolve_classes(recipe.prune.classes, source.class_names)
+        from .errors import DataError
+
+        classes = resolve_classes(recipe.prune.classes, source.class_names)
+        for part in ("probe", "test"):  # importance needs probe images, accuracy test images
+            have = {s.label for s in source.subset(part, classes)}
+            empty = next((c for c in classes if c not in have), None)
+            if empty is not None:
+                raise DataError(f"prune.classes: class {source.class_names[empty]!r} has no {part} images "
+                                f"(data.probe_fraction {recipe.data.probe_fraction}, "
+                                f"{sum(s.label == empty for s in source.samples)} image(s) in the data set)")
 
 
 @dataclass
@@ -122,6 +136,13 @@ class RunContext:
     scores: dict[tuple, Any] = field(default_factory=dict)
     #: this process's rank under torchrun (a one-process run by default)
     dist: Dist = field(default_factory=Dist)
+
+    @functools.cached_property
+    def digest(self) -> str:
+        """SHA-256 of the model's weights (``pathstore.weights_digest``), computed once per run."""
+        from .pathstore import weights_digest
+
+        return weights_digest(self.model)
 
     def criterion_scores(self, method: str, loader, classes: list[int] | None = None, **kwargs: Any):
         """``importance.criterion_scores`` on the probe data, computed once per (method, classes)."""
@@ -176,6 +197,7 @@ def stage_dense(ctx: RunContext) -> None:
                                     sample_ids=[s.id for s in samples], desc="evaluate dense")
     acc = accuracy(logits, labels)
     size = count_params_macs(ctx.model, input_size(ctx.model))
+    ctx.metrics.setdefault("fingerprint", {})["model"] = ctx.digest
     ctx.metrics["dense"] = {"top1": acc["top1"], "top5": acc["top5"], "params": size["params"],
                             "macs": size["macs"], "test_images": acc["n"]}
     log.info("dense: top1 %.4f top5 %.4f params %d macs %d on %d test images",
@@ -220,19 +242,23 @@ def check_resumable(ctx: RunContext) -> None:
     Raises:
         FingerprintMismatchError: naming the part (model, data, attribution) that differs.
     """
-    from .pathstore import PathStore, weights_digest
+    from .errors import FingerprintMismatchError
+    from .pathstore import PathStore
 
+    stored = ctx.metrics.get("fingerprint", {}).get("model")
+    if stored is not None and stored != ctx.digest:  # also guards runs without paths/ (pruned entries)
+        raise FingerprintMismatchError(
+            f"--resume {ctx.out}: the stored results were computed with a different model (weights digest "
+            f"{stored[:12]}… vs {ctx.digest[:12]}…); use a new --out directory or restore the original settings")
     if ctx.recipe.attribution is None:
         return
     parts = [("probe", ctx.recipe.attribution.methods)]
     if ctx.recipe.evaluate.intervention:
         parts.append(("test", list(TABLE1_METHODS)))
-    digest = None
     for part, methods in parts:
         store = PathStore(ctx.out / "paths" / part, chunk_size=CHUNK_SIZE)
         if (store.root / "fingerprint.json").exists():
-            digest = digest or weights_digest(ctx.model)
-            store.check_or_write_fingerprint(_paths_fingerprint(ctx, part, methods, digest), resume=True)
+            store.check_or_write_fingerprint(_paths_fingerprint(ctx, part, methods, ctx.digest), resume=True)
 
 
 def _check_finite(r: Any, chunk: list, where: str) -> None:
@@ -264,7 +290,7 @@ def stage_locate(ctx: RunContext, part: str, *, methods: list[str] | None = None
     from tqdm.auto import tqdm
 
     from .locate import locate
-    from .pathstore import PathStore, weights_digest
+    from .pathstore import PathStore
 
     dist = ctx.dist
     methods = methods or ctx.recipe.attribution.methods  # type: ignore[union-attr]
@@ -273,9 +299,7 @@ def stage_locate(ctx: RunContext, part: str, *, methods: list[str] | None = None
     store = PathStore(ctx.out / "paths" / part, chunk_size=CHUNK_SIZE)
     with dist.stage(f"checking paths/{part}") as plan:
         if dist.is_root:  # one rank reads and writes the fingerprint: no race on it
-            digest = weights_digest(ctx.model)
-            ctx.metrics.setdefault("fingerprint", {})["model"] = digest
-            store.check_or_write_fingerprint(_paths_fingerprint(ctx, part, methods, digest), resume=resume)
+            store.check_or_write_fingerprint(_paths_fingerprint(ctx, part, methods, ctx.digest), resume=resume)
             removed = store.remove_partial()
             if removed:
                 log.info("locate %s: removed %d unfinished write(s) of an interrupted run", part, len(removed))
@@ -289,6 +313,7 @@ def stage_locate(ctx: RunContext, part: str, *, methods: list[str] | None = None
         bar = tqdm(mine, desc=f"locate {part} ({'+'.join(methods)})", unit="chunk", mininterval=2,
                    disable=not dist.is_root)
         for i in bar:
+            dist.check_peers(f"locating {part}")  # another rank failed: stop now, not after our share
             rng = store.chunk_range(i, len(samples))
             chunk = [samples[j] for j in rng]
             x, y = _images(ctx, chunk)
@@ -351,17 +376,15 @@ def stage_masks(ctx: RunContext) -> None:
         ctx.metrics.setdefault("paper", {})["semantic"] = semantic
 
 
-def stage_intervention(ctx: RunContext, *, resume: bool = False) -> None:
+def stage_intervention(ctx: RunContext) -> None:
     """Table 1 on the test partition: path JAS, removal/enhancement deviations per method.
 
-    Under torchrun the test partition is located by every rank, like the probe partition; the
-    rest runs on rank 0 (the other ranks return right after locating)."""
+    Reads ``paths/test/``, located beforehand (``stage_locate(ctx, "test",
+    methods=TABLE1_METHODS)``: under torchrun by every rank, like the probe partition); runs on
+    rank 0 alone."""
     from .evaluate import intervention_metrics
     from .pathstore import PathStore
 
-    stage_locate(ctx, "test", methods=list(TABLE1_METHODS), resume=resume)
-    if not ctx.dist.is_root:
-        return
     loader, samples = ctx.loader("test")
     located = PathStore(ctx.out / "paths" / "test", chunk_size=CHUNK_SIZE).read(len(samples), scores=False)
     scope = ctx.recipe.attribution.scope  # type: ignore[union-attr]
@@ -377,36 +400,47 @@ def stage_intervention(ctx: RunContext, *, resume: bool = False) -> None:
 
 def stage_cls_mask(ctx: RunContext) -> None:
     """The paper's CLS-token masking protocol on the test partition, for the class TopK masks of
-    every located method, a ViT-Slim-style learned mask and a random mask of the same size."""
+    every located method, a ViT-Slim-style learned mask and a random mask of the same size (and
+    the top-K × depth × fraction ablation when the recipe asks).
+
+    Every mask is nested: a class's top-K are the first K of its neurons by path frequency, the
+    random ones the first K of one seeded permutation per (class, block), so the ablation's cell
+    at ``masks.topk`` is the main protocol's mask.
+    """
     from .aggregate import aggregate_store
     from .evaluate import cls_mask_protocol
     from .models import discover_ffn
 
     a, mk, cm = ctx.recipe.attribution, ctx.recipe.masks, ctx.recipe.evaluate.cls_mask
     assert a is not None and mk is not None
-    widths = discover_ffn(ctx.model).widths
-    C, n, K = ctx.source.num_classes, widths[0], mk.topk
-    keeps: dict[str, torch.Tensor] = {}
-    layers: list[int] = []
-    for method in a.methods:
-        masks = aggregate_store(_probe_chunks(ctx), method, num_classes=C, widths=n, topk=K,
-                                class_names=ctx.source.class_names)
-        keeps[method], layers = masks.topk, masks.layers
+    info = discover_ffn(ctx.model)
+    C, n, K = ctx.source.num_classes, info.widths[0], mk.topk
+    k_max = max([K, *(cm.ablation.topk if cm.ablation is not None else [])])
+    ranked = {method: aggregate_store(_probe_chunks(ctx), method, num_classes=C, widths=n, topk=k_max,
+                                      class_names=ctx.source.class_names) for method in a.methods}
+    layers = ranked[a.methods[0]].layers
     L = len(layers)
+    gen = torch.Generator().manual_seed(ctx.recipe.runtime.seed)
+    shuffled = torch.stack([torch.stack([torch.randperm(n, generator=gen) for _ in range(L)]) for _ in range(C)])
+
+    def class_keep(name: str, k: int) -> torch.Tensor:
+        """[C, L, n] bool: the first k neurons of each class's order (none for a class without probe images)."""
+        if name == "random":
+            return _nested_keep(shuffled, k, n)
+        keep = _nested_keep(ranked[name].topk_indices, k, n)
+        keep[ranked[name].counts == 0] = False
+        return keep
+
+    keeps = {method: class_keep(method, K) for method in a.methods}
     probe_loader, _ = ctx.loader("probe")
     slim = ctx.criterion_scores("vit_slim", probe_loader)
     slim_keep = torch.zeros(L, n, dtype=torch.bool)
     for j, block in enumerate(layers):
         slim_keep[j, slim[block].topk(K).indices] = True
     keeps["vit_slim"] = slim_keep.expand(C, L, n).clone()
-    gen = torch.Generator().manual_seed(ctx.recipe.runtime.seed)
-    rand_keep = torch.zeros(C, L, n, dtype=torch.bool)
-    for c in range(C):
-        for j in range(L):
-            rand_keep[c, j, torch.randperm(n, generator=gen)[:K]] = True
-    keeps["random"] = rand_keep
+    keeps["random"] = class_keep("random", K)
     test_loader, samples = ctx.loader("test")
-    depth = cm.depth or len(widths)
+    depth = cm.depth or info.depth
     results: dict[str, list[dict[str, float]]] = {}
     for name, keep in keeps.items():
         results[name] = []
@@ -417,8 +451,21 @@ def stage_cls_mask(ctx: RunContext) -> None:
     entry: dict[str, Any] = {"topk": K, "depth": depth, "fractions": cm.fractions, "test_images": len(samples),
                              "results": results}
     log.info("paper CLS-mask protocol: %s", {k: [round(r["top5"], 4) for r in v] for k, v in results.items()})
-    if cm.ablation is not None:
-        entry["ablation"] = _cls_mask_ablation(ctx, a.methods[0], layers, test_loader)
+    if cm.ablation is not None:  # paper Table 3: every top-K x depth x fraction, first located method vs random
+        ab = cm.ablation
+        depths = ab.depth or sorted({max(1, round(info.depth / 3)), max(1, round(2 * info.depth / 3)), info.depth})
+        rows = []
+        for k in ab.topk:
+            for name in (a.methods[0], "random"):
+                keep = class_keep(name, k)
+                for d in depths:
+                    for fraction in cm.fractions:
+                        acc = cls_mask_protocol(ctx.model, test_loader, keep, layers, depth=d, fraction=fraction,
+                                                seed=ctx.recipe.runtime.seed)
+                        rows.append({"mask": name, "topk": k, "depth": d, "fraction": fraction,
+                                     "top1": acc["top1"], "top5": acc["top5"]})
+        entry["ablation"] = rows
+        log.info("paper CLS-mask ablation: %d settings (top-K %s × depth %s × fractions)", len(rows), ab.topk, depths)
     ctx.metrics.setdefault("paper", {})["cls_mask"] = entry
 
 
@@ -427,39 +474,6 @@ def _nested_keep(order: torch.Tensor, k: int, n: int) -> torch.Tensor:
     keep = torch.zeros(*order.shape[:2], n, dtype=torch.bool)
     keep.scatter_(2, order[:, :, :k], True)
     return keep
-
-
-def _cls_mask_ablation(ctx: RunContext, method: str, layers: list[int], test_loader) -> list[dict[str, Any]]:
-    """Every top-K × depth × fraction (paper Table 3) for the class TopK masks of ``method`` and
-    random masks of the same size. The masks are nested: the top-K of a class are the first K of
-    its neurons by path frequency, the random ones the first K of one seeded permutation."""
-    from .aggregate import aggregate_store
-    from .evaluate import cls_mask_protocol
-    from .models import discover_ffn
-
-    ab = ctx.recipe.evaluate.cls_mask.ablation
-    assert ab is not None
-    info = discover_ffn(ctx.model)
-    n, C, L = info.widths[0], ctx.source.num_classes, len(layers)
-    depths = ab.depth or sorted({max(1, round(info.depth / 3)), max(1, round(2 * info.depth / 3)), info.depth})
-    masks = aggregate_store(_probe_chunks(ctx), method, num_classes=C, widths=n, topk=max(ab.topk),
-                            class_names=ctx.source.class_names)
-    gen = torch.Generator().manual_seed(ctx.recipe.runtime.seed + 1)
-    shuffled = torch.stack([torch.stack([torch.randperm(n, generator=gen) for _ in range(L)]) for _ in range(C)])
-    rows = []
-    for k in ab.topk:
-        for name, order in ((method, masks.topk_indices), ("random", shuffled)):
-            keep = _nested_keep(order, k, n)
-            if name == method:
-                keep[masks.counts == 0] = False  # a class without probe images keeps nothing, as in its mask
-            for depth in depths:
-                for fraction in ctx.recipe.evaluate.cls_mask.fractions:
-                    acc = cls_mask_protocol(ctx.model, test_loader, keep, layers, depth=depth, fraction=fraction,
-                                            seed=ctx.recipe.runtime.seed)
-                    rows.append({"mask": name, "topk": k, "depth": depth, "fraction": fraction,
-                                 "top1": acc["top1"], "top5": acc["top5"]})
-    log.info("paper CLS-mask ablation: %d settings (top-K %s × depth %s × fractions)", len(rows), ab.topk, depths)
-    return rows
 
 
 def resolve_classes(names_or_ids, class_names: list[str], key: str = "prune.classes") -> list[int]:
@@ -499,7 +513,7 @@ def stage_prune(ctx: RunContext) -> None:
 
     from .checkpoint import save_pruned
     from .importance import JASImportance, ffn_activation_stats
-    from .prune import BudgetError, finetune, prune_ffn
+    from .prune import BudgetError, PruneSettingError, finetune, prune_ffn
 
     p = ctx.recipe.prune
     assert p is not None
@@ -525,7 +539,7 @@ def stage_prune(ctx: RunContext) -> None:
             continue
         t0 = time.perf_counter()
         if method == "jas":
-            imp = JASImportance.from_run(ctx.out, classes, aggregation=aggregation, model=ctx.model)
+            imp = JASImportance.from_run(ctx.out, classes, aggregation=aggregation, digest=ctx.digest)
             scores, protect = imp.scores, imp.protect
         else:
             scores = ctx.criterion_scores(method, probe_loader, classes, example_inputs=example, stats=stats)
@@ -537,11 +551,15 @@ def stage_prune(ctx: RunContext) -> None:
                 summary = prune_ffn(model, scores, ratio=ratio, mode=p.mode, protect=protect, example_inputs=example,
                                     bias_compensation=stats if comp else None, head_classes=head_classes,
                                     class_names=ctx.source.class_names)
-            except BudgetError as exc:  # the protected class masks do not fit the keep budget
+            except BudgetError as exc:  # what must stay (class masks, min_keep) exceeds the keep budget
                 from .errors import RecipeError
 
-                raise RecipeError(f"prune.ratios: {ratio} with method '{method}': {exc}; "
-                                  "lower prune.ratios or masks.topk") from None
+                hint = "lower prune.ratios or masks.topk" if exc.protected else "lower prune.ratios"
+                raise RecipeError(f"prune.ratios: {ratio} with method '{method}': {exc}; {hint}") from None
+            except PruneSettingError as exc:  # e.g. bias compensation into an fc2 without bias
+                from .errors import RecipeError
+
+                raise RecipeError(f"prune: {exc}") from None
             ft = None
             if p.finetune is not None and p.finetune.epochs > 0:
                 ft = finetune(model, probe_loader, epochs=p.finetune.epochs, lr=p.finetune.lr,
@@ -631,15 +649,12 @@ def run_recipe(recipe: Recipe, out: str | os.PathLike[str], *, resume: bool = Fa
 def _run_stages(recipe: Recipe, out: Path, device: torch.device, dist: Dist, *, resume: bool) -> dict[str, Any]:
     from .report import write_report
 
-    with dist.stage("preparing the run directory"):
-        if dist.is_root:
-            prepare_run_dir(out, resume=resume)
+    # rank 0 prepares --out; under torchrun every rank then checks that it sees that directory
+    dist.shared_dir(out, lambda: prepare_run_dir(out, resume=resume))
     handler = _attach_log(out, dist.rank)
     try:
         t0 = time.perf_counter()
         rt = recipe.runtime
-        if dist.is_root and not resume:
-            atomic_write_text(out / "recipe.yaml", dump_recipe(recipe))
         seed_everything(rt.seed)
         log.info("run %s on %s (torch %s)%s", out, device, torch.__version__,
                  f", rank {dist.rank} of {dist.world}" if dist.enabled else "")
@@ -663,30 +678,32 @@ def _run_stages(recipe: Recipe, out: Path, device: torch.device, dist: Dist, *, 
             resumed = dist.is_root and resume and (out / "metrics.json").exists()
             metrics: dict[str, Any] = read_json(out / "metrics.json") if resumed else {}
             ctx = RunContext(recipe, out, device, model, source, model_transform(model), metrics, dist=dist)
-            if dist.is_root and resume:  # refuse other settings before recipe.yaml or metrics change
-                check_resumable(ctx)
+            if dist.is_root:  # written once the recipe fits the model and data: a refused run leaves no trace
+                if resume:  # refuse other settings before recipe.yaml or metrics change
+                    check_resumable(ctx)
                 atomic_write_text(out / "recipe.yaml", dump_recipe(recipe))
             ctx.metrics["data"] = {"kind": source.kind, "classes": source.num_classes, "images": len(source.samples),
                                    "probe": len(source.probe), "test": len(source.test)}
-        with dist.stage("evaluating the dense model"):
-            if dist.is_root:
-                stage_dense(ctx)
-                ctx.save_metrics()
+        # the work the ranks share comes first: all of the locating, with nothing of rank 0 alone
+        # in between (the others would wait for it in a timed agreement, idle)
         if recipe.attribution is not None:
             stage_locate(ctx, "probe", resume=resume)
             ctx.save_metrics()
-        if recipe.masks is not None:
-            with dist.stage("building the masks"):
-                if dist.is_root:
-                    stage_masks(ctx)
-                    ctx.save_metrics()
-        if recipe.evaluate.intervention:
-            stage_intervention(ctx, resume=resume)
+        if recipe.evaluate.intervention:  # Table 1's test partition
+            stage_locate(ctx, "test", methods=list(TABLE1_METHODS), resume=resume)
             ctx.save_metrics()
         if not dist.is_root:
             log.info("rank %d: locating done; rank 0 runs the other stages", dist.rank)
             return {}
         dist.release()  # the other ranks are done: no more meetings
+        stage_dense(ctx)
+        ctx.save_metrics()
+        if recipe.masks is not None:
+            stage_masks(ctx)
+            ctx.save_metrics()
+        if recipe.evaluate.intervention:
+            stage_intervention(ctx)
+            ctx.save_metrics()
         if "paper_cls_mask" in recipe.evaluate.protocols:
             stage_cls_mask(ctx)
             ctx.save_metrics()

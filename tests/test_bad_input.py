@@ -78,6 +78,11 @@ def _folder(tmp: Path, bad: str | None = None) -> Path:
     images: ``garbage`` (not an image at all) or ``truncated`` (a valid header, cut body), or
     adds a class ``c`` without images (``no-images``)."""
     root = tmp / "images"
+    if bad == "single":  # class a keeps one image: it cannot be in both the probe and the test partition
+        _png(root / "b" / "0.png", seed=10)
+        _png(root / "b" / "1.png", seed=11)
+        _png(root / "a" / "0.png", seed=0)
+        return root
     if bad == "no-images":
         _write(root / "c" / "notes.txt", "not an image")
     for c, name in enumerate(("a", "b")):
@@ -208,6 +213,10 @@ CASES = [
          "prune.ratios: 1.0 is outside (0, 1)"),
     Case("ratio-0", lambda t, m: _run(t, "version: 1\nprune: {methods: [random], ratios: [0]}\n"),
          "prune.ratios: 0.0 is outside (0, 1)"),
+    Case("class-without-test-images", lambda t, m: _run(
+        t, f"version: 1\ndata: {{kind: imagefolder, root: {_folder(t, 'single')}}}\n"
+           "prune: {methods: [random], classes: [a]}\n"),
+        "prune.classes: class 'a' has no test images (data.probe_fraction 0.8, 1 image(s) in the data set)"),
     Case("class-unknown-name", lambda t, m: _run(t, BASE + "prune: {methods: [random], classes: [purple-hexagon]}\n"),
          "prune.classes: 'purple-hexagon' is not a class of the data set"),
     Case("class-index-out-of-range", lambda t, m: _run(t, BASE + "prune: {methods: [random], classes: [3, 48]}\n"),
@@ -333,6 +342,11 @@ def _record(case_id: str, args: list[str], code: int, line: str, tmp: Path) -> N
                                 "stderr": line.replace(str(tmp), "$TMP")}) + "\n")
 
 
+#: cases refused while a stage runs (the image or output is only met then): the run directory
+#: keeps its recipe.yaml, and a fixed run continues with --resume
+STARTED = {"nan-weights-dense", "image-truncated-in-a-worker"}
+
+
 def check_user_error(capsys, args: list[str], needle: str, tmp: Path, case_id: str) -> str:
     """Run the CLI; assert exit code 2 and one ``jas-prune: error:`` line (the last) with ``needle``."""
     capsys.readouterr()
@@ -355,6 +369,9 @@ def test_bad_input_exits_2_with_one_line(case: Case, tmp_path, tiny_builtin, cap
     args = case.args(tmp_path, tiny_builtin)
     check_user_error(capsys, args, case.needle, tmp_path, case.id)
     assert not (tmp_path / "run" / "metrics.json").exists()  # refused before any stage finished
+    if args[:2] == ["recipe", "run"] and "--resume" not in args and case.id not in STARTED:
+        # refused before any work: nothing marks the directory as a run, the fixed recipe re-runs there
+        assert not (tmp_path / "run" / "recipe.yaml").exists()
 
 
 def test_bare_group_prints_its_help(capsys):

@@ -44,6 +44,8 @@ def test_run_dense_end_to_end(tmp_path, tiny_builtin, capsys):
     ("version: 1\nattribution: {steps: 2}\nprune: {methods: [jas]}\n", "prune.methods: 'jas' needs the attribution and masks"),
     ("version: 1\nevaluate: {intervention: true}\n", "evaluate.intervention: needs the attribution section"),
     ("version: 1\nattribution: {steps: 2}\nevaluate: {protocols: [paper_cls_mask]}\n", "'paper_cls_mask' needs"),
+    ("version: 1\nevaluate: {cls_mask: {ablation: {topk: [1]}}}\n",
+     "evaluate.cls_mask.ablation: needs 'paper_cls_mask' in evaluate.protocols"),
 ])
 def test_stage_without_its_prerequisite_is_refused_before_any_work(tmp_path, capsys, text, needle):
     recipe = _write(tmp_path, text)

@@ -114,6 +114,46 @@ def test_a_failing_or_vanished_rank_stops_the_others(tmp_path):
     assert "lost rank 0: lost contact with the other ranks while waiting for rank 1" in zero
 
 
+SHARED_SCRIPT = textwrap.dedent("""
+    import sys, torch
+    from pathlib import Path
+    from jas_prune.distributed import SHARED_TOKEN, PeerFailedError, init_from_env
+    from jas_prune.errors import OutputDirError
+
+    d = init_from_env(torch.device("cpu"))
+    shared, own = Path(sys.argv[2]), Path(sys.argv[2] + f"-node{d.rank}")
+    d.shared_dir(shared, lambda: shared.mkdir())
+    print("shared ok", sorted(p.name for p in shared.iterdir()))
+    try:  # as if each rank ran on its own machine, with its own --out
+        d.shared_dir(own, lambda: own.mkdir())
+    except PeerFailedError as exc:
+        print("peer failed", exc.exit_code, exc)
+    except OutputDirError as exc:
+        print("own error", exc.exit_code, exc)
+    d.close()
+""")
+
+
+def test_every_rank_must_see_the_same_out(tmp_path):
+    script = tmp_path / "shared.py"
+    script.write_text(SHARED_SCRIPT)
+    port = free_port()
+    procs = []
+    for rank in (0, 1):
+        env = {**os.environ, "OMP_NUM_THREADS": "1", "WORLD_SIZE": "2", "RANK": str(rank), "LOCAL_RANK": str(rank),
+               "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(port), "JAS_PRUNE_DIST_TIMEOUT": "20"}
+        procs.append(subprocess.Popen([sys.executable, str(script), str(rank), str(tmp_path / "out")],
+                                      stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env))
+    outs = [p.communicate(timeout=120) for p in procs]
+    assert [p.returncode for p in procs] == [0, 0], [o[1][-2000:] for o in outs]
+    zero, one = outs[0][0], outs[1][0]
+    assert "shared ok []" in zero and "shared ok" in one  # rank 0 removes the token once every rank saw it
+    expected = f"--out {tmp_path}/out-node1: rank 1 does not see the run directory rank 0 prepared"
+    assert f"own error 2 {expected}" in one, one
+    assert f"peer failed 2 rank 1 failed while checking that every rank sees --out: {expected}" in zero, zero
+    assert "shared file system" in one
+
+
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
 def test_too_few_gpus_is_a_user_error(monkeypatch):
     from jas_prune.distributed import init_from_env
@@ -127,3 +167,35 @@ def test_too_few_gpus_is_a_user_error(monkeypatch):
     monkeypatch.setenv("MASTER_PORT", str(free_port()))
     with pytest.raises(StageNotAvailableError, match="GPU"):
         init_from_env(torch.device("cuda"))
+
+
+def test_a_bad_image_on_rank_1_stops_rank_0_within_a_chunk(tmp_path):
+    """Rank 1's first chunk holds a truncated PNG: rank 1 fails at once and rank 0, which owns
+    chunks 0, 2, ..., 10, stops after the chunk it is on instead of locating its whole share
+    (or waiting for the stage timeout) first."""
+    import time
+
+    from jas_prune.data import build_source, write_shapes_split
+
+    root = tmp_path / "images"
+    write_shapes_split("probe", root, seed=0, images_per_class=10)  # 48 classes x 8 PNGs
+    probe = build_source("imagefolder", root=str(root), seed=0, probe_fraction=0.9).subset("probe")
+    assert len(probe) == 336  # 11 chunks: 6 on rank 0, 5 on rank 1
+    bad = Path(probe[32].ref)  # the first image of chunk 1, rank 1's first
+    bad.write_bytes(bad.read_bytes()[: bad.stat().st_size // 2])
+    recipe = tmp_path / "r.yaml"
+    recipe.write_text(f"version: 1\ndata: {{kind: imagefolder, root: {root}, probe_fraction: 0.9}}\n"
+                      "attribution: {method: jas, steps: 2}\nruntime: {device: cpu, seed: 0}\n")
+    out = tmp_path / "run"
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "JAS_PRUNE_DIST_TIMEOUT": "120"}
+    t0 = time.monotonic()
+    proc = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2",
+                           f"--master_port={free_port()}", "-m", "jas_prune", "recipe", "run", str(recipe),
+                           "--out", str(out)], capture_output=True, text=True, env=env, timeout=300)
+    wall = time.monotonic() - t0
+    assert proc.returncode != 0, proc.stderr[-3000:]
+    assert f"jas-prune: error: data.root: cannot read image {bad}" in proc.stderr  # rank 1's own line
+    assert "jas-prune: error: rank 1 failed while locating probe: data.root: cannot read image" in proc.stderr
+    chunks = sorted(p.name for p in (out / "paths" / "probe").glob("chunk-*.safetensors"))
+    assert len(chunks) <= 2 and "chunk-00001.safetensors" not in chunks, chunks  # not rank 0's 6 chunks
+    assert wall < 60, f"{wall:.0f} s"

@@ -49,7 +49,9 @@ def test_every_stage_writes_its_part(run_dir, tiny_builtin):
     ablation = {(r["mask"], r["topk"], r["depth"], r["fraction"]): r for r in cm["ablation"]}
     assert set(ablation) == {(mask, k, d, 0.5) for mask in ("jas", "random") for k in (1, 2) for d in (1, 2)}
     # the ablation's K = masks.topk, depth = cls_mask.depth cell is the main protocol's measurement
-    assert ablation[("jas", 2, 1, 0.5)]["top5"] == cm["results"]["jas"][0]["top5"]
+    for mask in ("jas", "random"):
+        assert ablation[(mask, 2, 1, 0.5)]["top5"] == cm["results"][mask][0]["top5"]
+        assert ablation[(mask, 2, 1, 0.5)]["top1"] == cm["results"][mask][0]["top1"]
     assert (run_dir / "figures" / "cls_mask_ablation.png").is_file()
     report = (run_dir / "report.md").read_text()
     for heading in ("## Dense model", "## Neuron paths", "## Paper Table 1", "## Paper protocol",
@@ -61,6 +63,7 @@ def test_every_stage_writes_its_part(run_dir, tiny_builtin):
 def test_resume_with_another_importance_aggregation_redoes_only_jas(run_dir, capsys):
     before = json.loads((run_dir / "metrics.json").read_text())
     assert {e.get("importance") for e in before["pruned"] if e["method"] == "jas"} == {"mean"}
+    mtime = {e["checkpoint"]: (run_dir / e["checkpoint"]).stat().st_mtime_ns for e in before["pruned"]}
     recipe = run_dir.parent / "r.yaml"
     assert main(["recipe", "run", str(recipe), "--out", str(run_dir), "--resume",
                  "--set", "masks.importance=mean_abs_centered", "--set", "export.onnx.verify=false"]) == 0
@@ -71,6 +74,9 @@ def test_resume_with_another_importance_aggregation_redoes_only_jas(run_dir, cap
     rand = lambda m: sorted((e["checkpoint"], e["top1"], e["score_seconds"]) for e in m["pruned"]
                             if e["method"] == "random")  # noqa: E731
     assert rand(after) == rand(before)  # finished entries of other methods are not recomputed
+    for e in after["pruned"]:  # the JAS checkpoints were written again, the others left alone
+        rewritten = (run_dir / e["checkpoint"]).stat().st_mtime_ns != mtime[e["checkpoint"]]
+        assert rewritten == (e["method"] == "jas"), e["checkpoint"]
 
 
 def test_pruned_checkpoint_reproduces_its_accuracy(run_dir):

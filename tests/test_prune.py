@@ -174,3 +174,23 @@ def test_finetune_after_head_cut(model, loader):
     assert not torch.equal(before, model.blocks[0].mlp.fc1.weight)
     assert not model.training
     assert finetune(model, loader, epochs=0)["steps"] == 0
+
+
+def test_settings_the_model_cannot_meet_are_prune_setting_errors(model):
+    """Model incompatibilities are ``PruneSettingError`` (the recipe turns them into user errors)."""
+    from torch import nn
+
+    from jas_prune.prune import PruneSettingError
+
+    scores = {b: torch.rand(64) for b in range(3)}
+    no_bias = copy.deepcopy(model)
+    no_bias.blocks[1].mlp.fc2.bias = None
+    with pytest.raises(PruneSettingError, match="bias_compensation: block 1 fc2 has no bias"):
+        prune_ffn(no_bias, scores, ratio=0.5, bias_compensation={b: torch.zeros(64) for b in range(3)})
+    mlp_head = copy.deepcopy(model)
+    mlp_head.head = nn.Sequential(nn.Linear(mlp_head.head.in_features, 6))
+    with pytest.raises(PruneSettingError, match="not a linear classifier"):
+        prune_ffn(mlp_head, scores, ratio=0.5, head_classes=[0, 1])
+    with pytest.raises(BudgetError) as info:  # min_keep alone: no class masks involved
+        prune_ffn(copy.deepcopy(model), scores, ratio=0.99, mode="global", min_keep=0.5)
+    assert not info.value.protected

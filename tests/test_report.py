@@ -190,3 +190,11 @@ def test_clustered_order_and_class_choice_are_deterministic():
     chosen = choose_classes(counts, sim, k=3)
     assert chosen == [0, 1, 2] and len({labels[c] for c in chosen}) == 3  # one per group, lowest index first
     assert choose_classes([1, 3, 3, 0], None, k=2) == [1, 2]
+
+
+def test_tradeoff_figure_without_a_dense_line(tmp_path):
+    from jas_prune.figures import Panel, tradeoff_figure
+
+    path = tradeoff_figure(tmp_path / "t.png", [Panel("no dense", {"jas": [(30.0, 90.0, None), (50.0, 80.0, 1.5)]})],
+                           title="t", xlabel="removed (%)", ylabel="top-1 (%)")
+    assert path is not None and path.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
