@@ -38,9 +38,13 @@ def per_image_importance(scores: torch.Tensor, aggregation: str = "mean") -> tor
         return scores
     if aggregation == "mean_abs":
         return scores.abs()
-    if aggregation == "mean_abs_centered":
-        return (scores - scores.median(dim=2, keepdim=True).values).abs()
-    raise ValueError(f"aggregation: '{aggregation}' is not one of {', '.join(IMPORTANCE_AGGREGATIONS)}")
+    _check_aggregation(aggregation)
+    return (scores - scores.median(dim=2, keepdim=True).values).abs()  # mean_abs_centered
+
+
+def _check_aggregation(aggregation: str) -> None:
+    if aggregation not in IMPORTANCE_AGGREGATIONS:
+        raise ValueError(f"aggregation: '{aggregation}' is not one of {', '.join(IMPORTANCE_AGGREGATIONS)}")
 
 
 @dataclass
@@ -82,8 +86,7 @@ class ClassMasks:
         """
         if aggregation == "mean":
             return self.importance
-        if aggregation not in IMPORTANCE_AGGREGATIONS:
-            per_image_importance(self.importance[:0], aggregation)  # raises the named error
+        _check_aggregation(aggregation)
         if aggregation not in self.importance_by:
             raise ValueError(f"aggregation: '{aggregation}' is not stored in these masks; rebuild them "
                              "(re-run the recipe with --resume: the paths are reused)")

@@ -201,15 +201,14 @@ def _classes_label(classes: Sequence[int] | None, names: Sequence[str] | None, l
 
 def _semantic(metrics: dict[str, Any], masks) -> tuple[dict[str, Any] | None, dict[str, np.ndarray] | None]:
     """Finding 4: from ``metrics.paper.semantic``, else computed from the masks (older runs)."""
-    from .semantic import pair_groups, semantic_check
+    from .semantic import pair_groups, summarise_groups
 
     check = (metrics.get("paper") or {}).get("semantic")
     groups = None
     if masks is not None:
-        valid = (masks.counts > 0).numpy()
-        groups = pair_groups(masks.similarity.numpy(), masks.class_names, valid)
-        if check is None:
-            check = semantic_check(masks.similarity.numpy(), masks.class_names, valid)
+        groups = pair_groups(masks.similarity.numpy(), masks.class_names, (masks.counts > 0).numpy())
+        if check is None and groups is not None:
+            check = summarise_groups(groups)
     return check, groups
 
 

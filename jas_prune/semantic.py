@@ -17,7 +17,7 @@ import numpy as np
 
 from . import shapes
 
-__all__ = ["parse_attributes", "mann_whitney_auc", "pair_groups", "semantic_check", "GROUPS"]
+__all__ = ["summarise_groups", "parse_attributes", "mann_whitney_auc", "pair_groups", "semantic_check", "GROUPS"]
 
 #: Pair groups, in display order: (key, label).
 GROUPS: tuple[tuple[str, str], ...] = (
@@ -115,8 +115,11 @@ def semantic_check(similarity: Any, class_names: Sequence[str], valid: Any = Non
         "shares nothing"); None for names that are not shapes classes.
     """
     groups = pair_groups(similarity, class_names, valid)
-    if groups is None:
-        return None
+    return None if groups is None else summarise_groups(groups)
+
+
+def summarise_groups(groups: dict[str, np.ndarray]) -> dict[str, Any]:
+    """:func:`semantic_check`'s figures from the pair similarities of :func:`pair_groups`."""
     shared = np.concatenate([groups["shape_only"], groups["colour_only"]])
     return {
         "mean": {k: _mean(groups[k]) for k, _ in GROUPS},

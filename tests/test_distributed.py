@@ -95,19 +95,25 @@ RANK_SCRIPT = textwrap.dedent("""
 """)
 
 
-def test_a_failing_or_vanished_rank_stops_the_others(tmp_path):
-    script = tmp_path / "rank.py"
-    script.write_text(RANK_SCRIPT)
+def run_two_ranks(tmp_path: Path, script_text: str, *args: str) -> tuple[str, str]:
+    """Run ``script_text`` as ranks 0 and 1 of a 2-process group (torchrun's environment, 20 s
+    timeout); both must exit 0. Returns their stdout."""
+    script = tmp_path / "ranks.py"
+    script.write_text(script_text)
     port = free_port()
     procs = []
     for rank in (0, 1):
         env = {**os.environ, "OMP_NUM_THREADS": "1", "WORLD_SIZE": "2", "RANK": str(rank), "LOCAL_RANK": str(rank),
                "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(port), "JAS_PRUNE_DIST_TIMEOUT": "20"}
-        procs.append(subprocess.Popen([sys.executable, str(script), str(rank)], stdout=subprocess.PIPE,
+        procs.append(subprocess.Popen([sys.executable, str(script), str(rank), *args], stdout=subprocess.PIPE,
                                       stderr=subprocess.PIPE, text=True, env=env))
     outs = [p.communicate(timeout=120) for p in procs]
     assert [p.returncode for p in procs] == [0, 0], [o[1][-2000:] for o in outs]
-    zero, one = outs[0][0], outs[1][0]
+    return outs[0][0], outs[1][0]
+
+
+def test_a_failing_or_vanished_rank_stops_the_others(tmp_path):
+    zero, one = run_two_ranks(tmp_path, RANK_SCRIPT)
     assert "values [0, 10]" in zero and "values [0, 10]" in one
     assert "peer failed 2 rank 1 failed while reading images: image 7 is unreadable" in zero
     assert "own error" in one
@@ -117,7 +123,7 @@ def test_a_failing_or_vanished_rank_stops_the_others(tmp_path):
 SHARED_SCRIPT = textwrap.dedent("""
     import sys, torch
     from pathlib import Path
-    from jas_prune.distributed import SHARED_TOKEN, PeerFailedError, init_from_env
+    from jas_prune.distributed import PeerFailedError, init_from_env
     from jas_prune.errors import OutputDirError
 
     d = init_from_env(torch.device("cpu"))
@@ -135,18 +141,7 @@ SHARED_SCRIPT = textwrap.dedent("""
 
 
 def test_every_rank_must_see_the_same_out(tmp_path):
-    script = tmp_path / "shared.py"
-    script.write_text(SHARED_SCRIPT)
-    port = free_port()
-    procs = []
-    for rank in (0, 1):
-        env = {**os.environ, "OMP_NUM_THREADS": "1", "WORLD_SIZE": "2", "RANK": str(rank), "LOCAL_RANK": str(rank),
-               "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(port), "JAS_PRUNE_DIST_TIMEOUT": "20"}
-        procs.append(subprocess.Popen([sys.executable, str(script), str(rank), str(tmp_path / "out")],
-                                      stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env))
-    outs = [p.communicate(timeout=120) for p in procs]
-    assert [p.returncode for p in procs] == [0, 0], [o[1][-2000:] for o in outs]
-    zero, one = outs[0][0], outs[1][0]
+    zero, one = run_two_ranks(tmp_path, SHARED_SCRIPT, str(tmp_path / "out"))
     assert "shared ok []" in zero and "shared ok" in one  # rank 0 removes the token once every rank saw it
     expected = f"--out {tmp_path}/out-node1: rank 1 does not see the run directory rank 0 prepared"
     assert f"own error 2 {expected}" in one, one
