@@ -38,7 +38,7 @@ from typing import Any, Callable, Iterator
 
 import torch
 
-from .errors import JasPruneError, OutputDirError, StageNotAvailableError
+from .errors import OutputDirError, PeerFailedError, StageNotAvailableError
 
 __all__ = [
     "Dist",
@@ -62,14 +62,6 @@ _FAILURES_KEY = "failures"
 _FAILED_KEY = "failed"
 #: File rank 0 writes in ``--out`` for the other ranks to find (removed once they have).
 SHARED_TOKEN = ".jas-prune-shared-dir"
-
-
-class PeerFailedError(JasPruneError):
-    """Another rank failed; this rank stops with the same exit code."""
-
-    def __init__(self, message: str, exit_code: int = 1):
-        super().__init__(message)
-        self.exit_code = exit_code
 
 
 class Interrupted(BaseException):

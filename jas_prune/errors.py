@@ -1,24 +1,40 @@
-"""Exception types for user errors.
+"""Every user error of jas-prune, in one hierarchy.
 
-Every class here is a *user* error: the CLI turns it into exit code 2 and one line on stderr.
-Anything else that escapes is an internal failure (exit code 1, traceback in the run log).
+Every class here subclasses :class:`JasPruneError`: the CLI catches it once, at its edge, and
+turns it into exit code 2 (or the error's own ``exit_code``) and one line on stderr. Errors are
+raised where they are detected; nothing translates one type into another by reading messages.
+Classes that describe a bad argument also subclass ``ValueError``, so Python callers that catch
+``ValueError`` (as they would for any library) keep working. Anything that escapes and is not a
+:class:`JasPruneError` is an internal failure (exit code 1, traceback in the run log).
 """
 
 from __future__ import annotations
 
+from typing import Any
+
 __all__ = [
     "one_line",
     "JasPruneError",
+    "InvalidArgumentError",
     "RecipeError",
+    "AttributionSettingError",
     "DataError",
+    "ClassSelectionError",
     "UnsupportedModelError",
     "CheckpointError",
     "PretrainedUnavailableError",
     "StageNotAvailableError",
     "FingerprintMismatchError",
     "OutputDirError",
+    "StorageError",
+    "RunDirLockedError",
+    "TamperedFileError",
     "NonFiniteOutputError",
+    "PruneSettingError",
+    "BudgetError",
     "ExportVerificationError",
+    "MetricsSchemaError",
+    "PeerFailedError",
 ]
 
 
@@ -55,16 +71,28 @@ def one_line(exc: BaseException | str) -> str:
     return " ".join(part.strip() for part in text.splitlines() if part.strip())
 
 
-class RecipeError(JasPruneError):
+class InvalidArgumentError(JasPruneError, ValueError):
+    """A bad argument to the Python API (scores, masks, ratios, ...); the message names it."""
+
+
+class RecipeError(JasPruneError, ValueError):
     """Malformed recipe, unknown key, wrong type or out-of-range value (names the YAML path)."""
+
+
+class AttributionSettingError(RecipeError):
+    """An invalid ``attribution.*`` setting, from a recipe or from :func:`jas_prune.locate`."""
 
 
 class DataError(JasPruneError):
     """Missing or empty data root, class folder without images, unknown class names."""
 
 
+class ClassSelectionError(DataError, ValueError):
+    """A class list naming a class the data set or head does not have (names the entry)."""
+
+
 class UnsupportedModelError(JasPruneError):
-    """A model that is not a timm ViT with ``blk.mlp.fc1 -> act -> fc2`` blocks."""
+    """A model that is not a supported ViT (names what was found)."""
 
 
 class CheckpointError(JasPruneError):
@@ -76,7 +104,7 @@ class PretrainedUnavailableError(JasPruneError):
 
 
 class StageNotAvailableError(JasPruneError):
-    """The recipe enables a stage or option this version cannot run."""
+    """The recipe enables a stage or option this version or machine cannot run."""
 
 
 class FingerprintMismatchError(JasPruneError):
@@ -87,9 +115,61 @@ class OutputDirError(JasPruneError):
     """The output directory cannot be created or written."""
 
 
+class StorageError(OutputDirError):
+    """The operating system refused a write (no space, quota, read-only, permission denied).
+
+    The message names the file, the reason and how to continue (free space, ``--resume``).
+    """
+
+
+class RunDirLockedError(OutputDirError):
+    """Another process holds the run directory (names the directory and the process)."""
+
+
+class TamperedFileError(JasPruneError):
+    """A file recorded with its checksum changed since it was written (names the file)."""
+
+
 class NonFiniteOutputError(JasPruneError):
-    """The model produced NaN/Inf logits (names the image)."""
+    """The model produced NaN/Inf logits or scores (names the image)."""
+
+
+class PruneSettingError(JasPruneError, ValueError):
+    """Pruning settings this model or budget cannot meet (names the setting)."""
+
+
+class BudgetError(PruneSettingError):
+    """The neurons that must stay (protected masks, ``min_keep``) exceed what the ratio keeps.
+
+    Attributes:
+        protected: whether protected neurons (class TopK masks) take part in the excess.
+    """
+
+    def __init__(self, message: str, *, protected: bool = False) -> None:
+        super().__init__(message)
+        self.protected = protected
 
 
 class ExportVerificationError(JasPruneError):
-    """An exported ONNX model disagrees with PyTorch beyond the tolerance."""
+    """An exported ONNX model disagrees with PyTorch beyond the tolerance.
+
+    Attributes:
+        record: what was measured before the failure (parity, agreement, provider; the
+            ``metrics.json`` export record when it was being built), so a caller can keep it.
+    """
+
+    def __init__(self, message: str, *, record: dict[str, Any] | None = None) -> None:
+        super().__init__(message)
+        self.record: dict[str, Any] = dict(record or {})
+
+
+class MetricsSchemaError(JasPruneError):
+    """A ``metrics.json`` written by another (older or newer) schema of jas-prune."""
+
+
+class PeerFailedError(JasPruneError):
+    """Another rank of a torchrun run failed; this rank stops with the same exit code."""
+
+    def __init__(self, message: str, exit_code: int = 1) -> None:
+        super().__init__(message)
+        self.exit_code = exit_code

@@ -1,0 +1,56 @@
+"""The one class resolver: class names or indices -> sorted class indices.
+
+Used for ``prune.classes``, ``JASImportance.from_run(classes=...)`` and a cut classifier head, so
+that a class list means the same everywhere.
+"""
+
+from __future__ import annotations
+
+import operator
+from collections.abc import Sequence
+
+from .errors import ClassSelectionError
+
+__all__ = ["resolve_classes"]
+
+
+def resolve_classes(classes: Sequence[int | str] | int | str, class_names: Sequence[str] | int, *,
+                    key: str = "classes") -> list[int]:
+    """Sorted unique class indices.
+
+    Args:
+        classes: class names or indices (one, or a sequence). A string that is a class name is
+            that class; any other string of digits is an index (so ``"3"`` from a command line
+            works); integers are indices.
+        class_names: the names of the classes in label order, or just their number when there
+            are no names (then only indices are accepted).
+        key: the setting the classes came from, for the message (``prune.classes``).
+
+    Raises:
+        ClassSelectionError: an empty list, or an entry that is not a class (naming it, the number
+            of classes and an example name).
+    """
+    names = None if isinstance(class_names, int) else list(class_names)
+    count = class_names if isinstance(class_names, int) else len(class_names)
+    if isinstance(classes, (str, int)):
+        classes = [classes]
+    out: set[int] = set()
+    for c in classes:
+        idx: int | None = None
+        if isinstance(c, str):
+            if names is not None and c in names:
+                idx = names.index(c)
+            elif c.strip().isdigit():
+                idx = int(c)
+        elif not isinstance(c, bool):
+            try:
+                idx = operator.index(c)
+            except TypeError:
+                idx = None
+        if idx is None or not 0 <= idx < count:
+            example = f", e.g. {names[0]!r}" if names else ""
+            raise ClassSelectionError(f"{key}: {c!r} is not a class of the data set ({count} classes{example})")
+        out.add(idx)
+    if not out:
+        raise ClassSelectionError(f"{key}: must list at least one class (or be null for every class)")
+    return sorted(out)

@@ -1,0 +1,137 @@
+"""The run directory: the one owner of its layout and file names.
+
+Everything that reads or writes a run directory (the pipeline's stages, the report,
+``bench_select``, the CLI, ``JASImportance.from_run``) asks a :class:`RunDir` for the path
+instead of joining names itself::
+
+    run/
+      recipe.yaml            the resolved recipe (every default spelled out)
+      metrics.json           every figure, rewritten atomically after each stage
+      report.md, figures/    rebuilt from the files above by ``jas-prune report``
+      run.log                (``run.rank<N>.log`` for the other ranks of a torchrun run)
+      paths/<part>/          per-image locate results, chunk-NNNNN.safetensors + fingerprint.json
+      masks.safetensors      per-class utilisation, similarity, TopK masks, dense importance
+      pruned-*.safetensors   pruned checkpoints (``load_pruned``)
+      *.onnx + *.json        exported models and their sidecars
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+from typing import TYPE_CHECKING, Sequence
+
+if TYPE_CHECKING:  # pragma: no cover
+    from .pathstore import PathStore
+
+__all__ = ["RunDir", "CHUNK_SIZE", "PARTS"]
+
+#: Images per ``paths/`` chunk: fixed, so chunk i always holds the same images.
+CHUNK_SIZE = 32
+#: The data partitions a run locates: ``probe`` (attribution, masks, calibration) and ``test``.
+PARTS = ("probe", "test")
+
+
+class RunDir:
+    """Names of everything in one run directory (nothing is created by asking).
+
+    Args:
+        root: the directory (``--out``).
+    """
+
+    RECIPE = "recipe.yaml"
+    METRICS = "metrics.json"
+    REPORT = "report.md"
+    FIGURES = "figures"
+    LOG = "run.log"
+    MASKS = "masks.safetensors"
+    PATHS = "paths"
+    LOCK = ".jas-prune.lock"
+
+    def __init__(self, root: str | os.PathLike[str]) -> None:
+        self.root = Path(root)
+
+    def __repr__(self) -> str:
+        return f"RunDir({str(self.root)!r})"
+
+    def __fspath__(self) -> str:
+        return str(self.root)
+
+    # -- files -----------------------------------------------------------------------------
+    @property
+    def recipe(self) -> Path:
+        return self.root / self.RECIPE
+
+    @property
+    def metrics(self) -> Path:
+        return self.root / self.METRICS
+
+    @property
+    def report(self) -> Path:
+        return self.root / self.REPORT
+
+    @property
+    def figures(self) -> Path:
+        return self.root / self.FIGURES
+
+    def figure(self, name: str) -> Path:
+        """``figures/<name>.png``."""
+        return self.figures / f"{name}.png"
+
+    @property
+    def masks(self) -> Path:
+        return self.root / self.MASKS
+
+    @property
+    def lock(self) -> Path:
+        return self.root / self.LOCK
+
+    def log(self, rank: int = 0) -> Path:
+        """``run.log`` for rank 0, ``run.rank<N>.log`` for the other ranks of a torchrun run."""
+        stem, suffix = os.path.splitext(self.LOG)
+        return self.root / (self.LOG if rank == 0 else f"{stem}.rank{rank}{suffix}")
+
+    def paths_dir(self, part: str) -> Path:
+        """``paths/<part>/`` (``part`` in :data:`PARTS`)."""
+        if part not in PARTS:
+            raise ValueError(f"part: {part!r} is not one of {', '.join(PARTS)}")
+        return self.root / self.PATHS / part
+
+    def path_store(self, part: str) -> "PathStore":
+        """The chunk store of ``paths/<part>/`` (chunks of :data:`CHUNK_SIZE` images)."""
+        from .pathstore import PathStore
+
+        return PathStore(self.paths_dir(part), chunk_size=CHUNK_SIZE)
+
+    def file(self, name: str) -> Path:
+        """A file of the run by its name as recorded in ``metrics.json`` (checkpoints, ONNX)."""
+        return self.root / name
+
+    # -- pruned models and exports -----------------------------------------------------------
+    @staticmethod
+    def pruned_name(method: str, ratio: float, classes: Sequence[int] | None = None, *,
+                    suffixes: Sequence[str] = ()) -> str:
+        """The stem of a pruned checkpoint: ``pruned-<method>-r<percent>[-<suffix>...][-c<classes>]``.
+
+        ``suffixes`` name the variants of one (method, ratio) that a run compares (e.g. ``bc``
+        for bias compensation), in a fixed order chosen by the caller.
+        """
+        tag = f"pruned-{method}-r{round(ratio * 100):02d}"
+        for s in suffixes:
+            tag += f"-{s}"
+        if classes is not None:
+            tag += "-c" + "_".join(map(str, classes)) if len(classes) <= 8 else f"-c{len(classes)}classes"
+        return tag
+
+    def checkpoint(self, stem: str) -> Path:
+        """``<stem>.safetensors``."""
+        return self.root / f"{stem}.safetensors"
+
+    def onnx(self, label: str) -> Path:
+        """``<label>.onnx`` (its sidecar is ``<label>.json``)."""
+        return self.root / f"{label}.onnx"
+
+    # -- state -------------------------------------------------------------------------------
+    def holds_run(self) -> bool:
+        """Whether a run has already written its results here."""
+        return self.metrics.exists() or self.recipe.exists()

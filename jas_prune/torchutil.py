@@ -1,0 +1,54 @@
+"""Small PyTorch helpers every stage shares: the model's device and dtype, and one context
+manager that puts a model in eval mode with chosen parameters trainable and restores both."""
+
+from __future__ import annotations
+
+import contextlib
+from collections.abc import Iterable, Iterator
+
+import torch
+from torch import nn
+
+__all__ = ["frozen_eval", "model_device", "model_dtype"]
+
+
+@contextlib.contextmanager
+def frozen_eval(model: nn.Module, trainable: Iterable[nn.Parameter] | bool = ()) -> Iterator[nn.Module]:
+    """Eval mode for the block, with only ``trainable`` parameters requiring grad.
+
+    Args:
+        trainable: the parameters that require grad inside the block (default none: attribution
+            and scoring differentiate with respect to activations only), or ``True`` for all of
+            them (Torch-Pruning traces its graph through the parameters' gradients).
+
+    The training flag and every parameter's ``requires_grad`` are restored on exit, also when the
+    block raises.
+    """
+    params = list(model.parameters())
+    flags = [p.requires_grad for p in params]
+    was_training = model.training
+    on = None if isinstance(trainable, bool) else {id(p) for p in trainable}
+    try:
+        for p in params:
+            p.requires_grad_(bool(trainable) if on is None else id(p) in on)
+        model.eval()
+        yield model
+    finally:
+        for p, flag in zip(params, flags):
+            p.requires_grad_(flag)
+        model.train(was_training)
+
+
+def model_dtype(model: nn.Module) -> torch.dtype:
+    """The floating dtype of the model's parameters."""
+    for p in model.parameters():
+        if p.is_floating_point():
+            return p.dtype
+    return torch.get_default_dtype()
+
+
+def model_device(model: nn.Module) -> torch.device:
+    """The device of the model's parameters."""
+    for p in model.parameters():
+        return p.device
+    return torch.device("cpu")
