@@ -7,7 +7,9 @@ Usage::
 
 Prints, per batch size, the p50/p90 latency of ``session.run`` on random input after a
 warm-up, with the provider that actually ran and the thread count. The input size comes from
-the sidecar ``MODEL.json`` when present, else from the model's input shape.
+the sidecar ``MODEL.json`` when present, else from the model's input shape. A sidecar that is
+present is checked as ``predict.py`` checks it (valid JSON, the file's size and SHA-256, the
+model's input/output); a refusal is one line on stderr and exit code 2.
 
 This file imports nothing from jas-prune or torch, so it can be copied next to a model.
 """
@@ -22,24 +24,31 @@ from pathlib import Path
 from typing import Any, Sequence
 
 import numpy as np
-import onnxruntime as ort
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from ort_session import create_session  # noqa: E402
+from ort_session import DeployError, open_model  # noqa: E402
 
 def benchmark(model: Path, *, batch_sizes: Sequence[int] = (1, 32), warmup: int = 10, iters: int = 50,
               providers: Sequence[str] = ("cuda", "cpu"), threads: int | None = None,
-              seed: int = 0) -> list[dict[str, Any]]:
-    """Latency records (one per batch size) with the provider that ran and the thread count."""
-    sess = create_session(model, providers, threads)
+              seed: int = 0, sidecar: Path | None = None) -> list[dict[str, Any]]:
+    """Latency records (one per batch size) with the provider that ran and the thread count.
+
+    Raises:
+        DeployError: the model or its sidecar is refused (see ``ort_session.open_model``).
+    """
+    sess, side = open_model(model, sidecar, providers=providers, threads=threads, sidecar_required=False,
+                            need=("input_size",))
     provider = sess.get_providers()[0]
     inp = sess.get_inputs()[0]
     out_name = sess.get_outputs()[0].name
-    sidecar_file = model.with_suffix(".json")
-    if sidecar_file.is_file():
-        chw = [int(v) for v in json.loads(sidecar_file.read_text(encoding="utf-8"))["input_size"]]
-    else:
+    if side is not None:
+        chw = [int(v) for v in side["input_size"]]
+        out_name = side.get("output_name", out_name)
+    elif all(isinstance(d, int) for d in inp.shape[1:]):
         chw = [int(v) for v in inp.shape[1:]]
+    else:
+        raise DeployError(f"{model}: the model's input {list(inp.shape)} has no fixed image size and there "
+                          "is no sidecar to give it (pass --sidecar PATH)")
     rng = np.random.default_rng(seed)
     records = []
     for bs in batch_sizes:
@@ -72,15 +81,17 @@ def main(argv: Sequence[str] | None = None) -> int:
     ap.add_argument("--providers", nargs="+", default=["cuda", "cpu"],
                     help="onnxruntime providers in order of preference (default: cuda cpu)")
     ap.add_argument("--json", action="store_true", help="print the records as JSON")
+    ap.add_argument("--sidecar", type=Path, default=None, help="sidecar JSON (default: MODEL.json if present)")
     args = ap.parse_args(argv)
-    if not args.model.is_file():
-        print(f"error: model file not found: {args.model}", file=sys.stderr)
-        return 2
     if any(b < 1 for b in args.batch):
         print("error: batch sizes must be >= 1", file=sys.stderr)
         return 2
-    records = benchmark(args.model, batch_sizes=args.batch, warmup=args.warmup, iters=args.iters,
-                        providers=args.providers, threads=args.threads)
+    try:
+        records = benchmark(args.model, batch_sizes=args.batch, warmup=args.warmup, iters=args.iters,
+                            providers=args.providers, threads=args.threads, sidecar=args.sidecar)
+    except DeployError as exc:
+        print(f"error: {' '.join(str(exc).split())}", file=sys.stderr)
+        return 2
     if args.json:
         print(json.dumps(records, indent=2))
         return 0

@@ -11,13 +11,17 @@ to ``size / crop_pct`` for ``crop_mode: center``), center crop to the input size
 [0, 1] and normalise with the sidecar mean/std. For a class-specialised model the printed label
 is the original label (``label_mapping``).
 
+Nothing runs on a model that does not match its sidecar: a sidecar that is not valid JSON or
+lacks a field, an ONNX file whose size or SHA-256 differs from the one the sidecar records, a
+file onnxruntime cannot load, or a model whose input/output does not fit the sidecar is refused
+with one line on stderr and exit code 2.
+
 This file imports nothing from jas-prune or torch, so it can be copied next to a model.
 """
 
 from __future__ import annotations
 
 import argparse
-import json
 import math
 import sys
 from pathlib import Path
@@ -28,7 +32,8 @@ import onnxruntime as ort
 from PIL import Image
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from ort_session import create_session  # noqa: E402
+import ort_session  # noqa: E402
+from ort_session import DeployError  # noqa: E402
 
 _INTERPOLATION = {
     "nearest": Image.Resampling.NEAREST,
@@ -41,11 +46,26 @@ _INTERPOLATION = {
 
 
 def load_sidecar(model: Path, sidecar: Path | None = None) -> dict[str, Any]:
-    """The sidecar JSON (``MODEL.json`` beside ``MODEL.onnx`` unless given)."""
-    path = sidecar or model.with_suffix(".json")
-    if not path.is_file():
-        raise FileNotFoundError(f"no sidecar {path} beside {model} (pass --sidecar PATH)")
-    return json.loads(path.read_text(encoding="utf-8"))
+    """The sidecar JSON (``MODEL.json`` beside ``MODEL.onnx`` unless given), checked.
+
+    Raises:
+        DeployError: missing, not JSON, a field missing or malformed, or an interpolation or
+            crop mode this script does not know.
+    """
+    side = ort_session.load_sidecar(model, sidecar)
+    _check_preprocessing(side, sidecar or ort_session.sidecar_path(model))
+    return side
+
+
+def _check_preprocessing(side: dict[str, Any], path: Path) -> None:
+    interp = side.get("interpolation", "bilinear")
+    if interp not in _INTERPOLATION:
+        raise DeployError(f"sidecar {path}: field 'interpolation' must be one of {', '.join(_INTERPOLATION)}, "
+                          f"not {interp!r}; {ort_session.ADVICE}")
+    mode = side.get("crop_mode") or "center"
+    if mode not in ("center", "squash", "border"):
+        raise DeployError(f"sidecar {path}: field 'crop_mode' must be center, squash or border, not {mode!r}; "
+                          f"{ort_session.ADVICE}")
 
 
 def _resize(img: Image.Image, size_hw: tuple[int, int], interp: int) -> Image.Image:
@@ -122,8 +142,12 @@ def predict(session: ort.InferenceSession, sidecar: dict[str, Any], images: Sequ
         chunk = images[start:start + batch_size]
         arrays = []
         for path in chunk:
-            with Image.open(path) as im:
-                arrays.append(preprocess(im, sidecar))
+            try:
+                with Image.open(path) as im:
+                    arrays.append(preprocess(im, sidecar))
+            except OSError as exc:  # not an image, truncated, unreadable
+                reason = " ".join(str(exc).split()) or type(exc).__name__
+                raise DeployError(f"cannot read image {path}: {reason[:300]}") from None
         logits = session.run([output_name], {input_name: np.stack(arrays)})[0]
         probs = softmax(logits)
         k = min(top, probs.shape[1])
@@ -148,15 +172,15 @@ def main(argv: Sequence[str] | None = None) -> int:
 
     try:
         if not args.model.is_file():
-            raise FileNotFoundError(f"model file not found: {args.model}")
+            raise DeployError(f"model file not found: {args.model}")
         missing = [str(p) for p in args.images if not p.is_file()]
         if missing:
-            raise FileNotFoundError("image not found: " + ", ".join(missing))
-        sidecar = load_sidecar(args.model, args.sidecar)
-        session = create_session(args.model, args.providers, args.threads)
+            raise DeployError("image not found: " + ", ".join(missing))
+        session, sidecar = ort_session.open_model(args.model, args.sidecar, providers=args.providers,
+                                                  threads=args.threads, validate=_check_preprocessing)
         results = predict(session, sidecar, args.images, top=args.top, batch_size=args.batch_size)
-    except (FileNotFoundError, json.JSONDecodeError, KeyError, OSError) as exc:
-        print(f"error: {exc}", file=sys.stderr)
+    except DeployError as exc:
+        print(f"error: {' '.join(str(exc).split())}", file=sys.stderr)
         return 2
     names = sidecar.get("class_names") or []
     mapping = sidecar.get("label_mapping")

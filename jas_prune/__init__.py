@@ -1,7 +1,6 @@
 """jas-prune: Joint Attribution Score neuron paths, FFN pruning and ONNX export for timm ViTs.
 
-``locate`` is both a submodule (the engine) and the public function: it is bound eagerly, so that
-importing the submodule anywhere can never shadow the function. The other public names are
+The attribution names are bound eagerly (they need only torch); the other public names are
 imported on first use, so the CLI does not pay for importing timm and Torch-Pruning up front.
 """
 
@@ -10,8 +9,8 @@ from __future__ import annotations
 import importlib
 from typing import TYPE_CHECKING, Any
 
+from .attribution import JointAttribution, LocateResult, LocateSettings, locate, path_jas
 from .errors import JasPruneError
-from .locate import JointAttribution, LocateResult, locate, path_jas
 
 __version__ = "0.1.0"
 
@@ -21,20 +20,23 @@ _EXPORTS = {
     "load_masks": "aggregate",
     "load_pruned": "checkpoint",
     "save_pruned": "checkpoint",
-    "JASImportance": "importance",
+    "JASImportance": "pruning.plugin",
     "discover_ffn": "models",
     "load_model": "models",
-    "prune_ffn": "prune",
+    "prune_ffn": "pruning.prune",
+    "reconstruct": "pruning.reconstruct",
 }
 
-__all__ = ["JasPruneError", "JointAttribution", "LocateResult", "locate", "path_jas", *sorted(_EXPORTS)]
+__all__ = ["JasPruneError", "JointAttribution", "LocateResult", "LocateSettings", "locate", "path_jas",
+           *sorted(_EXPORTS)]
 
 if TYPE_CHECKING:  # pragma: no cover
     from .aggregate import ClassMasks, load_masks
     from .checkpoint import load_pruned, save_pruned
-    from .importance import JASImportance
+    from .pruning.plugin import JASImportance
     from .models import discover_ffn, load_model
-    from .prune import prune_ffn
+    from .pruning.prune import prune_ffn
+    from .pruning.reconstruct import reconstruct
 
 
 def __getattr__(name: str) -> Any:

@@ -14,13 +14,14 @@ from typing import Any, Iterable, Sequence
 
 import torch
 
-from .errors import FingerprintMismatchError
+from .errors import FingerprintMismatchError, InvalidArgumentError
 from .io import atomic_write
+from .rundir import RunDir
 
 __all__ = ["ClassMasks", "MaskAccumulator", "aggregate", "aggregate_store", "save_masks", "load_masks",
            "per_image_importance", "IMPORTANCE_AGGREGATIONS", "MASKS_FILE"]
 
-MASKS_FILE = "masks.safetensors"
+MASKS_FILE = RunDir.MASKS
 
 #: How an image's candidate scores JAS(P ∪ {j}) become per-neuron importance before the class mean:
 #: ``mean`` the signed score (SPEC §2), ``mean_abs`` its magnitude, ``mean_abs_centered`` the
@@ -44,7 +45,7 @@ def per_image_importance(scores: torch.Tensor, aggregation: str = "mean") -> tor
 
 def _check_aggregation(aggregation: str) -> None:
     if aggregation not in IMPORTANCE_AGGREGATIONS:
-        raise ValueError(f"aggregation: '{aggregation}' is not one of {', '.join(IMPORTANCE_AGGREGATIONS)}")
+        raise InvalidArgumentError(f"aggregation: '{aggregation}' is not one of {', '.join(IMPORTANCE_AGGREGATIONS)}")
 
 
 @dataclass
@@ -88,7 +89,7 @@ class ClassMasks:
             return self.importance
         _check_aggregation(aggregation)
         if aggregation not in self.importance_by:
-            raise ValueError(f"aggregation: '{aggregation}' is not stored in these masks; rebuild them "
+            raise InvalidArgumentError(f"aggregation: '{aggregation}' is not stored in these masks; rebuild them "
                              "(re-run the recipe with --resume: the paths are reused)")
         return self.importance_by[aggregation]
 
@@ -138,7 +139,7 @@ class MaskAccumulator:
         """The class masks of everything added (``topk`` neurons per layer per class)."""
         C, n = self.num_classes, self.widths
         if topk > n:
-            raise ValueError(f"masks.topk: {topk} exceeds the FFN width {n}")
+            raise InvalidArgumentError(f"masks.topk: {topk} exceeds the FFN width {n}")
         freq, counts = self.freq, self.counts
         importance_by = {}
         for how, total in self.sums.items():
@@ -195,22 +196,28 @@ def aggregate_store(chunks: Iterable[Any], method: str, *, num_classes: int, wid
             acc, layers = MaskAccumulator(num_classes, c.paths[method].shape[1], widths), c.layers
         acc.add(c.paths[method], c.scores[method], c.labels)
     if acc is None:
-        raise ValueError("aggregate: no located images")
+        raise InvalidArgumentError("aggregate: no located images")
     return acc.finish(topk=topk, layers=layers, class_names=class_names, fingerprint=fingerprint)
 
 
-def save_masks(masks: ClassMasks, run_dir: str | Path) -> Path:
-    """Write ``masks.safetensors`` atomically."""
+def save_masks(masks: ClassMasks, path: str | Path) -> Path:
+    """Write the masks file atomically (``path``: the file, e.g. ``RunDir(out).masks``, or a run
+    directory)."""
     from safetensors.torch import save_file
 
     tensors = {"utilisation": masks.utilisation, "similarity": masks.similarity, "topk": masks.topk.to(torch.uint8),
                "topk_indices": masks.topk_indices.long(), "importance": masks.importance,
                "counts": masks.counts.long(),
                **{f"importance.{k}": v for k, v in masks.importance_by.items() if k != "mean"}}
-    meta = {"layers": json.dumps(masks.layers), "class_names": json.dumps(masks.class_names),
-            "fingerprint": json.dumps(masks.fingerprint)}
+    # one metadata key: safetensors writes several in a random order, and the file should be the
+    # same bytes for the same masks
+    meta = {"masks": json.dumps({"layers": masks.layers, "class_names": masks.class_names,
+                                 "fingerprint": masks.fingerprint})}
     data = {k: v.contiguous() for k, v in tensors.items()}
-    return atomic_write(Path(run_dir) / MASKS_FILE, lambda tmp: save_file(data, tmp, metadata=meta))
+    path = Path(path)
+    if path.is_dir():
+        path = RunDir(path).masks
+    return atomic_write(path, lambda tmp: save_file(data, tmp, metadata=meta))
 
 
 def load_masks(run_dir: str | Path) -> ClassMasks:
@@ -225,17 +232,19 @@ def load_masks(run_dir: str | Path) -> ClassMasks:
 
     path = Path(run_dir)
     if path.is_dir():
-        path = path / MASKS_FILE
+        path = RunDir(path).masks
     if not path.is_file():
         raise CheckpointError(f"{path}: no class masks here (run the masks stage first)")
     try:
         with safe_open(str(path), framework="pt") as f:
             meta = f.metadata() or {}
             t = {k: f.get_tensor(k) for k in f.keys()}
+        # one "masks" key; files written before kept each entry under its own key
+        info = json.loads(meta["masks"]) if "masks" in meta else {k: json.loads(v) for k, v in meta.items()}
         return ClassMasks(utilisation=t["utilisation"], similarity=t["similarity"], topk=t["topk"].bool(),
                           topk_indices=t["topk_indices"], importance=t["importance"], counts=t["counts"],
-                          layers=json.loads(meta["layers"]), class_names=json.loads(meta["class_names"]),
-                          fingerprint=json.loads(meta.get("fingerprint", "{}")),
+                          layers=info["layers"], class_names=info["class_names"],
+                          fingerprint=info.get("fingerprint", {}),
                           importance_by={"mean": t["importance"],
                                          **{k.split(".", 1)[1]: v for k, v in t.items()
                                             if k.startswith("importance.")}})

@@ -1,15 +1,22 @@
 """Pruned checkpoints, saved and loaded without pickle.
 
-A pruned checkpoint holds the state dict, the FFN width of every block, what rebuilds the
-architecture (model name, timm keyword arguments read off the model, data config) and, when the
-head was cut, the label mapping. Two containers, chosen by the file suffix:
+A pruned checkpoint holds the weights (the state dict, plus the model's non-persistent buffers
+such as RoPE tables and relative-position indices), and a JSON description: the model family,
+architecture name and keyword arguments that rebuild its *structure*, every FFN's width and kind,
+the attention geometry (``num_heads``, ``head_dim``... of every module that has them: Torch-Pruning
+may have pruned heads), structural transforms applied after building (fused GLU FFNs split), the
+data config, the class names and, when the head was cut, the label mapping. Every *size* comes
+from the weights themselves, so whatever Torch-Pruning removed (FFN neurons, heads, head
+dimensions, the embedding) is rebuilt. Two containers, chosen by the file suffix:
 
 - ``.safetensors``: tensors plus the description as JSON in the safetensors metadata;
 - anything else (``.pt``/``.pth``): ``torch.save`` of a dict holding only tensors, str, int,
   float, bool, None, lists and dicts, so ``torch.load(path, weights_only=True)`` reads it.
 
-:func:`load_pruned` creates the architecture, shrinks each block's ``fc1``/``fc2`` to the stored
-widths, loads the weights strictly and returns the model in eval mode.
+:func:`load_pruned` builds the dense architecture, applies the transforms, resizes every module
+whose stored tensors differ in shape (``nn.Linear``, ``nn.LayerNorm``, ``nn.Conv2d`` and bare
+parameters), restores the attention geometry, loads the weights strictly and returns the model in
+eval mode.
 """
 
 from __future__ import annotations
@@ -17,56 +24,98 @@ from __future__ import annotations
 import json
 import os
 from pathlib import Path
-from typing import Any, Mapping
+from typing import Any, Mapping, Sequence
 
 import torch
 from torch import nn
 
-from .errors import CheckpointError
+from .errors import CheckpointError, InvalidArgumentError
 from .io import atomic_write
-from .models import create_model, discover_ffn, load_error_reason, model_spec
+from .models import FAMILIES, create_model, discover_ffn, load_error_reason, model_spec, split_fused_glu
 
-__all__ = ["FORMAT", "FORMAT_VERSION", "save_pruned", "load_pruned", "read_pruned_meta", "vit_arch_kwargs"]
+__all__ = ["FORMAT", "FORMAT_VERSION", "save_pruned", "load_pruned", "read_pruned_meta", "vit_arch_kwargs",
+           "GEOMETRY_ATTRS"]
 
 FORMAT = "jas-prune/pruned-vit"
-FORMAT_VERSION = 1
+#: 2: family, FFN kinds, attention geometry, transforms, class names, non-persistent buffers
+FORMAT_VERSION = 2
 _META_KEY = "jas_prune"
+#: state-dict prefix of the non-persistent buffers kept in the file
+_BUFFER_PREFIX = "jas_prune.buffers."
+
+#: module attributes that describe a pruned geometry (read and restored for every module)
+GEOMETRY_ATTRS = ("num_heads", "head_dim", "attn_dim", "scale", "kv_dim", "num_kv_heads", "num_kv_groups",
+                  "num_attention_heads", "attention_head_size", "all_head_size", "scaling",
+                  "embed_dim", "num_features", "head_hidden_size", "num_classes")
+#: structural transforms a model may carry (``model.jas_transforms``) and how to redo them
+_TRANSFORMS = {"split_fused_glu": split_fused_glu}
 
 
 def vit_arch_kwargs(model: nn.Module) -> dict[str, Any]:
-    """timm ``VisionTransformer`` keyword arguments read off a built model (all but the FFN
-    width, which is stored per block)."""
-    pe = model.patch_embed
-    attn = model.blocks[0].attn
-    as_list = lambda v: list(v) if isinstance(v, (tuple, list)) else [v, v]  # noqa: E731
-    return {
-        "img_size": [int(v) for v in as_list(pe.img_size)],
-        "patch_size": [int(v) for v in as_list(pe.patch_size)],
-        "in_chans": int(pe.proj.in_channels),
-        "embed_dim": int(model.embed_dim),
-        "depth": len(model.blocks),
-        "num_heads": int(attn.num_heads),
-        "qkv_bias": attn.qkv.bias is not None,
-        "class_token": getattr(model, "cls_token", None) is not None,
-        "reg_tokens": int(getattr(model, "num_reg_tokens", 0)),
-        "no_embed_class": bool(getattr(model, "no_embed_class", False)),
-        "global_pool": str(getattr(model, "global_pool", "token")),
-        "pre_norm": not isinstance(getattr(model, "norm_pre", nn.Identity()), nn.Identity),
-    }
+    """timm ``VisionTransformer`` keyword arguments read off a built model (kept for callers of
+    the first format; see :func:`jas_prune.models.model_spec` for every family)."""
+    from .models.timm_vit import arch_kwargs
+
+    return arch_kwargs(model)
 
 
-def _payload(model: nn.Module, extra: Mapping[str, Any] | None) -> dict[str, Any]:
+def _geometry(model: nn.Module) -> dict[str, dict[str, int | float]]:
+    out: dict[str, dict[str, int | float]] = {}
+    for name, module in model.named_modules():
+        attrs = {a: v for a in GEOMETRY_ATTRS
+                 if isinstance(v := module.__dict__.get(a), (int, float)) and not isinstance(v, bool)}
+        if attrs:
+            out[name] = attrs
+    return out
+
+
+def _non_persistent(model: nn.Module) -> dict[str, torch.Tensor]:
+    out: dict[str, torch.Tensor] = {}
+    for mod_name, module in model.named_modules():
+        for buf in getattr(module, "_non_persistent_buffers_set", ()):
+            t = module._buffers.get(buf)
+            if isinstance(t, torch.Tensor):
+                out[f"{mod_name}.{buf}" if mod_name else buf] = t
+    return out
+
+
+def _class_names(model: nn.Module, extra: Mapping[str, Any] | None,
+                 given: Sequence[str] | None) -> list[str] | None:
+    """Names of the original classifier outputs, when known and consistent with the model."""
+    head_classes = getattr(model, "jas_head_classes", None)
+    count = int(getattr(model, "num_classes", 0))
+    candidates = [("class_names", given), ("model", getattr(model, "jas_class_names", None)),
+                  ("extra", (extra or {}).get("class_names"))]
+    for source, names in candidates:
+        if names is None:
+            continue
+        names = [str(n) for n in names]
+        fits = (len(names) > max(head_classes)) if head_classes else (len(names) == count)
+        if fits:
+            return names
+        if source == "class_names":
+            what = f"the original labels {max(head_classes) + 1}+" if head_classes else f"{count} outputs"
+            raise InvalidArgumentError(f"class_names: {len(names)} names for a head with {what}")
+    return None
+
+
+def _payload(model: nn.Module, extra: Mapping[str, Any] | None, class_names: Sequence[str] | None) -> dict[str, Any]:
     spec = model_spec(model)
     first_float = next((p.dtype for p in model.parameters() if p.is_floating_point()), torch.float32)
     payload = {
         "format": FORMAT,
         "version": FORMAT_VERSION,
         "name": spec["name"],
+        "family": spec["family"],
         "num_classes": spec["num_classes"],
         "ffn_widths": spec["ffn_widths"],
+        "ffn_kinds": spec["ffn_kinds"],
         "data_config": spec["data_config"],
-        "arch": vit_arch_kwargs(model),
+        "arch": spec["arch"],
+        "geometry": _geometry(model),
+        "transforms": list(getattr(model, "jas_transforms", []) or []),
         "dtype": str(first_float).removeprefix("torch."),
+        "class_names": _class_names(model, extra, class_names),
         "head_classes": getattr(model, "jas_head_classes", None),
         "head_class_names": getattr(model, "jas_head_class_names", None),
         "extra": dict(extra) if extra is not None else {},
@@ -74,31 +123,40 @@ def _payload(model: nn.Module, extra: Mapping[str, Any] | None) -> dict[str, Any
     try:
         return json.loads(json.dumps(payload))
     except (TypeError, ValueError) as exc:
-        raise ValueError("extra: must hold only JSON values (str, int, float, bool, None, lists, "
-                         f"dicts): {exc}") from None
+        raise InvalidArgumentError("extra: must hold only JSON values (str, int, float, bool, None, lists, "
+                                   f"dicts): {exc}") from None
 
 
 def save_pruned(model: nn.Module, path: str | os.PathLike[str], *,
-                extra: Mapping[str, Any] | None = None) -> Path:
-    """Save a (pruned) timm ViT without pickle; returns the path written.
+                extra: Mapping[str, Any] | None = None, class_names: Sequence[str] | None = None) -> Path:
+    """Save a (pruned) supported ViT without pickle; returns the path written.
 
     Args:
-        model: the ViT, pruned or not; a cut head's mapping (``model.jas_head_classes``) is kept.
+        model: the model, pruned or not (FFN neurons, heads, embedding: any shape Torch-Pruning
+            changed is kept); a cut head's mapping (``model.jas_head_classes``) is kept.
         path: ``.safetensors`` or ``.pt``/``.pth``.
         extra: JSON-serialisable information to keep alongside (method, ratio, ...).
+        class_names: names of the original classifier outputs (default: the model's
+            ``jas_class_names``, else ``extra["class_names"]`` when it fits the head).
+
+    Raises:
+        InvalidArgumentError: ``extra`` that is not JSON, ``class_names`` that do not fit the head.
+        UnsupportedModelError: not a supported model.
     """
     path = Path(path)
-    payload = _payload(model, extra)
+    payload = _payload(model, extra, class_names)
     state = {k: v.detach().cpu().contiguous().clone() for k, v in model.state_dict().items()}
+    for name, buf in _non_persistent(model).items():
+        state[_BUFFER_PREFIX + name] = buf.detach().cpu().contiguous().clone()
     if path.suffix.lower() == ".safetensors":
         from safetensors.torch import save_file
 
-        meta = {_META_KEY: json.dumps(payload), "format": FORMAT}
+        meta = {_META_KEY: json.dumps(payload)}  # one key: safetensors orders several at random
         return atomic_write(path, lambda tmp: save_file(state, tmp, metadata=meta))
     return atomic_write(path, lambda tmp: torch.save({_META_KEY: payload, "state_dict": state}, tmp))
 
 
-def _read(path: Path) -> tuple[dict[str, Any], dict[str, torch.Tensor] | None]:
+def _read(path: Path) -> tuple[dict[str, Any], dict[str, torch.Tensor]]:
     if not path.is_file():
         raise CheckpointError(f"checkpoint: file not found: {path}")
     try:
@@ -140,56 +198,104 @@ def _read(path: Path) -> tuple[dict[str, Any], dict[str, torch.Tensor] | None]:
 
 
 def read_pruned_meta(path: str | os.PathLike[str]) -> dict[str, Any]:
-    """The description stored in a pruned checkpoint (name, widths, arch, data config, head
-    mapping, ``extra``), without building the model."""
+    """The description stored in a pruned checkpoint (name, family, widths, arch, geometry, data
+    config, class names, head mapping, ``extra``), without building the model."""
     payload, _ = _read(Path(path))
     return payload
 
 
-def _shrink_ffn(model: nn.Module, widths: list[int], path: Path) -> None:
-    info = discover_ffn(model)
-    if len(widths) != info.depth:
-        raise CheckpointError(f"checkpoint: {path} stores {len(widths)} FFN widths for a model with "
-                              f"{info.depth} blocks")
-    for layer, w in zip(info.layers, widths):
-        w = int(w)
-        if w < 1:
-            raise CheckpointError(f"checkpoint: {path} stores FFN width {w} for block {layer.index}")
-        if w == layer.hidden:
+# -- rebuilding --------------------------------------------------------------------------------
+
+
+def _build(payload: Mapping[str, Any], path: Path) -> nn.Module:
+    """The dense architecture the checkpoint describes, with its transforms applied."""
+    family_name = str(payload.get("family") or "timm-vit")
+    if family_name not in FAMILIES:
+        raise CheckpointError(f"checkpoint: {path} is of an unknown model family {family_name!r}")
+    family = FAMILIES.get(family_name)
+    name, num_classes = str(payload["name"]), int(payload.get("num_classes") or 0)
+    try:
+        if family.rebuild is not None:
+            model = family.rebuild(name, payload["arch"], num_classes)
+        else:
+            model = create_model(name, num_classes=num_classes, **family.decode_arch(payload["arch"]))
+    except CheckpointError:
+        raise
+    except Exception as exc:
+        raise CheckpointError(f"checkpoint: {path}: cannot rebuild '{name}': {exc}") from None
+    for transform in payload.get("transforms") or []:
+        if transform not in _TRANSFORMS:
+            raise CheckpointError(f"checkpoint: {path} needs an unknown transform {transform!r}")
+        _TRANSFORMS[transform](model)
+    return model
+
+
+def _set_dims(module: nn.Module, attr: str, shape: tuple[int, ...]) -> None:
+    """Keep a resized module's size attributes in line with its new weights."""
+    if isinstance(module, nn.Linear) and attr == "weight":
+        module.out_features, module.in_features = shape
+    elif isinstance(module, nn.Linear) and attr == "bias":
+        module.out_features = shape[0]
+    elif isinstance(module, nn.LayerNorm) and attr in ("weight", "bias"):
+        module.normalized_shape = tuple(shape)
+    elif isinstance(module, nn.modules.conv._ConvNd) and attr == "weight":
+        module.out_channels, module.in_channels = shape[0], shape[1] * module.groups
+
+
+def _resize(model: nn.Module, shapes: Mapping[str, tuple[int, ...]], path: Path) -> None:
+    """Give every parameter/buffer named in ``shapes`` that shape (empty values; loaded after)."""
+    for key, shape in shapes.items():
+        mod_name, _, attr = key.rpartition(".")
+        try:
+            module = model.get_submodule(mod_name)
+        except AttributeError:
+            continue  # reported by the strict load, with every other missing key
+        current = module._parameters.get(attr, module._buffers.get(attr))
+        if not isinstance(current, torch.Tensor) or tuple(current.shape) == tuple(shape):
             continue
-        mlp = layer.block.mlp
-        fc1, fc2 = layer.fc1, layer.fc2
-        mlp.fc1 = nn.Linear(fc1.in_features, w, bias=fc1.bias is not None,
-                            device=fc1.weight.device, dtype=fc1.weight.dtype)
-        mlp.fc2 = nn.Linear(w, fc2.out_features, bias=fc2.bias is not None,
-                            device=fc2.weight.device, dtype=fc2.weight.dtype)
+        new = torch.empty(shape, dtype=current.dtype, device=current.device)
+        if attr in module._parameters:
+            module._parameters[attr] = nn.Parameter(new, requires_grad=current.requires_grad)
+        else:
+            module._buffers[attr] = new
+        _set_dims(module, attr, tuple(shape))
+
+
+def _restore_geometry(model: nn.Module, geometry: Mapping[str, Mapping[str, Any]], path: Path) -> None:
+    for mod_name, attrs in geometry.items():
+        try:
+            module = model.get_submodule(mod_name)
+        except AttributeError:
+            raise CheckpointError(f"checkpoint: {path} describes module '{mod_name}', which the rebuilt "
+                                  "model does not have") from None
+        for attr, value in attrs.items():
+            if attr not in GEOMETRY_ATTRS or isinstance(value, bool) or not isinstance(value, (int, float)):
+                raise CheckpointError(f"checkpoint: {path}: geometry {mod_name}.{attr} = {value!r} is not allowed")
+            setattr(module, attr, value)
 
 
 def load_pruned(path: str | os.PathLike[str], *, device: torch.device | str = "cpu") -> nn.Module:
-    """Rebuild a pruned timm ViT saved by :func:`save_pruned`, in eval mode.
+    """Rebuild a pruned model saved by :func:`save_pruned`, in eval mode.
 
-    The result carries ``jas_head_classes`` / ``jas_head_class_names`` when its head was cut
-    (new output j = original class ``jas_head_classes[j]``) and ``jas_checkpoint_extra``.
+    The result carries ``jas_class_names`` (names of the original classifier outputs, when
+    known), ``jas_head_classes`` / ``jas_head_class_names`` when its head was cut (new output j
+    = original class ``jas_head_classes[j]``) and ``jas_checkpoint_extra``.
 
     Raises:
         CheckpointError: missing, corrupt or mismatching file (names the file).
     """
     path = Path(path)
     payload, state = _read(path)
-    arch = dict(payload["arch"])
-    for key in ("img_size", "patch_size"):
-        if isinstance(arch.get(key), list):
-            arch[key] = tuple(arch[key])
-    try:
-        model = create_model(str(payload["name"]), num_classes=int(payload.get("num_classes") or 0), **arch)
-    except Exception as exc:
-        raise CheckpointError(f"checkpoint: {path}: cannot rebuild '{payload['name']}': {exc}") from None
-    try:
-        _shrink_ffn(model, list(payload["ffn_widths"]), path)
-    except CheckpointError:
-        raise
-    except Exception as exc:
-        raise CheckpointError(f"checkpoint: {path}: {exc}") from None
+    buffers = {k[len(_BUFFER_PREFIX):]: v for k, v in state.items() if k.startswith(_BUFFER_PREFIX)}
+    state = {k: v for k, v in state.items() if not k.startswith(_BUFFER_PREFIX)}
+    model = _build(payload, path)
+    widths = list(payload["ffn_widths"])
+    depth = discover_ffn(model).depth
+    if len(widths) != depth:
+        raise CheckpointError(f"checkpoint: {path} stores {len(widths)} FFN widths for a model with {depth} blocks")
+    _resize(model, {**{k: tuple(v.shape) for k, v in state.items()},
+                    **{k: tuple(v.shape) for k, v in buffers.items()}}, path)
+    _restore_geometry(model, payload.get("geometry") or {}, path)
     dtype = getattr(torch, str(payload.get("dtype", "float32")), torch.float32)
     if isinstance(dtype, torch.dtype) and dtype.is_floating_point:
         model.to(dtype)
@@ -199,15 +305,34 @@ def load_pruned(path: str | os.PathLike[str], *, device: torch.device | str = "c
         msg = " ".join(str(exc).split())
         raise CheckpointError(
             f"checkpoint: {path} does not match the architecture it describes: {msg[:600]}") from None
+    with torch.no_grad():
+        for key, value in buffers.items():
+            mod_name, _, attr = key.rpartition(".")
+            try:
+                module = model.get_submodule(mod_name)
+            except AttributeError:
+                raise CheckpointError(f"checkpoint: {path} holds buffer '{key}', which the rebuilt model "
+                                      "does not have") from None
+            if attr in module._buffers:
+                module._buffers[attr] = value.to(module._buffers[attr].device if module._buffers[attr] is not None
+                                                 else "cpu")
+    got = discover_ffn(model).widths
+    if got != [int(w) for w in widths]:
+        raise CheckpointError(f"checkpoint: {path} does not match the architecture it describes: FFN widths "
+                              f"{widths} stored, the weights give {got}")
     cfg = dict(getattr(model, "pretrained_cfg", None) or {})
     for key, value in (payload.get("data_config") or {}).items():
         cfg[key] = tuple(value) if isinstance(value, list) else value
     cfg["architecture"] = payload["name"]
     model.pretrained_cfg = cfg
     model.default_cfg = cfg
+    if payload.get("class_names") is not None:
+        model.jas_class_names = [str(c) for c in payload["class_names"]]
     if payload.get("head_classes") is not None:
         model.jas_head_classes = [int(c) for c in payload["head_classes"]]
     if payload.get("head_class_names") is not None:
         model.jas_head_class_names = [str(c) for c in payload["head_class_names"]]
+    if payload.get("transforms"):
+        model.jas_transforms = list(payload["transforms"])
     model.jas_checkpoint_extra = dict(payload.get("extra") or {})
     return model.to(device).eval()

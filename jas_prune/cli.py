@@ -36,8 +36,8 @@ def recipe() -> None:
 @click.option("--set", "overrides", multiple=True, metavar="KEY=VALUE", help=_SET_HELP)
 def recipe_validate(recipe_file: Path, overrides: tuple[str, ...]) -> None:
     """Check a recipe (schema, values, available stages) without running it."""
+    from .pipeline import check_stages
     from .recipe import load_recipe
-    from .runner import check_stages
 
     r = load_recipe(recipe_file, overrides)
     check_stages(r)
@@ -58,8 +58,8 @@ def recipe_run(recipe_file: Path, out: Path | None, overrides: tuple[str, ...], 
     locating; rank 0 writes the run directory and prints the summary.
     """
     from .distributed import env_rank
+    from .pipeline import run_recipe
     from .recipe import load_recipe
-    from .runner import run_recipe
 
     r = load_recipe(recipe_file, overrides)
     out = out or Path("runs") / recipe_file.stem
@@ -69,13 +69,13 @@ def recipe_run(recipe_file: Path, out: Path | None, overrides: tuple[str, ...], 
             if isinstance(h, _ConsoleHandler):
                 h.setLevel(logging.WARNING)
     metrics = run_recipe(r, out, resume=resume)
-    if rank != 0:
+    if rank != 0 or metrics is None:
         return
-    dense = metrics.get("dense", {})
     click.echo(f"run directory: {out}")
-    if dense:
-        click.echo(f"dense top-1 {100 * dense['top1']:.2f} %  top-5 {100 * dense['top5']:.2f} %  "
-                   f"params {dense['params'] / 1e6:.3f} M  MACs {dense['macs'] / 1e6:.2f} M")
+    dense = metrics.dense
+    if dense is not None:
+        click.echo(f"dense top-1 {100 * dense.top1:.2f} %  top-5 {100 * dense.top5:.2f} %  "
+                   f"params {dense.params / 1e6:.3f} M  MACs {dense.macs / 1e6:.2f} M")
 
 
 @cli.group()
@@ -140,32 +140,64 @@ def export_group() -> None:
 @click.option("--providers", default="cuda,cpu", show_default=True, help="ONNX Runtime providers, in order.")
 def export_onnx_cmd(checkpoint: Path, out: Path, opset: int, data_root: Path | None, seed: int, benchmark: bool,
                     providers: str) -> None:
-    """Export a (pruned) CHECKPOINT written by a recipe run, verify it against PyTorch on a real
-    batch and time it in ONNX Runtime."""
+    """Export a (pruned) CHECKPOINT written by a recipe run or save_pruned, verify it against
+    PyTorch on a real batch and time it in ONNX Runtime.
+
+    Class names come from the checkpoint; without them, from --data-root when its classes fit the
+    head; otherwise the sidecar numbers the classes (class_0, class_1, ...).
+    """
     import json
 
     from .checkpoint import load_pruned
     from .data import build_source, make_loader, model_transform
+    from .deploy import export_and_verify
     from .errors import OutputDirError
-    from .export import export_and_verify
-    from .io import writable_dir
+    from .io import storage_advice, writable_dir
 
     if out.suffix.lower() == ".json":
         raise OutputDirError(f"--out {out}: the ONNX file must not end in .json (that name is its sidecar's)")
+    model = load_pruned(checkpoint)  # a checkpoint it cannot read is refused before --out is created
     writable_dir(out.parent, f"--out {out}")
-    model = load_pruned(checkpoint)
-    extra = getattr(model, "jas_checkpoint_extra", {}) or {}
     source = build_source("imagefolder" if data_root else "shapes", root=str(data_root) if data_root else None,
                           seed=seed)
-    classes = getattr(model, "jas_head_classes", None)
+    head = getattr(model, "jas_head_classes", None)
+    # verification needs real images, not their labels: the head's classes when the source has them
+    classes = head if head and max(head) < source.num_classes else None
     samples = source.subset("test", classes)[:32]
     batch = next(iter(make_loader(samples, model_transform(model), batch_size=32)))[0]
-    names = extra.get("class_names") or source.class_names
-    rec = export_and_verify(model, out, batch, label=checkpoint.stem, checkpoint=str(checkpoint), opset=opset,
-                            sidecar={"class_names": names}, benchmark=benchmark,
-                            providers=[p.strip() for p in providers.split(",") if p.strip()])
+    names = _export_class_names(model, source, given=data_root is not None)
+    with storage_advice("free space and export again"):
+        rec = export_and_verify(model, out, batch, label=checkpoint.stem, checkpoint=str(checkpoint), opset=opset,
+                                sidecar={"class_names": names} if names is not None else {}, benchmark=benchmark,
+                                providers=[p.strip() for p in providers.split(",") if p.strip()])
     keys = ("path", "parity_max_abs", "top1_agreement", "latency_ms_p50", "latency_ms_p90", "provider", "exporter")
     click.echo(json.dumps({k: rec.get(k) for k in keys}, indent=2))
+
+
+def _export_class_names(model, source, *, given: bool) -> list[str] | None:
+    """Names of the original classifier outputs for the sidecar: the checkpoint's, else those of
+    ``--data-root`` (``given``) when they fit the head, else the built-in data set's for a
+    ``builtin:`` model, else None (the sidecar numbers the classes)."""
+    head = getattr(model, "jas_head_classes", None)
+    original = (max(head) + 1) if head else int(model.num_classes)
+
+    def fits(names) -> bool:
+        return names is not None and (len(names) > max(head) if head else len(names) == original)
+
+    extra = getattr(model, "jas_checkpoint_extra", {}) or {}
+    for names in (getattr(model, "jas_class_names", None), extra.get("class_names")):
+        if fits(names):
+            return [str(n) for n in names]
+    builtin = str((getattr(model, "pretrained_cfg", None) or {}).get("architecture", "")).startswith("builtin:")
+    if (given or builtin) and fits(source.class_names):
+        return list(source.class_names)
+    if given:
+        log.warning("jas-prune: warning: --data-root has %d classes but the checkpoint's head has %d outputs; "
+                    "the sidecar numbers the classes (class_0, ...)", source.num_classes, model.num_classes)
+        return None
+    log.warning("jas-prune: warning: the checkpoint holds no class names; the sidecar numbers the classes "
+                "(class_0, ...); pass --data-root with the model's classes to name them")
+    return None
 
 
 @cli.command("report")
@@ -184,7 +216,9 @@ def report(run_dirs: tuple[Path, ...], combine: bool, out: Path | None) -> None:
     jas-prune report --combine RUN_DIR1 RUN_DIR2 ... --out DIR
     """
     from .errors import OutputDirError
-    from .report import combine_reports, write_report
+    from .lock import RunDirLock
+    from .reporting import combine_reports, write_report
+    from .rundir import RunDir
 
     if combine:
         if out is None:
@@ -193,10 +227,13 @@ def report(run_dirs: tuple[Path, ...], combine: bool, out: Path | None) -> None:
         return
     if len(run_dirs) != 1 or out is not None:
         raise OutputDirError("report: give one RUN_DIR (or --combine RUN_DIR... --out DIR to combine runs)")
-    run_dir = run_dirs[0]
-    if not (run_dir / "metrics.json").is_file():
-        raise OutputDirError(f"{run_dir}: no metrics.json (not a jas-prune run directory)")
-    click.echo(f"wrote {write_report(run_dir)}")
+    run = RunDir(run_dirs[0])
+    if not run.root.is_dir():
+        raise OutputDirError(f"{run.root}: no metrics.json (not a jas-prune run directory)")
+    with RunDirLock(run).acquire("report"):  # a run still writing it, or another report: refused at once
+        if not run.metrics.is_file():
+            raise OutputDirError(f"{run.root}: no metrics.json (not a jas-prune run directory)")
+        click.echo(f"wrote {write_report(run.root)}")
 
 
 class _ConsoleHandler(logging.Handler):

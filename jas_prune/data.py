@@ -7,6 +7,7 @@ and class names, partitioned per class into ``probe`` (attribution, masks, calib
 
 from __future__ import annotations
 
+import logging
 import os
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -31,6 +32,8 @@ __all__ = [
     "check_image_header",
 ]
 
+log = logging.getLogger("jas_prune")
+
 IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".bmp", ".ppm", ".pgm", ".tif", ".tiff", ".webp", ".jpeg2000")
 
 
@@ -54,6 +57,8 @@ class DataSource:
     test: list[int] = field(default_factory=list)
     seed: int = 0
     root: str | None = None
+    #: ``data.probe_images_per_class``: probe images kept per class (None: all of the partition)
+    probe_cap: int | None = None
 
     @property
     def num_classes(self) -> int:
@@ -73,15 +78,21 @@ class DataSource:
         for s in self.samples:
             h.update(f"{s.id}\t{s.label}\n".encode())
         h.update(("probe:" + ",".join(map(str, self.probe))).encode())
-        return {"kind": self.kind, "root": self.root, "seed": self.seed, "n": len(self.samples),
-                "sha256": h.hexdigest()}
+        out = {"kind": self.kind, "root": self.root, "seed": self.seed, "n": len(self.samples),
+               "sha256": h.hexdigest()}
+        if self.probe_cap is not None:  # absent when uncapped: fingerprints of older runs stay valid
+            out["probe_images_per_class"] = self.probe_cap
+        return out
 
 
-def partition(labels: Sequence[int], probe_fraction: float, seed: int) -> tuple[list[int], list[int]]:
+def partition(labels: Sequence[int], probe_fraction: float, seed: int,
+              probe_cap: int | None = None) -> tuple[list[int], list[int]]:
     """Split indices per class into probe/test: stratified, seeded, disjoint, covering.
 
     Each class with n >= 2 images gets round(probe_fraction * n) probe images, clamped so that
-    both sides keep at least one image.
+    both sides keep at least one image. ``probe_cap`` keeps only the first ``probe_cap`` of a
+    class's probe images (in the seeded order, so a random subset of them); the test side is the
+    same with or without it (the images left out are in neither).
     """
     labels = np.asarray(labels, dtype=np.int64)
     probe: list[int] = []
@@ -93,21 +104,22 @@ def partition(labels: Sequence[int], probe_fraction: float, seed: int) -> tuple[
         n_probe = int(round(probe_fraction * len(idx)))
         if len(idx) >= 2:
             n_probe = min(max(n_probe, 1), len(idx) - 1)
-        probe.extend(int(i) for i in idx[:n_probe])
+        probe.extend(int(i) for i in idx[:n_probe if probe_cap is None else min(n_probe, int(probe_cap))])
         test.extend(int(i) for i in idx[n_probe:])
     return sorted(probe), sorted(test)
 
 
-def _shapes_source(seed: int, probe_fraction: float, images_per_class: int | None) -> DataSource:
+def _shapes_source(seed: int, probe_fraction: float, images_per_class: int | None,
+                   probe_cap: int | None = None) -> DataSource:
     per_class = shapes.EVAL_PER_CLASS if images_per_class is None else int(images_per_class)
     n = per_class * shapes.NUM_CLASSES
     samples = [Sample(id=f"shapes:eval:{i}", label=shapes.label_of(i), ref=i) for i in range(n)]
-    probe, test = partition([s.label for s in samples], probe_fraction, seed)
-    return DataSource("shapes", list(shapes.CLASS_NAMES), samples, probe, test, seed=seed)
+    probe, test = partition([s.label for s in samples], probe_fraction, seed, probe_cap)
+    return DataSource("shapes", list(shapes.CLASS_NAMES), samples, probe, test, seed=seed, probe_cap=probe_cap)
 
 
 def _imagefolder_source(root: str | None, seed: int, probe_fraction: float,
-                        images_per_class: int | None) -> DataSource:
+                        images_per_class: int | None, probe_cap: int | None = None) -> DataSource:
     if not root:
         raise DataError("data.root: required when data.kind is 'imagefolder'")
     path = Path(root).expanduser()
@@ -115,15 +127,20 @@ def _imagefolder_source(root: str | None, seed: int, probe_fraction: float,
         raise DataError(f"data.root: not a directory: {path}")
     if not path.is_dir():
         raise DataError(f"data.root: directory not found: {path}")
-    classes = sorted(d.name for d in path.iterdir() if d.is_dir() and not d.name.startswith("."))
+    hidden = [e.name for e in path.iterdir() if _hidden(e.name)]
+    classes = sorted(d.name for d in path.iterdir() if d.is_dir() and not _hidden(d.name))
     if not classes:
         raise DataError(f"data.root: no class folders in {path}")
     samples: list[Sample] = []
+    listed: list[tuple[int, str, list[Path]]] = []
     for label, name in enumerate(classes):
-        files = sorted(
-            f for f in (path / name).rglob("*")
-            if f.is_file() and f.suffix.lower() in IMAGE_EXTENSIONS
-        )
+        files, skipped = _class_images(path / name)
+        hidden.extend(f"{name}/{s}" for s in skipped)
+        listed.append((label, name, files))
+    if hidden:
+        log.info("data.root: skipped %d hidden entr%s (names starting with '.', e.g. %s) in %s",
+                 len(hidden), "y" if len(hidden) == 1 else "ies", hidden[0], path)
+    for label, name, files in listed:
         if not files:
             raise DataError(f"data.root: class folder '{name}' in {path} has no images")
         if images_per_class is not None:
@@ -131,18 +148,49 @@ def _imagefolder_source(root: str | None, seed: int, probe_fraction: float,
         for f in files:
             check_image_header(f)
         samples.extend(Sample(id=str(f.relative_to(path)), label=label, ref=str(f)) for f in files)
-    probe, test = partition([s.label for s in samples], probe_fraction, seed)
+    probe, test = partition([s.label for s in samples], probe_fraction, seed, probe_cap)
     names = [n.split("-", 1)[1] if n[:2].isdigit() and "-" in n else n for n in classes]
-    return DataSource("imagefolder", names, samples, probe, test, seed=seed, root=str(path))
+    return DataSource("imagefolder", names, samples, probe, test, seed=seed, root=str(path), probe_cap=probe_cap)
+
+
+def _hidden(name: str) -> bool:
+    """Names starting with ``.`` are metadata, not data (``.DS_Store``, macOS ``._x.png``, ``.git``)."""
+    return name.startswith(".")
+
+
+def _class_images(folder: Path) -> tuple[list[Path], list[str]]:
+    """The image files under a class folder (sorted) and the hidden entries skipped there.
+
+    Hidden folders are not entered; a hidden entry is reported once, by its path relative to
+    ``folder``. Like ``Path.rglob``, symlinked folders are not followed; symlinked files are.
+    """
+    files: list[Path] = []
+    skipped: list[str] = []
+    for top, dirs, names in os.walk(folder):
+        rel = Path(top).relative_to(folder)
+        skipped.extend((rel / d).as_posix() for d in dirs if _hidden(d))
+        skipped.extend((rel / n).as_posix() for n in names if _hidden(n))
+        dirs[:] = sorted(d for d in dirs if not _hidden(d))
+        candidates = (Path(top) / n for n in names if not _hidden(n))
+        files.extend(f for f in candidates if f.suffix.lower() in IMAGE_EXTENSIONS and f.is_file())
+    return sorted(files), sorted(skipped)
 
 
 def build_source(kind: str, *, root: str | None = None, seed: int = 0, probe_fraction: float = 0.8,
-                 images_per_class: int | None = None) -> DataSource:
-    """Build the evaluation collection of a recipe's ``data`` section."""
+                 images_per_class: int | None = None, probe_images_per_class: int | None = None) -> DataSource:
+    """Build the evaluation collection of a recipe's ``data`` section.
+
+    ``probe_images_per_class`` caps the probe partition (attribution, masks, criteria,
+    calibration) without changing the test partition (see :func:`partition`).
+    """
+    if probe_images_per_class is not None and (isinstance(probe_images_per_class, bool)
+                                               or int(probe_images_per_class) < 1):
+        raise DataError(f"data.probe_images_per_class: must be ≥ 1 (got {probe_images_per_class!r})")
+    cap = None if probe_images_per_class is None else int(probe_images_per_class)
     if kind == "shapes":
-        return _shapes_source(seed, probe_fraction, images_per_class)
+        return _shapes_source(seed, probe_fraction, images_per_class, cap)
     if kind == "imagefolder":
-        return _imagefolder_source(root, seed, probe_fraction, images_per_class)
+        return _imagefolder_source(root, seed, probe_fraction, images_per_class, cap)
     raise DataError(f"data.kind: unknown kind {kind!r} (expected 'shapes' or 'imagefolder')")
 
 
@@ -222,12 +270,12 @@ def default_workers() -> int:
 
 
 def write_shapes_split(split: str, out: str | os.PathLike[str], *, seed: int = 0, probe_fraction: float = 0.8,
-                       images_per_class: int | None = None) -> int:
+                       images_per_class: int | None = None, probe_images_per_class: int | None = None) -> int:
     """Write ``train``, ``probe`` or ``test`` of the shapes set as an ImageFolder of PNGs.
 
     Folder names sort in label order (``07-red-semicircle``); file names carry the image index.
     ``probe``/``test`` are exactly the partitions of a recipe with the same seed,
-    ``probe_fraction`` and ``images_per_class``.
+    ``probe_fraction``, ``images_per_class`` and ``probe_images_per_class``.
     """
     from PIL import Image
     from tqdm.auto import tqdm
@@ -241,7 +289,7 @@ def write_shapes_split(split: str, out: str | os.PathLike[str], *, seed: int = 0
         items = [(i, shapes.label_of(i)) for i in range(per_class * shapes.NUM_CLASSES)]
         render_split = "train"
     elif split in ("probe", "test"):
-        source = _shapes_source(seed, probe_fraction, images_per_class)
+        source = _shapes_source(seed, probe_fraction, images_per_class, probe_images_per_class)
         items = [(s.ref, s.label) for s in source.subset(split)]
         render_split = "eval"
     else:

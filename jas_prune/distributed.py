@@ -18,6 +18,17 @@ The process group is gloo, on CPU and on CUDA alike: it only carries the small s
 (model and results never travel between ranks; the chunks go through the shared ``--out``). On
 CUDA each rank uses GPU ``LOCAL_RANK``.
 
+A process must never reach interpreter shutdown with its gloo group alive: gloo's worker thread
+may still hold the last reference to the tensors of the last agreement, and releasing it then
+takes the GIL from a thread that CPython is terminating, which aborts the process ("terminate
+called without an active exception", SIGABRT) while its peers work on (a torch issue).
+Destroying the group first joins those threads: :meth:`Dist.close` does (each rank calls it when
+it leaves), and an :mod:`atexit` hook does for a rank that exits without it. Destroying frees
+the group only if nothing else holds it: a function defined with ``group=dist.group.WORLD`` once
+the group exists keeps it in its defaults (``torch.distributed.nn``, which timm imports while
+the model loads, has ten), so that module is imported before the group is created, and any
+other such default is cleared when the group is destroyed.
+
 :func:`sigterm_raises` turns SIGTERM into :class:`Interrupted` (a ``BaseException``, like
 ``KeyboardInterrupt``): the chunk being written is abandoned atomically (see
 :func:`jas_prune.io.atomic_write`), the run logs how to resume and the CLI exits with code 143.
@@ -25,13 +36,17 @@ CUDA each rank uses GPU ``LOCAL_RANK``.
 
 from __future__ import annotations
 
+import atexit
 import contextlib
 import datetime
+import gc
 import json
 import os
 import secrets
 import signal
 import threading
+import types
+import weakref
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable, Iterator
@@ -39,6 +54,7 @@ from typing import Any, Callable, Iterator
 import torch
 
 from .errors import OutputDirError, PeerFailedError, StageNotAvailableError
+from .io import storage_errors
 
 __all__ = [
     "Dist",
@@ -203,7 +219,8 @@ class Dist:
                 prepare()
                 if self.enabled:
                     step.value = secrets.token_hex(8)
-                    (out / SHARED_TOKEN).write_text(step.value, encoding="utf-8")
+                    with storage_errors(out / SHARED_TOKEN):
+                        (out / SHARED_TOKEN).write_text(step.value, encoding="utf-8")
         if not self.enabled:
             return
         token = step.values[0]
@@ -254,14 +271,15 @@ class Dist:
         self._released = True
 
     def close(self) -> None:
-        """Destroy the process group this module created (a no-op for a one-process run)."""
-        if not (self.enabled and self._owned):
-            return
-        import torch.distributed as dist
-
-        if dist.is_initialized():
-            with contextlib.suppress(Exception):
-                dist.destroy_process_group()
+        """Destroy the process group this module created, joining gloo's threads (a no-op for a
+        one-process run, a caller's own group, or a group already destroyed). Call it before the
+        process exits; the :mod:`atexit` hook of :func:`init_from_env` is the last resort.
+        The gloo group this module added to a caller's group is destroyed too."""
+        if self._control is not None:
+            _destroy_group(self._control)
+            self._control = None
+        if self.enabled and self._owned:
+            _destroy_group()
 
 
 def init_from_env(device: torch.device) -> Dist:
@@ -293,11 +311,58 @@ def init_from_env(device: torch.device) -> Dist:
         torch.cuda.set_device(local_rank)
     owned = not dist.is_initialized()  # a caller's own process group is used, and left alone
     if owned:
+        with contextlib.suppress(ImportError):  # its defaults would hold the group (see _forget)
+            import torch.distributed.nn  # noqa: F401
         dist.init_process_group(backend="gloo", rank=rank, world_size=world, timeout=timeout)
+        _destroy_group_at_exit()
     backend = str(dist.get_backend())
     control = None if backend == "gloo" else dist.new_group(backend="gloo", timeout=timeout)
     return Dist(rank=rank, world=world, local_rank=local_rank, backend=backend, _control=control,
                 _store=_failure_store(), _owned=owned)
+
+
+_AT_EXIT = False
+
+
+def _destroy_group(group: Any = None) -> None:
+    """Destroy ``group`` (torch's default process group and every other by default) if it is
+    alive. Destroying a gloo group joins its worker threads, so none of them is left to release
+    an agreement's tensors during interpreter shutdown (which aborts the process). Never raises:
+    a rank on its way out has no use for the group."""
+    import torch.distributed as dist
+
+    if not (dist.is_available() and dist.is_initialized()):
+        return
+    default = weakref.ref(dist.group.WORLD) if group is None else None
+    with contextlib.suppress(Exception):
+        dist.destroy_process_group(group)
+    pg = default() if default is not None and not dist.is_initialized() else None
+    if pg is not None:  # destroyed, yet still held: by function defaults, see _forget
+        _forget(pg)
+        del pg  # the last reference: the group is freed and its threads are joined here
+
+
+def _forget(pg: Any) -> None:
+    """Clear the function defaults that still hold the destroyed default group ``pg`` (a
+    function defined with ``group=dist.group.WORLD`` once the group exists holds it), so that it
+    is freed and its gloo threads joined now, not left running into interpreter shutdown.
+    ``None``, the default group, is what such a default meant."""
+    for f in gc.get_objects():
+        if not isinstance(f, types.FunctionType):
+            continue
+        if f.__defaults__ and any(v is pg for v in f.__defaults__):
+            f.__defaults__ = tuple(None if v is pg else v for v in f.__defaults__)
+        if f.__kwdefaults__ and any(v is pg for v in f.__kwdefaults__.values()):
+            f.__kwdefaults__ = {k: None if v is pg else v for k, v in f.__kwdefaults__.items()}
+
+
+def _destroy_group_at_exit() -> None:
+    """Register :func:`_destroy_group` with :mod:`atexit` (once per process): atexit hooks run
+    while the interpreter is still whole, before the shutdown that gloo's threads cannot survive."""
+    global _AT_EXIT
+    if not _AT_EXIT:
+        atexit.register(_destroy_group)
+        _AT_EXIT = True
 
 
 def _failure_store() -> Any:

@@ -1,9 +1,12 @@
-"""Forward-hook primitives on the FFN neurons of a timm ViT.
+"""Forward-hook primitives on the FFN neurons of a supported ViT.
 
-A *neuron* ``(l, i)`` is unit ``i`` of the post-activation FFN hidden of block ``l``: the output
-of ``blocks[l].mlp.act``, i.e. the input of ``fc2``. Everything here works through forward hooks
-on ``mlp.act`` that are always removed again (also when the forward raises), so the model is
-left unchanged. Shared by locating (:mod:`jas_prune.locate`), the evaluation metrics and the
+A *neuron* ``(l, i)`` is unit ``i`` of the vector that enters ``fc2`` of block ``l``: the
+post-activation FFN hidden (``act(fc1 x)``; for a gated FFN the gated product
+``act(fc1_g x) * fc1_x x``; after the hidden norm when the FFN has one). It is the output of the
+block's *site* module, ``FFNLayer.act`` (:mod:`jas_prune.models.ffn`): ``mlp.act``,
+``mlp.drop1`` of a gated FFN, or the hidden norm. Everything here works through forward hooks on
+the site that are always removed again (also when the forward raises), so the model is left
+unchanged. Shared by locating (:mod:`jas_prune.attribution`), the evaluation metrics and the
 pruning baselines.
 
 Scopes (SPEC §2): ``"cls"`` reads/edits token position 0 only (needs a class token); ``"all"``
@@ -20,8 +23,9 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
-from .errors import RecipeError, UnsupportedModelError
+from .errors import InvalidArgumentError, RecipeError, UnsupportedModelError
 from .models import FFNInfo, discover_ffn
+from .torchutil import frozen_eval, model_device, model_dtype
 
 __all__ = [
     "SCOPES",
@@ -101,8 +105,12 @@ def read_scope(hidden: Tensor, scope: str) -> Tensor:
 
 
 # Autograd nodes whose backward does not read their own output, so the output may be written
-# in place (GELU saves its input only; ReLU/Sigmoid/Tanh save their result and may not).
-_INPLACE_SAFE_NODES = ("GeluBackward0", "MulBackward0")
+# in place: GELU and SiLU save their input only, a product (the gated FFN's act(g) * x, also after
+# an eval-mode dropout, which returns its input) saves its factors, LayerNorm (a hidden norm)
+# its input and statistics. ReLU/Sigmoid/Tanh save their result and may not; anything not listed
+# is written out of place. Should a listed node ever save its output, autograd's version check
+# raises instead of computing a wrong gradient (tests/test_neurons.py checks every entry).
+_INPLACE_SAFE_NODES = ("GeluBackward0", "MulBackward0", "SiluBackward0", "NativeLayerNormBackward0")
 
 
 def write_scope(hidden: Tensor, value: Tensor, scope: str) -> Tensor:
@@ -162,21 +170,6 @@ def _loader_inputs(batch: Any) -> Tensor:
     raise TypeError(f"loader must yield (images, labels, ...) tuples, got {type(batch).__name__}")
 
 
-def model_dtype(model: nn.Module) -> torch.dtype:
-    """The floating dtype of the model's parameters."""
-    for p in model.parameters():
-        if p.is_floating_point():
-            return p.dtype
-    return torch.get_default_dtype()
-
-
-def model_device(model: nn.Module) -> torch.device:
-    """The device of the model's parameters."""
-    for p in model.parameters():
-        return p.device
-    return torch.device("cpu")
-
-
 @torch.no_grad()
 def capture(
     model: nn.Module, x: Tensor, layers: int | Sequence[int] | None = None
@@ -184,7 +177,7 @@ def capture(
     """Clean post-activation FFN hiddens and logits in one forward.
 
     Args:
-        model: a timm ViT (see :func:`~jas_prune.models.discover_ffn`).
+        model: a supported ViT (see :func:`~jas_prune.models.discover_ffn`).
         x: images ``[B, C, H, W]`` (moved to the model's device and dtype).
         layers: ``None`` (all blocks), a prefix depth, or a list of block indices.
 
@@ -261,7 +254,7 @@ def activation_stats(
     ``cls``: the class token of every image). Nothing but running sums is kept.
 
     Args:
-        model: a timm ViT; put in eval mode for the pass and restored afterwards.
+        model: a supported ViT; put in eval mode for the pass and restored afterwards.
         loader: yields ``(images, labels, ...)`` tuples (or image tensors / dicts with
             ``pixel_values``).
         device: where to run (default: the model's device). The model is not moved.
@@ -289,18 +282,13 @@ def activation_stats(
 
         return fn
 
-    was_training = model.training
-    model.eval()
-    try:
-        with hook_hidden(model, {l: observer(l) for l in idx}, info):
-            for b, batch in enumerate(loader):
-                if max_batches is not None and b >= max_batches:
-                    break
-                model(_loader_inputs(batch).to(device=dev, dtype=dtype))
-    finally:
-        model.train(was_training)
+    with frozen_eval(model), hook_hidden(model, {l: observer(l) for l in idx}, info):
+        for b, batch in enumerate(loader):
+            if max_batches is not None and b >= max_batches:
+                break
+            model(_loader_inputs(batch).to(device=dev, dtype=dtype))
     if acc[idx[0]].mean is None:
-        raise ValueError("activation_stats: the loader yielded no images")
+        raise InvalidArgumentError("activation_stats: the loader yielded no images")
     return {l: acc[l].result() for l in idx}
 
 
@@ -308,12 +296,12 @@ def _as_factor(mult: Tensor | float, hidden: Tensor, layer: int) -> Tensor:
     """Reshape a multiplier broadcastable to ``[B, n]`` into ``[B|1, 1, n|1]``."""
     m = torch.as_tensor(mult, device=hidden.device, dtype=hidden.dtype)
     if m.ndim > 2:
-        raise ValueError(f"edit: multiplier of block {layer} must broadcast to [B, n], got shape {tuple(m.shape)}")
+        raise InvalidArgumentError(f"edit: multiplier of block {layer} must broadcast to [B, n], got shape {tuple(m.shape)}")
     m2 = m.reshape(1, -1) if m.ndim == 1 else (m.reshape(1, 1) if m.ndim == 0 else m)
     try:
         torch.broadcast_shapes(m2.shape, (hidden.shape[0], hidden.shape[-1]))
     except RuntimeError:
-        raise ValueError(
+        raise InvalidArgumentError(
             f"edit: multiplier of block {layer} with shape {tuple(m.shape)} does not broadcast to "
             f"[B, n] = [{hidden.shape[0]}, {hidden.shape[-1]}]"
         ) from None

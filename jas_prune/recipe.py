@@ -11,9 +11,13 @@ from pathlib import Path
 from typing import Any, Literal, Union
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, create_model, field_validator, model_validator
 
-from .errors import RecipeError
+from .attribution import METHODS, QUADRATURES, LocateSettings
+from .attribution.settings import CANDIDATES, FORMULAS, SCOPES, SETTING_NAMES, TARGETS
+from .errors import AttributionSettingError, RecipeError
+from .pruning.choices import DEFAULT_DAMPING, DEFAULT_TARGET, RECONSTRUCTIONS, TARGETS as RECONSTRUCTION_TARGETS
+from .pruning.criteria import CRITERIA
 
 __all__ = [
     "SECTIONS",
@@ -27,8 +31,12 @@ __all__ = [
 ]
 
 SECTIONS = ("model", "data", "attribution", "masks", "prune", "evaluate", "export", "runtime")
-LOCATE_METHODS = ("jas", "activation", "influence_pattern", "knowledge")
-PRUNE_METHODS = ("jas", "vit_slim", "magnitude", "taylor", "activation", "variance", "random")
+#: attribution.method values: the registered attribution methods
+LOCATE_METHODS = METHODS.names()
+#: prune.methods values: the registered pruning criteria
+PRUNE_METHODS = CRITERIA.names()
+_PruneMethod = Literal[PRUNE_METHODS]  # type: ignore[valid-type]
+_LocateMethod = Literal[LOCATE_METHODS]  # type: ignore[valid-type]
 
 
 class _Section(BaseModel):
@@ -47,6 +55,9 @@ class DataSection(_Section):
     root: str | None = None
     probe_fraction: float = Field(default=0.8, gt=0.0, lt=1.0)
     images_per_class: int | None = Field(default=None, ge=2)
+    #: probe images kept per class for attribution, masks, criteria and calibration; the test
+    #: partition is the same with or without it (the images left out are used nowhere)
+    probe_images_per_class: int | None = Field(default=None, ge=1)
     batch_size: int = Field(default=64, ge=1)
     workers: int = Field(default=0, ge=0)
 
@@ -58,15 +69,16 @@ class DataSection(_Section):
 
 
 class AttributionSection(_Section):
-    method: Union[Literal["jas", "activation", "influence_pattern", "knowledge"],
-                  list[Literal["jas", "activation", "influence_pattern", "knowledge"]]] = "jas"
+    """The locate settings (:class:`~jas_prune.attribution.LocateSettings` checks their rules)."""
+
+    method: Union[_LocateMethod, list[_LocateMethod]] = "jas"
     steps: int = Field(default=20, ge=1)
     topk: int = Field(default=1, ge=1)
-    scope: Literal["cls", "all"] = "cls"
-    formula: Literal["paper", "ig"] = "paper"
-    quadrature: Literal["left", "right", "trapezoid", "gauss"] = "left"
-    candidates: Literal["layer_scaled", "exact"] = "layer_scaled"
-    target: Literal["label", "pred"] = "label"
+    scope: Literal[SCOPES] = "cls"  # type: ignore[valid-type]
+    formula: Literal[FORMULAS] = "paper"  # type: ignore[valid-type]
+    quadrature: Literal[QUADRATURES] = "left"  # type: ignore[valid-type]
+    candidates: Literal[CANDIDATES] = "layer_scaled"  # type: ignore[valid-type]
+    target: Literal[TARGETS] = "label"  # type: ignore[valid-type]
     layers: int | list[int] | None = None
     internal_batch_size: int | None = Field(default=None, ge=1)
 
@@ -90,9 +102,11 @@ class AttributionSection(_Section):
         return v
 
     @model_validator(mode="after")
-    def _steps_for_quadrature(self) -> "AttributionSection":
-        if self.quadrature == "trapezoid" and self.steps < 2:
-            raise ValueError("steps: must be ≥ 2 with quadrature 'trapezoid' (it needs both ends)")
+    def _settings(self) -> "AttributionSection":
+        try:  # the rules of the settings themselves live in one place
+            LocateSettings(method=self.methods[0], **{k: getattr(self, k) for k in SETTING_NAMES})
+        except AttributionSettingError as exc:  # "attribution.steps: ..." -> "steps: ..." (the path is added)
+            raise ValueError(str(exc).removeprefix("attribution.")) from None
         return self
 
     @property
@@ -115,31 +129,90 @@ class FinetuneSection(_Section):
     lr: float = Field(default=1e-4, gt=0.0)
 
 
-class VitSlimSection(_Section):
-    lambda_: float = Field(default=1e-4, ge=0.0, alias="lambda")
-    epochs: float = Field(default=3.0, gt=0.0)
-    lr: float = Field(default=1e-2, gt=0.0)
+_Reconstruction = Literal[RECONSTRUCTIONS]  # type: ignore[valid-type]
+_Mode = Literal["uniform", "global"]
 
 
-class PruneSection(_Section):
-    methods: list[Literal["jas", "vit_slim", "magnitude", "taylor", "activation", "variance", "random"]] = ["jas"]
+def _check_ratios(v: list[float]) -> list[float]:
+    if not v:
+        raise ValueError("must list at least one ratio")
+    for r in v:
+        if not 0.0 < r < 1.0:
+            raise ValueError(f"{r} is outside (0, 1): a ratio is the fraction of FFN neurons removed")
+    return v
+
+
+class CalibrationSection(_Section):
+    """``prune.calibration``: how a reconstruction (``prune.reconstruction``) is fit.
+
+    The calibration images are the probe partition of the classes being pruned (at most
+    ``images_per_class`` of each class, in partition order).
+    """
+
+    images_per_class: int | None = Field(default=None, ge=1)
+    #: what the pruned FFN output is fit to: local | global | residual (jas_prune.pruning.reconstruct)
+    target: Literal[RECONSTRUCTION_TARGETS] = DEFAULT_TARGET  # type: ignore[valid-type]
+    #: relative ridge damping of lsq (times the mean variance of the kept neurons)
+    damping: float = Field(default=DEFAULT_DAMPING, ge=0.0)
+
+    @field_validator("damping")
+    @classmethod
+    def _finite(cls, v: float) -> float:
+        if v != v or v in (float("inf"), float("-inf")):
+            raise ValueError(f"must be a finite number ≥ 0 (got {v!r})")
+        return v
+
+
+class ClassSubsetsSection(_Section):
+    """``prune.class_subsets``: besides ``prune.classes``, ``count`` random subsets of ``size``
+    classes, drawn from ``runtime.seed``, each pruned class-specialised (sharing the run's masks)."""
+
+    count: int = Field(ge=1)
+    size: int = Field(ge=1)
+    #: ratios for the subsets (default: prune.ratios)
+    ratios: list[float] | None = None
+    #: keep | cut the classifier head to each subset (default: prune.head)
+    head: Literal["keep", "cut"] | None = None
+    #: reconstructions for the subsets (default: prune.reconstruction)
+    reconstruction: Union[_Reconstruction, list[_Reconstruction]] | None = None
+
+    @field_validator("ratios")
+    @classmethod
+    def _ratios(cls, v: list[float] | None) -> list[float] | None:
+        return None if v is None else _check_ratios(v)
+
+    @field_validator("reconstruction")
+    @classmethod
+    def _reconstruction(cls, v):
+        if isinstance(v, list) and (not v or len(set(v)) != len(v)):
+            raise ValueError("must list at least one of none, bias, lsq, each once")
+        return [v] if isinstance(v, str) else v
+
+
+class _PruneFields(_Section):
+    """``prune``: the fixed keys. Every criterion with options adds its own section
+    ``prune.<criterion>`` (e.g. ``prune.vit_slim``), taken from the criterion registry."""
+
+    methods: list[_PruneMethod] = ["jas"]
     ratios: list[float] = [0.5]
-    mode: Literal["uniform", "global"] = "uniform"
+    #: uniform | global, or a mapping ratio -> mode (ratios not listed: uniform)
+    mode: Union[_Mode, dict[float, _Mode]] = "uniform"
+    #: global mode: every block keeps at least this share of the neurons a uniform cut keeps
+    global_min_keep: float = Field(default=0.5, ge=0.0, le=1.0)
     classes: list[Union[int, str]] | None = None
+    class_subsets: ClassSubsetsSection | None = None
     head: Literal["keep", "cut"] = "keep"
-    bias_compensation: bool | list[bool] = False
+    #: none | bias | lsq, or a list of them compared side by side (default: none)
+    reconstruction: Union[_Reconstruction, list[_Reconstruction]] | None = None
+    #: the older spelling: true = [bias], false = [none], [false, true] = [none, bias]
+    bias_compensation: bool | list[bool] | None = None
+    calibration: CalibrationSection = CalibrationSection()
     finetune: FinetuneSection | None = None
-    vit_slim: VitSlimSection = VitSlimSection()
 
     @field_validator("ratios")
     @classmethod
     def _ratios(cls, v: list[float]) -> list[float]:
-        if not v:
-            raise ValueError("must list at least one ratio")
-        for r in v:
-            if not 0.0 < r < 1.0:
-                raise ValueError(f"{r} is outside (0, 1): a ratio is the fraction of FFN neurons removed")
-        return v
+        return _check_ratios(v)
 
     @field_validator("methods")
     @classmethod
@@ -155,9 +228,78 @@ class PruneSection(_Section):
             raise ValueError("must list at least one class (or be null for every class)")
         return v
 
+    @field_validator("mode")
+    @classmethod
+    def _mode(cls, v):
+        if isinstance(v, dict):
+            if not v:
+                raise ValueError("must be uniform, global, or a non-empty mapping ratio -> mode")
+            for r in v:
+                if not 0.0 < r < 1.0:
+                    raise ValueError(f"ratio {r} is outside (0, 1)")
+        return v
+
+    @field_validator("reconstruction")
+    @classmethod
+    def _reconstruction(cls, v):
+        if isinstance(v, list) and (not v or len(set(v)) != len(v)):
+            raise ValueError("must list at least one of none, bias, lsq, each once")
+        return v
+
+    @field_validator("bias_compensation")
+    @classmethod
+    def _bias_compensation(cls, v):
+        if isinstance(v, list) and (not v or len(set(v)) != len(v)):
+            raise ValueError("must be true, false or a list of them, each once")
+        return v
+
+    @model_validator(mode="after")
+    def _alias(self) -> "_PruneFields":
+        """``bias_compensation`` is an alias: resolved into ``reconstruction`` (then null)."""
+        if self.bias_compensation is not None:
+            flags = [self.bias_compensation] if isinstance(self.bias_compensation, bool) else self.bias_compensation
+            aliased = ["bias" if f else "none" for f in flags]
+            if self.reconstruction is not None and self.reconstructions != aliased:
+                raise ValueError("bias_compensation: is the older spelling of prune.reconstruction "
+                                 f"({aliased}); give only prune.reconstruction")
+            self.reconstruction = aliased
+            self.bias_compensation = None
+        elif self.reconstruction is None:
+            self.reconstruction = ["none"]
+        if isinstance(self.reconstruction, str):
+            self.reconstruction = [self.reconstruction]
+        return self
+
     @property
-    def compensation_options(self) -> list[bool]:
-        return [self.bias_compensation] if isinstance(self.bias_compensation, bool) else list(self.bias_compensation)
+    def reconstructions(self) -> list[str]:
+        """The reconstructions compared, in the recipe's order."""
+        r = self.reconstruction
+        return ["none"] if r is None else [r] if isinstance(r, str) else list(r)
+
+    def mode_for(self, ratio: float) -> str:
+        """The allocation at ``ratio``: the mode, or the mapping's entry (uniform when not listed)."""
+        if isinstance(self.mode, str):
+            return self.mode
+        return next((m for r, m in self.mode.items() if abs(r - ratio) < 1e-9), "uniform")
+
+    def options_for(self, method: str) -> BaseModel | None:
+        """The options section of criterion ``method`` (None when it has none)."""
+        return getattr(self, method) if CRITERIA.get(method).options is not None else None
+
+
+def _criterion_sections() -> dict[str, Any]:
+    taken = set(_PruneFields.model_fields)
+    out: dict[str, Any] = {}
+    for c in CRITERIA:
+        if c.options is not None:
+            if c.name in taken:
+                raise RuntimeError(f"pruning criterion {c.name!r}: its options section would shadow prune.{c.name}")
+            out[c.name] = (c.options, Field(default_factory=c.options))
+    return out
+
+
+PruneSection = create_model("PruneSection", __base__=_PruneFields, __doc__=_PruneFields.__doc__,
+                            __module__=__name__, **_criterion_sections())
 
 
 class ClsMaskAblationSection(_Section):
@@ -213,7 +355,7 @@ class ExportSection(_Section):
 class RuntimeSection(_Section):
     seed: int = 0
     device: Literal["auto", "cpu", "cuda"] = "auto"
-    dtype: Literal["float32", "float64"] = "float32"
+    dtype: Literal["float32", "float64", "bfloat16"] = "float32"
 
 
 class Recipe(_Section):

@@ -17,11 +17,13 @@ instead of joining names itself::
 
 from __future__ import annotations
 
+import logging
 import os
 from pathlib import Path
 from typing import TYPE_CHECKING, Sequence
 
 if TYPE_CHECKING:  # pragma: no cover
+    from .lock import RunDirLock
     from .pathstore import PathStore
 
 __all__ = ["RunDir", "CHUNK_SIZE", "PARTS"]
@@ -135,3 +137,41 @@ class RunDir:
     def holds_run(self) -> bool:
         """Whether a run has already written its results here."""
         return self.metrics.exists() or self.recipe.exists()
+
+    def prepare(self, *, resume: bool, what: str = "recipe run") -> "RunDirLock":
+        """Create the directory (or reuse it, with ``--resume``) and take its lock.
+
+        Nothing but the directory and its lock file is created; the caller holds the returned
+        lock for the whole run (one writer per run directory).
+
+        Raises:
+            OutputDirError: the directory cannot be created, or a previous run is there without
+                ``--resume``.
+            RunDirLockedError: another process holds the directory (naming it).
+            StorageError: the lock file cannot be written (read-only, no space).
+        """
+        from .errors import OutputDirError
+        from .io import make_dir
+        from .lock import RunDirLock
+
+        make_dir(self.root, f"--out {self.root}")
+        lock = RunDirLock(self).acquire(what)
+        if not resume and self.holds_run():
+            lock.release()
+            raise OutputDirError(
+                f"--out {self.root}: already holds a run; pass --resume to continue it or choose another directory")
+        return lock
+
+    def log_handler(self, rank: int = 0) -> logging.Handler:
+        """A handler that appends to this run's log file (:meth:`log`), created on first record."""
+        handler = _QuietFileHandler(self.log(rank), encoding="utf-8", delay=True)
+        handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(message)s"))
+        return handler
+
+
+class _QuietFileHandler(logging.FileHandler):
+    """A log file that never prints logging's own traceback to the console: on a full disk the
+    run stops with one line (a :class:`~jas_prune.errors.StorageError`), not with a logging error."""
+
+    def handleError(self, record: logging.LogRecord) -> None:  # noqa: N802 - logging's name
+        return None

@@ -63,3 +63,22 @@ def batch():
 def loader(batch):
     x, y = batch
     return [(x[:6], y[:6], torch.arange(6)), (x[6:], y[6:], torch.arange(6, 12))]
+
+
+def replace_stage(monkeypatch, name: str, run) -> None:
+    """Make the pipeline stage ``name`` run ``run(ctx)`` instead (for the duration of a test)."""
+    import dataclasses
+
+    from jas_prune.pipeline.stages import STAGES
+
+    monkeypatch.setitem(STAGES._entries, name, dataclasses.replace(STAGES.get(name), run=run))
+
+
+def pytest_collection_modifyitems(config, items):
+    """Tests marked ``cuda`` run only where CUDA is usable (``benchmarks/gpu_check.sh`` runs them)."""
+    if torch.cuda.is_available():
+        return
+    skip = pytest.mark.skip(reason="needs CUDA")
+    for item in items:
+        if "cuda" in item.keywords:
+            item.add_marker(skip)

@@ -116,6 +116,22 @@ def test_save_load_and_fingerprint(tmp_path):
         load_masks(tmp_path / "nowhere")
 
 
+def test_same_masks_same_bytes(tmp_path):
+    """safetensors orders several metadata keys at random: one key keeps the file reproducible
+    (and files written before, with one key per entry, still load)."""
+    from safetensors.torch import load_file, save_file
+
+    m = aggregate(torch.zeros(2, 1, 1, dtype=torch.long), torch.rand(2, 1, 4), torch.tensor([0, 1]), num_classes=2,
+                  widths=4, topk=1, layers=[3], class_names=["x", "y"], fingerprint={"model": "abc"})
+    files = [save_masks(m, tmp_path / f"m{i}.safetensors").read_bytes() for i in range(6)]
+    assert len(set(files)) == 1
+    old = tmp_path / "old.safetensors"
+    save_file(load_file(tmp_path / "m0.safetensors"), old,
+              metadata={"layers": "[3]", "class_names": '["x", "y"]', "fingerprint": '{"model": "abc"}'})
+    back = load_masks(old)
+    assert back.layers == [3] and back.class_names == ["x", "y"] and back.fingerprint == {"model": "abc"}
+
+
 RECIPE = """version: 1
 data: {images_per_class: 3, batch_size: 16}
 attribution: {method: [jas, activation], steps: 3, topk: 2}

@@ -13,10 +13,11 @@ def test_public_names():
     assert issubclass(jas_prune.JASImportance, tp.importance.Importance)
 
 
-def test_locate_stays_the_function_after_submodule_imports():
+def test_locate_stays_the_function_after_the_engine_is_imported():
     import jas_prune
 
-    importlib.import_module("jas_prune.locate")
-    from jas_prune.locate import LocateResult  # noqa: F401
+    importlib.import_module("jas_prune.attribution")
+    from jas_prune.attribution import LocateResult  # noqa: F401
 
     assert callable(jas_prune.locate) and jas_prune.locate.__name__ == "locate"
+    assert jas_prune.locate is jas_prune.attribution.locate

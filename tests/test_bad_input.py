@@ -395,9 +395,9 @@ def test_read_only_out(tmp_path, tiny_builtin, capsys):
 
 def test_nan_weights_in_locate_name_the_image(tmp_path, tiny_builtin, capsys, monkeypatch):
     """The locate stage checks its own outputs (here reached without the dense stage)."""
-    import jas_prune.runner as runner
+    from conftest import replace_stage
 
-    monkeypatch.setattr(runner, "stage_dense", lambda ctx: None)
+    replace_stage(monkeypatch, "dense", lambda ctx: None)
     args = _run(tmp_path, LOCATE + f"model: {{checkpoint: {_nan_checkpoint(tmp_path, tiny_builtin)}}}\n")
     check_user_error(capsys, args, "locate probe (jas): model output is not finite for image shapes:eval:", tmp_path, "nan-weights-locate")
 
@@ -470,7 +470,7 @@ def test_non_finite_attribution_scores_name_image_and_block():
 
     from jas_prune.data import Sample
     from jas_prune.errors import NonFiniteOutputError
-    from jas_prune.runner import _check_finite
+    from jas_prune.pipeline.stages.locate import _check_finite
 
     chunk = [Sample("img-a", 0, 0), Sample("img-b", 1, 1)]
     ok = types.SimpleNamespace(probs=torch.tensor([0.5, 0.4]), layers=[0, 3],

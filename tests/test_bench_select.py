@@ -1,10 +1,11 @@
-"""``python -m jas_prune.bench_select``: JAS's pruning configuration chosen on the probe partition only."""
+"""``python -m jas_prune.bench_select``: every pruning choice made on the probe partition only."""
 
 import json
 
 import torch
 
 from jas_prune import bench_select
+from jas_prune.recipe import parse_recipe
 
 
 def test_split_is_a_per_class_half_of_the_probe_positions():
@@ -22,7 +23,27 @@ def test_fit_importance_uses_only_the_fit_images():
     torch.testing.assert_close(imp[5], (scores[1, 1] + scores[3, 1]) / 2)
 
 
-def test_main_never_reads_the_test_partition(tmp_path, tiny_builtin, monkeypatch, capsys):
+def test_fit_is_the_recipes_capped_probe_and_val_the_rest_of_it():
+    recipe = parse_recipe({"version": 1, "data": {"images_per_class": 10, "probe_images_per_class": 3}})
+    fit, val, source = bench_select.fit_val_samples(recipe, seed=2)
+    assert [s.id for s in fit] == [s.id for s in source.subset("probe")]  # what a run of the recipe reads
+    assert len(fit) == 48 * 3 and len(val) == 48 * 5 and not {s.id for s in fit} & {s.id for s in val}
+    test = {s.id for s in source.subset("test")}
+    assert not test & {s.id for s in fit + val}
+    uncapped = parse_recipe({"version": 1, "data": {"images_per_class": 10}})
+    fit2, val2, _ = bench_select.fit_val_samples(uncapped, seed=2)
+    assert len(fit2) == len(val2) == 48 * 4  # without a cap: seeded halves of the probe partition
+
+
+RECIPE = """version: 1
+data: {images_per_class: 4, probe_images_per_class: 1, batch_size: 64}
+attribution: {method: jas, steps: 2, scope: all, formula: ig}
+masks: {topk: 1, importance: mean_abs_centered}
+prune: {methods: [jas, magnitude, vit_slim, random], ratios: [0.5]}
+"""
+
+
+def test_main_chooses_everything_without_reading_the_test_partition(tmp_path, tiny_builtin, monkeypatch, capsys):
     from jas_prune.data import DataSource
 
     subset = DataSource.subset
@@ -32,10 +53,40 @@ def test_main_never_reads_the_test_partition(tmp_path, tiny_builtin, monkeypatch
         return subset(self, part, classes)
 
     monkeypatch.setattr(DataSource, "subset", no_test)
-    result = bench_select.main(["--out", str(tmp_path), "--images-per-class", "4", "--steps", "2", "--ratios", "0.5"])
-    saved = json.loads((tmp_path / "select.json").read_text())
-    assert saved["best"] == result["best"] and saved["fit_images"] + saved["val_images"] == 48 * 3
-    jas = [r for r in saved["rows"] if r["criterion"] == "jas"]
-    assert len(jas) == 4 * 3 and len(saved["rows"]) == 4 * 3 + 3
-    assert result["best"]["mean_top1"] == max(r["mean_top1"] for r in jas)
-    assert "best JAS configuration" in capsys.readouterr().out
+    recipe = tmp_path / "r.yaml"
+    recipe.write_text(RECIPE)
+    out = tmp_path / "sel"
+    result = bench_select.main(["--recipe", str(recipe), "--out", str(out), "--recon-methods", "jas", "magnitude",
+                                "--min-gain", "0"])
+    saved = json.loads((out / "select.json").read_text())
+    assert saved["chosen"] == result["chosen"] and saved["fit_images"] == 48 and saved["val_images"] == 48 * 2
+    chosen = saved["chosen"]
+    assert set(chosen) == {"prune.calibration.target", "prune.calibration.damping", "masks.importance",
+                           "jas.redundancy", "prune.vit_slim", "redundancy (other criteria)", "prune.mode (per ratio)",
+                           "prune.global_min_keep"}
+    steps = saved["steps"]
+    jas, slim = steps["jas"], steps["vit_slim"]
+    assert len(slim) == len(jas)  # ViT-Slim gets JAS's selection budget
+    assert chosen["masks.importance"] == max(jas, key=lambda r: r["mean_top1"])["aggregation"]
+    assert chosen["prune.vit_slim"] == max(slim, key=lambda r: r["mean_top1"])["options"]
+    recon = steps["reconstruction"]
+    best = max((r for r in recon if "target" in r), key=lambda r: r["mean_top1"])
+    assert chosen["prune.calibration.target"] == best["target"]
+    assert {r["label"].split(":")[0] for r in recon} >= {"none", "bias"}
+    assert set(chosen["prune.mode (per ratio)"]) == {"0.5"}
+    assert "chosen:" in capsys.readouterr().out
+    # a second invocation measures nothing again: every cell is read back
+    cells = json.loads((out / "cells.json").read_text())
+    again = bench_select.main(["--recipe", str(recipe), "--out", str(out), "--recon-methods", "jas", "magnitude",
+                               "--only", "reconstruction", "--min-gain", "0"])
+    assert again["chosen"]["prune.calibration.target"] == chosen["prune.calibration.target"]
+    assert json.loads((out / "cells.json").read_text()) == cells
+
+
+def test_a_setting_replaces_the_recipes_only_when_clearly_better():
+    rows = [{"name": "current", "mean_top1": 0.900}, {"name": "other", "mean_top1": 0.9008}]
+    assert bench_select._pick(rows, lambda r: r["name"] == "current", 0.001)["name"] == "current"
+    assert bench_select._pick(rows, lambda r: r["name"] == "current", 0.0)["name"] == "other"
+    rows[1]["mean_top1"] = 0.902
+    assert bench_select._pick(rows, lambda r: r["name"] == "current", 0.001)["name"] == "other"
+    assert bench_select._pick(rows, lambda r: False, 0.001)["name"] == "other"  # no current setting: the best

@@ -62,12 +62,12 @@ def test_validate_ok(tmp_path, capsys):
 
 
 def test_internal_error_exit_1(tmp_path, tiny_builtin, monkeypatch, capsys):
-    import jas_prune.runner as runner
+    from conftest import replace_stage
 
     def boom(ctx):
         raise ZeroDivisionError("boom")
 
-    monkeypatch.setattr(runner, "stage_dense", boom)
+    replace_stage(monkeypatch, "dense", boom)
     recipe = _write(tmp_path, "version: 1\ndata:\n  images_per_class: 2\n")
     out = tmp_path / "run"
     assert main(["recipe", "run", str(recipe), "--out", str(out)]) == 1

@@ -99,3 +99,55 @@ def test_imagefolder_loader_uses_model_preprocessing(tmp_path, tiny_builtin):
     x, y, pos = next(iter(make_loader(src.samples[:3], model_transform(tiny_builtin), batch_size=3)))
     assert x.shape == (3, 3, 32, 32) and x.dtype == torch.float32
     assert float(x.min()) >= -1.0 and float(x.max()) <= 1.0
+
+
+def _png(path, seed: int = 0) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    rng = np.random.default_rng(seed)
+    Image.fromarray(rng.integers(0, 256, (8, 8, 3), dtype=np.uint8)).save(path)
+
+
+def test_imagefolder_skips_dot_names_and_counts_them(tmp_path, caplog):
+    """macOS copies carry ._x.png (AppleDouble) and .DS_Store; hidden folders are metadata too."""
+    for cls in ("cat", "dog"):
+        for i in range(2):
+            _png(tmp_path / cls / f"{i}.png", seed=i)
+            (tmp_path / cls / f"._{i}.png").write_bytes(b"\x00\x05\x16\x07 AppleDouble")  # not an image
+    (tmp_path / ".DS_Store").write_bytes(b"\x00\x00\x00\x01Bud1")
+    (tmp_path / "._cat").write_bytes(b"\x00\x05\x16\x07")
+    _png(tmp_path / ".hidden-class" / "0.png")  # a class folder nobody meant
+    _png(tmp_path / "dog" / ".thumbs" / "0.png")  # hidden subfolder: not entered
+    (tmp_path / "dog" / ".thumbs" / "1.png").write_bytes(b"junk")
+    _png(tmp_path / "dog" / "sub" / "2.png")  # a visible subfolder still counts
+    (tmp_path / "dog" / "sub" / ".DS_Store").write_bytes(b"junk")
+    with caplog.at_level("INFO", logger="jas_prune"):
+        src = build_source("imagefolder", root=str(tmp_path), probe_fraction=0.5)
+    assert src.class_names == ["cat", "dog"]
+    assert sorted(s.id for s in src.samples) == ["cat/0.png", "cat/1.png", "dog/0.png", "dog/1.png", "dog/sub/2.png"]
+    lines = [r.getMessage() for r in caplog.records if r.name == "jas_prune" and "hidden" in r.getMessage()]
+    # root: .DS_Store, ._cat, .hidden-class; cat: ._0.png, ._1.png; dog: ._0.png, ._1.png, .thumbs, sub/.DS_Store
+    assert lines == [f"data.root: skipped 9 hidden entries (names starting with '.', e.g. .DS_Store) in {tmp_path}"]
+
+
+def test_imagefolder_without_dot_names_logs_nothing(tmp_path, caplog):
+    _png(tmp_path / "cat" / "0.png")
+    _png(tmp_path / "cat" / "1.png")
+    with caplog.at_level("INFO", logger="jas_prune"):
+        build_source("imagefolder", root=str(tmp_path))
+    assert not [r for r in caplog.records if "hidden" in r.getMessage()]
+
+
+def test_imagefolder_still_refuses_what_is_not_hidden(tmp_path):
+    """Only dot names are skipped: a broken visible image stops the run naming it."""
+    _png(tmp_path / "cat" / "0.png")
+    (tmp_path / "cat" / "._0.png").write_bytes(b"AppleDouble")
+    (tmp_path / "cat" / "broken.png").write_bytes(b"<html>not found</html>")
+    with pytest.raises(DataError) as info:
+        build_source("imagefolder", root=str(tmp_path))
+    assert str(info.value) == (f"data.root: cannot read image {tmp_path / 'cat' / 'broken.png'}: "
+                               "not an image file (Pillow cannot identify its format)")
+    (tmp_path / "cat" / "broken.png").unlink()
+    (tmp_path / "dog").mkdir()
+    (tmp_path / "dog" / "._0.png").write_bytes(b"AppleDouble")  # only metadata: no images
+    with pytest.raises(DataError, match=r"^data.root: class folder 'dog' in .* has no images$"):
+        build_source("imagefolder", root=str(tmp_path))

@@ -57,7 +57,7 @@ def test_two_processes_give_what_one_gives(tmp_path):
     torch.set_num_threads(1)  # as each torchrun worker
     try:
         with pytest.MonkeyPatch.context() as mp:  # no figures: seconds of plotting, not results
-            mp.setattr("jas_prune.report.write_report", lambda run_dir: Path(run_dir) / "report.md")
+            mp.setattr("jas_prune.reporting.write_report", lambda run_dir: Path(run_dir) / "report.md")
             assert main(["recipe", "run", str(recipe), "--out", str(one)]) == 0
     finally:
         torch.set_num_threads(threads)
@@ -118,6 +118,47 @@ def test_a_failing_or_vanished_rank_stops_the_others(tmp_path):
     assert "peer failed 2 rank 1 failed while reading images: image 7 is unreadable" in zero
     assert "own error" in one
     assert "lost rank 0: lost contact with the other ranks while waiting for rank 1" in zero
+
+
+LEAVE_SCRIPT = textwrap.dedent("""
+    import atexit, os, sys, torch
+    import torch.distributed as dist
+    from jas_prune.distributed import init_from_env
+
+    def gloo_threads():  # gloo's worker and I/O threads (C++ threads, named by torch)
+        names = [open(f"/proc/self/task/{t}/comm").read().strip() for t in os.listdir("/proc/self/task")]
+        return sum(n in ("pt_gloo_runloop", "gloo_tcp_loop") for n in names)
+
+    # registered before init_from_env's hook, so it runs after it (atexit is last in, first out)
+    atexit.register(lambda: print("at exit", dist.is_initialized(), gloo_threads(), flush=True))
+    d = init_from_env(torch.device("cpu"))
+    import torch.distributed.nn.functional as F  # as timm does, once the group exists
+
+    def mine(tensor, group=dist.group.WORLD):  # a default that holds the group itself
+        return tensor
+    print("held", mine.__defaults__[0] is dist.group.WORLD, F.all_reduce.__defaults__[-1] is dist.group.WORLD)
+    with d.stage("sharing") as s:
+        s.value = d.rank
+    print("values", s.values, "gloo threads", gloo_threads() > 0)
+    if d.rank == 1:
+        sys.exit(0)  # its part is done: it leaves without close()
+    d.close()
+    print("closed", dist.is_initialized(), gloo_threads())
+""")
+
+
+@pytest.mark.skipif(not Path("/proc/self/task").is_dir(), reason="reads thread names in /proc")
+def test_a_rank_never_reaches_interpreter_shutdown_with_its_group_alive(tmp_path):
+    """gloo's worker thread may still hold the last agreement's tensors; releasing them during
+    interpreter shutdown aborts the process (SIGABRT) now and then: the group must be destroyed,
+    its threads joined, before that: by a rank that exits without close(), and even when a
+    function's default argument holds the group."""
+    zero, one = run_two_ranks(tmp_path, LEAVE_SCRIPT)
+    for out in (zero, one):
+        assert "held True False" in out, out  # torch.distributed.nn was imported before the group
+        assert "values [0, 1] gloo threads True" in out, out
+    assert "at exit False 0" in one, one
+    assert "closed False 0" in zero, zero  # close() frees the group although `mine` held it
 
 
 SHARED_SCRIPT = textwrap.dedent("""

@@ -1,4 +1,5 @@
-"""ONNX export, verification, providers, latency and the torch-free deployment scripts."""
+"""ONNX export, verification, providers, latency (one file, and several interleaved with the spread of
+their speed-ups) and the torch-free deployment scripts."""
 
 from __future__ import annotations
 
@@ -19,8 +20,10 @@ import torch
 from PIL import Image
 from torch import nn
 
-from jas_prune import export as ex
+from jas_prune import deploy as ex
+from jas_prune.deploy import latency, onnx_export, record
 from jas_prune.errors import ExportVerificationError
+from jas_prune.metrics import ExportRecord
 
 ROOT = Path(__file__).resolve().parents[1]
 NAMES = ["00-alpha", "01-bravo", "02-charlie", "03-delta", "04-echo"]
@@ -179,7 +182,7 @@ def test_perturbed_weight_is_caught(dense, tmp_path):
     onnx.save(proto, str(bad))
     with pytest.raises(ExportVerificationError, match=r"max \|Δlogit\|") as err:
         ex.verify_onnx(bad, model, _batch(6))
-    assert err.value.result["parity_max_abs"] > 1e-4 and not err.value.result["passed"]
+    assert err.value.record["parity_max_abs"] > 1e-4 and not err.value.record["passed"]
 
 
 def test_model_mismatch_is_caught(dense, pruned, tmp_path):
@@ -216,7 +219,7 @@ def test_torchscript_fallback_warns_and_records(monkeypatch, tmp_path):
     def broken(*args, **kwargs):
         raise RuntimeError("dynamo exporter broke on purpose")
 
-    monkeypatch.setattr(ex, "_export_dynamo", broken)
+    monkeypatch.setattr(onnx_export, "_export_dynamo", broken)
     model = _prune(_tiny_vit(), [24, 100])
     path = tmp_path / "ts.onnx"
     with pytest.warns(RuntimeWarning, match="falling back to the TorchScript exporter"):
@@ -235,8 +238,8 @@ def test_failed_export_leaves_nothing(monkeypatch, tmp_path):
     def broken(*args, **kwargs):
         raise RuntimeError("no exporter today")
 
-    monkeypatch.setattr(ex, "_export_dynamo", broken)
-    monkeypatch.setattr(ex, "_export_torchscript", broken)
+    monkeypatch.setattr(onnx_export, "_export_dynamo", broken)
+    monkeypatch.setattr(onnx_export, "_export_torchscript", broken)
     with pytest.warns(RuntimeWarning), pytest.raises(RuntimeError, match="torchscript exporter failed"):
         ex.export_onnx(_tiny_vit(), tmp_path / "m.onnx")
     assert list(tmp_path.iterdir()) == []
@@ -303,6 +306,94 @@ def test_export_and_verify_record(tmp_path):
     assert ex.read_sidecar(tmp_path / "p.onnx")["checkpoint"] == str(tmp_path / "p.safetensors")
     assert "fp16" not in rec or ex.cuda_usable()  # fp16 only where CUDA runs it
     json.dumps(rec)
+
+
+def test_export_and_verify_failure_carries_the_record(tmp_path, monkeypatch):
+    def parity_fails(path, model, batch, **kwargs):
+        raise ExportVerificationError("p.onnx: differs", record={"parity_max_abs": 0.5, "top1_agreement": 0.75,
+                                                                 "provider": "CPUExecutionProvider"})
+
+    monkeypatch.setattr(record, "verify_onnx", parity_fails)
+    with pytest.raises(ExportVerificationError, match="differs") as err:
+        ex.export_and_verify(_tiny_vit(), tmp_path / "p.onnx", _batch(2), label="p", checkpoint="p.safetensors")
+    rec = err.value.record  # what the pipeline keeps in metrics.json for a failed model
+    assert rec["model"] == "p" and rec["checkpoint"] == "p.safetensors" and rec["verified"] is False
+    assert rec["parity_max_abs"] == 0.5 and rec["top1_agreement"] == 0.75 and rec["error"] == "p.onnx: differs"
+
+
+class _Clock:
+    """A fake ``time``: the load triples in long slow spells, as on a shared machine."""
+
+    def __init__(self):
+        self.t = 0.0
+
+    def perf_counter(self) -> float:
+        return self.t
+
+    def load(self) -> float:
+        return 3.0 if int(self.t // 200) % 2 else 1.0
+
+
+class _FakeSession:
+    def __init__(self, label: str, cost: float, clock: _Clock, calls: list):
+        self.label, self.cost, self.clock, self.calls = label, cost, clock, calls
+
+    def run(self, names, feeds):
+        self.calls.append(self.label)
+        self.clock.t += self.cost * self.clock.load()
+
+    def get_inputs(self):
+        return [type("In", (), {"shape": ["batch", 3, 4, 4]})()]
+
+    def get_providers(self):
+        return ["CPUExecutionProvider"]
+
+
+def test_benchmark_many_interleaves_and_pairs_the_speedup(monkeypatch):
+    clock, calls = _Clock(), []
+    costs = {"dense.onnx": 2.0, "half.onnx": 1.0, "twin.onnx": 2.0}  # twin: the dense model's shape again
+    monkeypatch.setattr(latency, "time", clock)
+    monkeypatch.setattr(latency, "create_session", lambda path, **kw: _FakeSession(path, costs[path], clock, calls))
+    out = ex.benchmark_many({"dense": "dense.onnx", "half": "half.onnx", "twin": "twin.onnx"}, reference="dense",
+                            batch_sizes=(4,), warmup=1, repeats=15, iters=3)
+    timed = calls[3:]  # after one warm-up run each
+    rounds = [timed[i:i + 9:3] for i in range(0, len(timed), 9)]
+    assert rounds[:4] == [["dense.onnx", "half.onnx", "twin.onnx"], ["half.onnx", "twin.onnx", "dense.onnx"],
+                          ["twin.onnx", "dense.onnx", "half.onnx"], ["dense.onnx", "half.onnx", "twin.onnx"]]
+    assert all(timed[i] == timed[i + 1] == timed[i + 2] for i in range(0, len(timed), 3))  # iters in a block
+    half, twin = out["half"][0]["speedup"], out["twin"][0]["speedup"]
+    # the slow spells hit models alike within a round: the paired ratio is exact where the
+    # models' p50s, taken in different spells, are not
+    assert half["median"] == pytest.approx(2.0) and twin["median"] == pytest.approx(1.0)
+    assert half["low"] <= 2.0 <= half["high"] and twin["low"] <= 1.0 <= twin["high"]
+    assert half["reference"] == "dense" and half["repeats"] == 15 and half["confidence"] == 0.95
+    assert "speedup" not in out["dense"][0]
+    rec = out["half"][0]
+    assert rec["iters"] == 45 and rec["interleaved"] and rec["latency_ms_p25"] <= rec["latency_ms_p50"] \
+        <= rec["latency_ms_p75"] <= rec["latency_ms_p90"]
+    budget = ex.benchmark_many({"dense": "dense.onnx", "half": "half.onnx"}, reference="dense", batch_sizes=(4,),
+                               repeats=15, iters=3, max_seconds=1.0)  # over budget after the first round
+    assert budget["half"][0]["repeats"] == latency.MIN_ROUNDS == budget["half"][0]["speedup"]["repeats"]
+    assert budget["half"][0]["iters"] == 3 * latency.MIN_ROUNDS
+    with pytest.raises(ValueError, match="reference: 'nope' is not one of the timed models"):
+        ex.benchmark_many({"dense": "dense.onnx"}, reference="nope")
+
+
+def test_benchmark_exports_times_a_runs_models_together(dense, pruned, tmp_path):
+    recs = [ex.export_and_verify(model, tmp_path / f"{name}.onnx", _batch(3), label=name,
+                                 checkpoint=None if name == "dense" else "p.safetensors",
+                                 sidecar={"class_names": NAMES} if name == "dense" else
+                                 {"class_names": NAMES, "label_mapping": KEPT_LABELS},
+                                 batch_sizes=(1, 2), warmup=1, iters=2, threads=1, onnx_latency=False)
+            for name, model in (("dense", dense[0]), ("pruned", pruned[0]))]
+    assert all(r["latency"] == [] and r["latency_ms_p50"] is None for r in recs)
+    assert [x["batch_size"] for x in recs[1]["torch_latency"]] == [1, 2]  # PyTorch timed with the export
+    ex.benchmark_exports(recs, batch_sizes=(1, 2), threads=1, warmup=1, repeats=3, iters=1)
+    for r in recs:
+        assert [x["batch_size"] for x in r["latency"]] == [1, 2] and r["latency_ms_p50"] > 0
+        assert r["provider"] == "CPUExecutionProvider" and all(x["interleaved"] for x in r["latency"])
+        assert ExportRecord.from_dict(json.loads(json.dumps(r))).to_dict() == r
+    assert "speedup" not in recs[0]["latency"][0] and recs[1]["latency"][1]["speedup"]["reference"] == "dense"
 
 
 # ---------------------------------------------------------------------------------------------

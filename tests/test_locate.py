@@ -13,9 +13,9 @@ import numpy as np
 import pytest
 import torch
 
+from jas_prune.attribution import JointAttribution, locate, path_jas
 from jas_prune.bench_locate import random_vit
-from jas_prune.errors import RecipeError
-from jas_prune.locate import AttributionSettingError, JointAttribution, locate, path_jas
+from jas_prune.errors import AttributionSettingError, RecipeError
 from jas_prune.neurons import edit
 
 B, STEPS = 2, 3

@@ -25,25 +25,109 @@ def test_discover_ffn_without_class_token(tiny_vit):
 
 
 @pytest.mark.parametrize("builder, needle", [
-    (lambda: torch.nn.Sequential(torch.nn.Conv2d(3, 8, 3)), "not a timm VisionTransformer"),
-    (lambda: __import__("timm").create_model("resnet18", pretrained=False, num_classes=4), "not a timm VisionTransformer"),
+    (lambda: torch.nn.Sequential(torch.nn.Conv2d(3, 8, 3)),
+     r"model 'Sequential' \(Sequential\) is not a timm VisionTransformer; jas-prune supports timm VisionTransformer, "
+     "timm Eva, timm Beit, timm VisionTransformerRelPos or Hugging Face ViT/DeiT models"),
+    (lambda: __import__("timm").create_model("resnet18", pretrained=False, num_classes=4),
+     r"model 'resnet18' \(ResNet\) is not a timm VisionTransformer"),
 ])
 def test_discover_ffn_refuses_non_vit(builder, needle):
     with pytest.raises(UnsupportedModelError, match=needle):
         discover_ffn(builder())
 
 
-def test_discover_ffn_refuses_swiglu_and_distilled():
+def test_discover_ffn_gated_kinds_and_refusals():
     import timm
 
-    swiglu = timm.create_model("vit_tiny_patch16_224", pretrained=False, img_size=32, patch_size=8, embed_dim=32,
-                               depth=1, num_heads=2, mlp_layer=timm.layers.SwiGLUPacked, act_layer=torch.nn.SiLU)
-    with pytest.raises(UnsupportedModelError, match="block 0 FFN is"):
-        discover_ffn(swiglu)
+    def vit(**kw):
+        args = dict(img_size=32, patch_size=8, embed_dim=32, depth=1, num_heads=2)
+        return timm.create_model("vit_tiny_patch16_224", pretrained=False, **{**args, **kw})
+
+    packed = vit(mlp_layer=timm.layers.SwiGLUPacked, act_layer=torch.nn.SiLU)
+    layer = discover_ffn(packed).layers[0]
+    assert layer.kind == "gated_fused" and layer.act is packed.blocks[0].mlp.drop1 and layer.hidden == 64
+    split = vit(mlp_layer=timm.layers.SwiGLU)
+    layer = discover_ffn(split).layers[0]
+    mlp = split.blocks[0].mlp
+    assert layer.kind == "gated" and layer.inputs == (mlp.fc1_g, mlp.fc1_x) and layer.gate is mlp.fc1_g
+    assert layer.act is mlp.drop1 and layer.norm is None
+    normed = vit(scale_mlp_norm=True)
+    layer = discover_ffn(normed).layers[0]
+    assert layer.kind == "mlp" and layer.act is normed.blocks[0].mlp.norm is layer.norm
+    with pytest.raises(UnsupportedModelError, match="block 0 FFN is timm.layers.mlp.GatedMlp, not timm Mlp"):
+        discover_ffn(vit(mlp_layer=timm.layers.GatedMlp))
     deit = timm.create_model("deit_tiny_distilled_patch16_224", pretrained=False, img_size=32, patch_size=8,
                              embed_dim=32, depth=1, num_heads=2)
     with pytest.raises(UnsupportedModelError, match="distillation token"):
         discover_ffn(deit)
+    from timm.models.vision_transformer import ParallelScalingBlock
+
+    with pytest.raises(UnsupportedModelError, match="block 0 is a ParallelScalingBlock without an mlp"):
+        discover_ffn(vit(block_fn=ParallelScalingBlock))
+    shared = vit(depth=2)
+    shared.blocks[1].mlp.act = shared.blocks[0].mlp.act
+    with pytest.raises(UnsupportedModelError, match="blocks 0 and 1 share one FFN activation module"):
+        discover_ffn(shared)
+
+
+@pytest.mark.parametrize("gate_last", [False, True])
+def test_split_fused_glu_keeps_the_outputs(gate_last):
+    from functools import partial
+
+    import timm
+
+    from jas_prune.models import split_fused_glu
+
+    torch.manual_seed(0)
+    glu = partial(timm.layers.GluMlp, act_layer=torch.nn.SiLU, gate_last=gate_last)
+    m = timm.create_model("vit_tiny_patch16_224", pretrained=False, img_size=32, patch_size=8, embed_dim=32,
+                          depth=2, num_heads=2, mlp_layer=glu, num_classes=3).eval()
+    x = torch.randn(2, 3, 32, 32)
+    with torch.no_grad():
+        want = m(x)
+        fused = m.blocks[0].mlp.fc1.weight.clone()
+        assert split_fused_glu(m) == 2 and split_fused_glu(m) == 0
+        torch.testing.assert_close(m(x), want, rtol=1e-5, atol=1e-6)
+    mlp = m.blocks[0].mlp
+    n = fused.shape[0] // 2
+    gate, value = (fused[n:], fused[:n]) if gate_last else (fused[:n], fused[n:])
+    assert torch.equal(mlp.fc1_g.weight, gate) and torch.equal(mlp.fc1_x.weight, value)
+    assert m.jas_transforms == ["split_fused_glu"] and mlp.jas_fused_gate_last is gate_last
+
+
+def test_load_model_splits_fused_glu_and_reads_eva_weights(tmp_path):
+    """eva02 tiny packs its SwiGLU into one fc1: loaded, it is split (same outputs), and its
+    weights in timm layout load through the model module's own filter."""
+    from safetensors.torch import save_file
+
+    from jas_prune.models import create_model, load_model
+
+    kw = dict(img_size=28, patch_size=14, embed_dim=32, depth=2, num_heads=2, ref_feat_shape=(2, 2), num_classes=3)
+    torch.manual_seed(0)
+    fused = create_model("eva02_tiny_patch14_224", **kw).eval()
+    save_file({k: v.contiguous() for k, v in fused.state_dict().items()}, str(tmp_path / "eva.safetensors"))
+    import jas_prune.models.loading as loading
+
+    orig = loading.create_model
+    loading.create_model = lambda name, num_classes=None: orig(name, num_classes=num_classes,
+                                                               **{k: v for k, v in kw.items() if k != "num_classes"})
+    try:
+        model = load_model("eva02_tiny_patch14_224", checkpoint=tmp_path / "eva.safetensors")
+    finally:
+        loading.create_model = orig
+    assert discover_ffn(model).kinds == ["gated", "gated"]
+    x = torch.randn(2, 3, 28, 28)
+    with torch.no_grad():
+        torch.testing.assert_close(model(x), fused(x), rtol=1e-5, atol=1e-6)
+
+
+def test_input_size_per_family():
+    from jas_prune.models import create_model, input_size
+
+    assert input_size(create_model("eva02_tiny_patch14_224", img_size=28, patch_size=14, embed_dim=32, depth=1,
+                                   num_heads=2, ref_feat_shape=(2, 2))) == (3, 28, 28)
+    assert input_size(create_model("beit_base_patch16_224", img_size=48, patch_size=16, embed_dim=32, depth=1,
+                                   num_heads=2)) == (3, 48, 48)
 
 
 def _roundtrip(tmp_path, tiny_builtin, suffix, wrap=None):

@@ -126,3 +126,45 @@ def test_hook_hidden_replacement_and_scope_errors(model, images):
     info = discover_ffn(model)
     with pytest.raises(JasPruneError, match="out of range"):
         resolve_layers(info, [7])
+
+
+# -- write_scope: in place only where autograd allows it -------------------------------------------
+
+
+def _site(kind: str, x: torch.Tensor) -> torch.Tensor:
+    """A site output of each kind whose grad_fn jas-prune may meet."""
+    w = torch.linspace(-1, 1, x.shape[-1] * x.shape[-1], dtype=x.dtype).reshape(x.shape[-1], -1)
+    if kind == "gelu":
+        return torch.nn.functional.gelu(x @ w)
+    if kind == "silu":
+        return torch.nn.functional.silu(x @ w)
+    if kind == "gated":  # act(fc1_g x) * fc1_x x, then an eval-mode dropout (returns its input)
+        return torch.nn.Dropout(0.1).eval()(torch.nn.functional.silu(x @ w) * (x @ w.T))
+    if kind == "layernorm":
+        return torch.nn.functional.layer_norm(torch.nn.functional.silu(x @ w), (x.shape[-1],))
+    return torch.relu(x @ w)
+
+
+@pytest.mark.parametrize("kind,inplace", [("gelu", True), ("silu", True), ("gated", True), ("layernorm", True),
+                                          ("relu", False)])
+def test_write_scope_cls_in_place_only_where_gradients_stay_right(kind, inplace):
+    from jas_prune.neurons import write_scope
+
+    g = torch.Generator().manual_seed(0)
+    x0 = torch.randn(3, 5, 6, generator=g, dtype=torch.float64)
+
+    def run(copy_first: bool):
+        x = x0.clone().requires_grad_(True)
+        alpha = torch.tensor(0.3, dtype=torch.float64, requires_grad=True)
+        h = _site(kind, x)
+        if copy_first:
+            h = h.clone()  # a fresh node: the in-place write can never touch a saved tensor
+        out = write_scope(h, alpha * h[:, 0].detach().clone() * 2.0, "cls")
+        loss = (out.tanh() * torch.arange(6, dtype=x.dtype)).sum()
+        return out is h, torch.autograd.grad(loss, (x, alpha))
+
+    same, grads = run(False)
+    _, ref = run(True)
+    assert same is inplace
+    for a, b in zip(grads, ref):
+        torch.testing.assert_close(a, b, rtol=1e-12, atol=1e-14)

@@ -1,12 +1,15 @@
 """report.md and its figures: rebuilt from a run directory without a model, the summary's
-best method per budget, the combined multi-seed report and its refusal of differing recipes."""
+best method per budget, latency by model shape (never ranking identical shapes), the combined
+multi-seed report and its refusal of differing recipes and of other metrics schemas."""
 
 import json
 
 import pytest
 
 from jas_prune.cli import main
-from jas_prune.report import combine_reports, prune_stats, write_report
+from jas_prune.errors import MetricsSchemaError
+from jas_prune.metrics import SCHEMA_VERSION, Metrics
+from jas_prune.reporting import combine_reports, prune_stats, write_report
 
 PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
 
@@ -44,7 +47,7 @@ def _entry(method, ratio, comp, top1, *, top5=1.0, dense=0.9, ckpt=None):
 
 
 def _metrics(jas50=0.80, dense=0.9):
-    return {"data": {"kind": "shapes", "classes": 48, "probe": 384, "test": 96},
+    return {"schema_version": SCHEMA_VERSION, "data": {"kind": "shapes", "classes": 48, "probe": 384, "test": 96},
             "dense": {"top1": dense, "top5": 1.0, "params": 1_000_000, "macs": 20_000_000, "test_images": 96},
             "pruned": [_entry("jas", 0.3, False, 0.70), _entry("jas", 0.3, True, 0.84),
                        _entry("magnitude", 0.3, False, 0.85), _entry("magnitude", 0.3, True, 0.86),
@@ -70,13 +73,13 @@ def _summary(report: str) -> str:
 @pytest.fixture
 def tiny_run(tmp_path, tiny_builtin, monkeypatch):
     """A real run directory of the tiny model; its end-of-run report is left to the test."""
-    import jas_prune.report
+    import jas_prune.reporting
 
     recipe = tmp_path / "r.yaml"
     recipe.write_text(TINY)
     out = tmp_path / "run"
     with monkeypatch.context() as m:
-        m.setattr(jas_prune.report, "write_report", lambda run_dir: None)
+        m.setattr(jas_prune.reporting, "write_report", lambda run_dir, **kwargs: None)
         assert main(["recipe", "run", str(recipe), "--out", str(out)]) == 0
     return out
 
@@ -84,13 +87,12 @@ def tiny_run(tmp_path, tiny_builtin, monkeypatch):
 def test_rebuild_from_run_dir_needs_no_model(tiny_run, monkeypatch):
     import jas_prune
     import jas_prune.models
-    import jas_prune.runner
 
     def no_model(*args, **kwargs):
         raise AssertionError("the report must not load a model")
 
-    for mod in (jas_prune, jas_prune.models, jas_prune.runner):
-        monkeypatch.setattr(mod, "load_model", no_model)
+    monkeypatch.setattr(jas_prune, "load_model", no_model, raising=False)
+    monkeypatch.setattr(jas_prune.models, "load_model", no_model)
     monkeypatch.setattr(jas_prune.models, "create_model", no_model)
     assert main(["report", str(tiny_run)]) == 0
     report = (tiny_run / "report.md").read_text()
@@ -132,8 +134,96 @@ def test_summary_names_best_method_per_budget_with_figures(tmp_path):
         assert _valid_png(run / "figures" / f"{name}.png"), name
 
 
+def _export(model, p50s, ckpt=None, speedup=None):
+    """An export record timed at batch sizes ``p50s`` (b -> ms), optionally with interleaved speed-ups."""
+    return {"model": model, "checkpoint": ckpt, "provider": "CPUExecutionProvider",
+            "latency": [{"batch_size": b, "latency_ms_p50": v, **({"speedup": speedup[b]} if speedup else {})}
+                        for b, v in p50s.items()]}
+
+
+def _with_widths(m):
+    for e in m["pruned"]:
+        e["widths"] = {str(b): round(256 * (1 - e["ratio"])) for b in range(6)}
+    return m
+
+
+def test_identical_shapes_share_one_speedup_and_are_never_ranked(tmp_path):
+    m = _with_widths(_metrics())
+    half = [e for e in m["pruned"] if e["ratio"] == 0.5]
+    m["export"] = [_export("dense", {1: 2.0, 32: 30.0})] + [
+        _export(e["checkpoint"].removesuffix(".safetensors"), {1: 1.5, 32: v}, e["checkpoint"])
+        for e, v in zip(half, (20.0, 22.0, 25.0, 18.0))]  # the same shape, timed one after another
+    run = _write_run(tmp_path / "run", m)
+    write_report(run)
+    report = (run / "report.md").read_text()
+    rows = {line.split("|")[1].strip(): line for line in _summary(report).splitlines() if line.startswith("| ")}
+    # 30/20, 30/22, 30/25, 30/18: one speed-up for the shape (median), the models' range as its spread
+    assert "1.43× (1.20–1.67, b=32)" in rows["50 %"]
+    for single in ("1.50×", "1.36×", "1.20×", "1.67×"):  # no model of the shape gets its own speed-up
+        assert single not in report
+    latency = report.split("### Latency by model shape", 1)[1]
+    shape_rows = [line for line in latency.splitlines() if line.startswith("| A |")]
+    assert len(shape_rows) == 1 and all(e["checkpoint"].removesuffix(".safetensors") in shape_rows[0] for e in half)
+    assert "Shape A: 4 models with identical FFN widths" in latency and "not ranked by latency" in latency
+    assert _valid_png(run / "figures" / "deployment.png")
+
+
+def test_interleaved_spreads_say_what_they_cannot_tell_apart(tmp_path):
+    m = _with_widths(_metrics())
+    sp = lambda med, lo, hi: {32: {"reference": "dense", "median": med, "low": lo, "high": hi,  # noqa: E731
+                                   "confidence": 0.95, "repeats": 15}}
+    m["export"] = [_export("dense", {32: 30.0}),
+                   _export("pruned-jas-r30", {32: 29.0}, "pruned-jas-r30.safetensors", sp(1.03, 0.97, 1.08)),
+                   _export("pruned-jas-r50", {32: 27.0}, "pruned-jas-r50.safetensors", sp(1.07, 1.02, 1.12))]
+    run = _write_run(tmp_path / "run", m)
+    write_report(run)
+    report = (run / "report.md").read_text()
+    assert "1.03× (0.97–1.08, b=32)" in report and "1.07× (1.02–1.12, b=32)" in report
+    assert "Shape A: the speed-up 1.03× (0.97–1.08, b=32) is within the measurement spread of no speed-up" in report
+    assert "Shapes A and B: speed-ups 1.03× (0.97–1.08, b=32) and 1.07× (1.02–1.12, b=32) are within the " \
+           "measurement spread of each other" in report
+    assert "95 % bootstrap intervals" in report and "Shape B: the speed-up" not in report
+
+
+def test_report_refuses_metrics_of_another_schema(tmp_path):
+    m = _metrics()
+    del m["schema_version"]  # written by jas-prune before the schema
+    run = _write_run(tmp_path / "run", m)
+    with pytest.raises(MetricsSchemaError) as err:
+        write_report(run)
+    assert str(err.value) == (f"{run / 'metrics.json'}: written by an older jas-prune (metrics schema version 1); "
+                              "this jas-prune reads version 2: rerun the recipe into a new --out directory")
+    assert not (run / "report.md").exists()
+
+
+def test_unparsable_recipe_is_said_in_one_line(tmp_path, caplog):
+    run = _write_run(tmp_path / "run", _metrics(), recipe=RECIPE.replace("runtime:", "bogus: 1\nruntime:"))
+    write_report(run)
+    report = (run / "report.md").read_text()
+    line = next(ln for ln in report.splitlines() if ln.startswith("`recipe.yaml`"))
+    assert line == "`recipe.yaml` cannot be parsed by this jas-prune (bogus: unknown key (valid keys: version, " \
+                   "model, data, attribution, masks, prune, evaluate, export, runtime)); shown as written."
+    assert "bogus: 1" in report.split("## Settings", 1)[1]  # the settings as written
+    assert any("cannot be parsed" in r.getMessage() for r in caplog.records)
+    good = _write_run(tmp_path / "good", _metrics(), seed=1)
+    with pytest.raises(Exception, match=r"--combine: .*recipe.yaml cannot be parsed by this jas-prune \(bogus"):
+        combine_reports([good, run], tmp_path / "c")
+
+
+def test_labels_and_colours_come_from_the_registries():
+    from jas_prune.attribution import METHODS
+    from jas_prune.pruning.criteria import CRITERIA
+    from jas_prune.reporting.style import FALLBACK_COLOURS, method_colour, method_label
+
+    for entry in [*CRITERIA, *(m for m in METHODS if m.name not in CRITERIA)]:  # a name in both: the criterion
+        assert (method_label(entry.name), method_colour(entry.name)) == (entry.label, entry.colour)
+    assert method_label("vit_slim") == "ViT-Slim" and method_label("influence_pattern") == "influence pattern"
+    assert method_label("dense") == "dense" and method_colour("dense") in FALLBACK_COLOURS
+    assert method_colour("dense") == method_colour("dense") != method_colour("dense2")
+
+
 def test_dense_only_run_still_gets_a_report(tmp_path):
-    m = {"data": {"kind": "shapes", "classes": 48, "probe": 8, "test": 2},
+    m = {"schema_version": SCHEMA_VERSION, "data": {"kind": "shapes", "classes": 48, "probe": 8, "test": 2},
          "dense": {"top1": 0.5, "top5": 1.0, "params": 1000, "macs": 2000, "test_images": 2}}
     run = _write_run(tmp_path / "run", m)
     assert main(["report", str(run)]) == 0
@@ -146,7 +236,7 @@ def test_combine_means_and_std_over_seeds(tmp_path, capsys):
     runs = [_write_run(tmp_path / f"s{i}", _metrics(jas50=v, dense=d), seed=i)
             for i, (v, d) in enumerate(((0.80, 0.88), (0.82, 0.90), (0.84, 0.92)))]
     stats = {(s.method, s.ratio, s.bias_compensation): s
-             for s in prune_stats([json.loads((r / "metrics.json").read_text()) for r in runs])}
+             for s in prune_stats([Metrics.from_dict(json.loads((r / "metrics.json").read_text())) for r in runs])}
     s = stats[("jas", 0.5, False)]
     assert s.top1 == pytest.approx(0.82) and s.top1_std == pytest.approx(0.02) and s.runs == 3
     assert s.dense_top1 == pytest.approx(0.9)  # each entry's own dense_top1 (0.9 in every run)
@@ -178,7 +268,7 @@ def test_combine_refuses_recipes_that_differ_beyond_the_seed(tmp_path, capsys):
 def test_clustered_order_and_class_choice_are_deterministic():
     import numpy as np
 
-    from jas_prune.figures_paths import choose_classes, leaf_order
+    from jas_prune.reporting.path_plots import choose_classes, leaf_order
 
     labels = np.array([0, 1, 2, 0, 1, 2, 0, 1, 2])  # three interleaved groups of similar classes
     sim = np.where(labels[:, None] == labels[None, :], 0.9, 0.1)
@@ -193,7 +283,7 @@ def test_clustered_order_and_class_choice_are_deterministic():
 
 
 def test_tradeoff_figure_without_a_dense_line(tmp_path):
-    from jas_prune.figures import Panel, tradeoff_figure
+    from jas_prune.reporting.plots import Panel, tradeoff_figure
 
     path = tradeoff_figure(tmp_path / "t.png", [Panel("no dense", {"jas": [(30.0, 90.0, None), (50.0, 80.0, 1.5)]})],
                            title="t", xlabel="removed (%)", ylabel="top-1 (%)")

@@ -40,7 +40,7 @@ def run_in_process(recipe: Path, out: Path, *extra: str) -> int:
     torch.set_num_threads(1)
     try:
         with pytest.MonkeyPatch.context() as mp:
-            mp.setattr("jas_prune.report.write_report", lambda run_dir: Path(run_dir) / "report.md")
+            mp.setattr("jas_prune.reporting.write_report", lambda run_dir: Path(run_dir) / "report.md")
             return main(["recipe", "run", str(recipe), "--out", str(out), *extra])
     finally:
         torch.set_num_threads(threads)

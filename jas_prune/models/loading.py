@@ -1,16 +1,15 @@
-"""Model loading and FFN discovery.
+"""Loading models: timm names (random init, local weights, weights already in the cache), the
+shipped ``builtin:`` models and Hugging Face directories (``hf:DIR``).
 
-``load_model`` returns a timm ``VisionTransformer`` in eval mode, from a timm name (random init,
-local checkpoint, or weights already in the local cache) or the shipped ``builtin:shapes-vit``.
-``discover_ffn`` finds, for each block, the ``mlp.fc1 -> mlp.act -> mlp.fc2`` FFN whose hidden
-units are the neurons that jas-prune attributes and prunes.
+Every loaded model is in eval mode, belongs to a supported family (refused early, with the
+reason, otherwise) and has its fused GLU FFNs split (:func:`~jas_prune.models.ffn.split_fused_glu`)
+so that its neurons can be pruned through Torch-Pruning's dependency graph.
 """
 
 from __future__ import annotations
 
-import json
 import os
-from dataclasses import dataclass
+import sys
 from importlib import resources
 from pathlib import Path
 from typing import Any, Mapping
@@ -18,138 +17,19 @@ from typing import Any, Mapping
 import torch
 from torch import nn
 
-from .errors import CheckpointError, PretrainedUnavailableError, UnsupportedModelError
+from ..errors import CheckpointError, PretrainedUnavailableError, UnsupportedModelError
+from .builtin import BUILTIN_MODELS, BUILTIN_PREFIX
+from .families import discover_ffn, family_of
+from .ffn import split_fused_glu
+from .hf import HF_PREFIX
 
-__all__ = [
-    "BUILTIN_PREFIX",
-    "BUILTIN_MODELS",
-    "FFNLayer",
-    "FFNInfo",
-    "load_model",
-    "create_model",
-    "discover_ffn",
-    "load_state_dict_file",
-    "load_error_reason",
-    "input_size",
-    "model_spec",
-]
-
-BUILTIN_PREFIX = "builtin:"
-
-#: Architecture of the shipped models: a timm base name plus keyword overrides, the data
-#: config timm's ``resolve_data_config`` reads, and the weights file inside the package.
-BUILTIN_MODELS: dict[str, dict[str, Any]] = {
-    "shapes-vit": {
-        "timm_name": "vit_tiny_patch16_224",
-        "kwargs": {
-            "img_size": 32,
-            "patch_size": 4,
-            "embed_dim": 64,
-            "depth": 6,
-            "num_heads": 2,
-            "mlp_ratio": 4.0,
-            "num_classes": 48,
-        },
-        "pretrained_cfg": {
-            "input_size": (3, 32, 32),
-            "mean": (0.5, 0.5, 0.5),
-            "std": (0.5, 0.5, 0.5),
-            "interpolation": "bilinear",
-            "crop_pct": 1.0,
-            "crop_mode": "center",
-        },
-        "weights": "shapes-vit.safetensors",
-    }
-}
+__all__ = ["create_model", "load_model", "load_state_dict_file", "load_error_reason", "builtin_weights_path",
+           "input_size"]
 
 
-@dataclass(frozen=True)
-class FFNLayer:
-    """One block's FFN: the neurons are the ``hidden`` outputs of ``act``."""
-
-    index: int
-    block: nn.Module
-    fc1: nn.Linear
-    act: nn.Module
-    fc2: nn.Linear
-
-    @property
-    def hidden(self) -> int:
-        return self.fc1.out_features
-
-
-@dataclass(frozen=True)
-class FFNInfo:
-    """FFN layers of a ViT, in block order, and its token layout."""
-
-    layers: tuple[FFNLayer, ...]
-    has_cls_token: bool
-    num_prefix_tokens: int
-
-    @property
-    def depth(self) -> int:
-        return len(self.layers)
-
-    @property
-    def widths(self) -> list[int]:
-        return [layer.hidden for layer in self.layers]
-
-
-def _model_label(model: nn.Module) -> str:
-    cfg = getattr(model, "pretrained_cfg", None) or {}
-    name = cfg.get("architecture") or type(model).__name__
-    return str(name)
-
-
-def discover_ffn(model: nn.Module) -> FFNInfo:
-    """Find every block's ``mlp.fc1 -> mlp.act -> mlp.fc2``.
-
-    Raises:
-        UnsupportedModelError: the model is not a timm ViT with plain GELU-style FFN blocks, has
-            a distillation token, or an FFN that is not ``fc1 -> act -> fc2``.
-    """
-    from timm.layers import Mlp
-    from timm.models.vision_transformer import VisionTransformer
-
-    label = _model_label(model)
-    if not isinstance(model, VisionTransformer):
-        raise UnsupportedModelError(
-            f"model '{label}' ({type(model).__name__}) is not a timm VisionTransformer; "
-            "jas-prune supports vit_*, deit_* (no distillation token) and MAE-finetuned ViTs"
-        )
-    if getattr(model, "dist_token", None) is not None or getattr(model, "head_dist", None) is not None:
-        raise UnsupportedModelError(
-            f"model '{label}' has a distillation token and two heads; use the non-distilled variant"
-        )
-    layers = []
-    for i, blk in enumerate(model.blocks):
-        mlp = getattr(blk, "mlp", None)
-        missing = [n for n in ("fc1", "act", "fc2") if mlp is None or not hasattr(mlp, n)]
-        if missing or type(mlp) is not Mlp:
-            found = type(mlp).__name__ if mlp is not None else "no mlp"
-            raise UnsupportedModelError(
-                f"model '{label}': block {i} FFN is {found}, not timm Mlp with fc1 -> act -> fc2"
-                + (f" (missing {', '.join(missing)})" if missing else "")
-            )
-        if not isinstance(mlp.fc1, nn.Linear) or not isinstance(mlp.fc2, nn.Linear):
-            raise UnsupportedModelError(
-                f"model '{label}': block {i} mlp.fc1/mlp.fc2 are not nn.Linear "
-                f"({type(mlp.fc1).__name__}, {type(mlp.fc2).__name__})"
-            )
-        if not isinstance(getattr(mlp, "norm", nn.Identity()), nn.Identity):
-            raise UnsupportedModelError(
-                f"model '{label}': block {i} FFN has a hidden norm ({type(mlp.norm).__name__}); "
-                "only fc1 -> act -> fc2 FFNs are supported"
-            )
-        layers.append(FFNLayer(index=i, block=blk, fc1=mlp.fc1, act=mlp.act, fc2=mlp.fc2))
-    if not layers:
-        raise UnsupportedModelError(f"model '{label}' has no transformer blocks")
-    has_cls = getattr(model, "cls_token", None) is not None
-    return FFNInfo(
-        layers=tuple(layers),
-        has_cls_token=has_cls,
-        num_prefix_tokens=int(getattr(model, "num_prefix_tokens", 1 if has_cls else 0)),
-    )
+def _package() -> Any:
+    """``jas_prune.models`` itself: tests replace its ``builtin_weights_path``."""
+    return sys.modules[__name__.rsplit(".", 1)[0]]
 
 
 def _builtin(name: str) -> dict[str, Any]:
@@ -265,21 +145,30 @@ def _head_classes(state: Mapping[str, torch.Tensor]) -> int | None:
     return int(w.shape[0]) if isinstance(w, torch.Tensor) and w.ndim == 2 else None
 
 
+def _filter_fn(model: nn.Module) -> Any:
+    """timm's ``checkpoint_filter_fn`` of the model's own module (it maps original layouts, e.g.
+    EVA's or BEiT's, onto timm's), or None."""
+    return getattr(sys.modules.get(type(model).__module__), "checkpoint_filter_fn", None)
+
+
 def _load_weights(model: nn.Module, path: Path, strict_label: str) -> None:
     if path.suffix.lower() == ".npz":
+        if not hasattr(model, "load_pretrained"):
+            raise CheckpointError(f"{strict_label}: big_vision .npz weights can be read only into a timm "
+                                  f"VisionTransformer, not a {type(model).__name__}; use .safetensors or .pth")
         try:
             model.load_pretrained(str(path))  # timm's big_vision/JAX reader
         except Exception as exc:
             raise CheckpointError(
                 f"{strict_label}: cannot load big_vision .npz {path}: {load_error_reason(exc)}") from None
         return
-    from timm.models.vision_transformer import checkpoint_filter_fn
-
     state = load_state_dict_file(path)
-    try:
-        state = checkpoint_filter_fn(state, model)
-    except Exception:  # noqa: BLE001 - already in timm layout
-        pass
+    filter_fn = _filter_fn(model)
+    if filter_fn is not None:
+        try:
+            state = filter_fn(state, model)
+        except Exception:  # noqa: BLE001 - already in timm layout
+            pass
     own = model.state_dict()
     sizes = [f"{k} {list(v.shape)} in the file, {list(own[k].shape)} in the model"
              for k, v in state.items() if k in own and tuple(v.shape) != tuple(own[k].shape)]
@@ -353,18 +242,33 @@ def load_model(
     pretrained: bool = False,
     num_classes: int | None = None,
 ) -> nn.Module:
-    """Load a timm ViT in eval mode.
+    """Load a supported ViT in eval mode.
 
     Args:
-        name: timm model name (``vit_base_patch16_224``) or ``builtin:shapes-vit``.
+        name: timm model name (``vit_base_patch16_224``, ``eva02_tiny_patch14_224``,
+            ``beit_base_patch16_224``, ``vit_relpos_medium_patch16_cls_224``...),
+            ``builtin:shapes-vit``, or ``hf:/path/to/dir`` (a transformers ViT/DeiT image
+            classifier written by ``save_pretrained``; needs ``pip install -e ".[hf]"``).
         checkpoint: local ``.safetensors``, ``.pth``/``.pt`` or big_vision ``.npz`` weights.
         pretrained: use timm's pretrained weights, which must already be in the local cache
             (nothing is downloaded).
         num_classes: classifier width; inferred from the checkpoint when not given.
 
+    Fused GLU FFNs (timm ``GluMlp``/``SwiGLUPacked``, e.g. EVA-02 tiny/small, DINOv2-giant) come
+    back split into ``fc1_g``/``fc1_x`` (same outputs), so that their neurons can be pruned.
+
     Raises:
         UnsupportedModelError, CheckpointError, PretrainedUnavailableError
     """
+    if name.startswith(HF_PREFIX):
+        from .hf import load_hf
+
+        model = load_hf(name, checkpoint=checkpoint, pretrained=pretrained, num_classes=num_classes)
+        try:
+            discover_ffn(model)
+        except UnsupportedModelError as exc:
+            raise UnsupportedModelError(f"model.name: {exc}") from None
+        return model
     ckpt = Path(checkpoint) if checkpoint is not None else None
     if ckpt is not None and not ckpt.is_file():
         raise CheckpointError(f"model.checkpoint: file not found: {ckpt}")
@@ -374,7 +278,7 @@ def load_model(
                 f"model.pretrained: '{name}' ships its weights; set pretrained: false"
             )
         if ckpt is None:
-            ckpt = builtin_weights_path(name)
+            ckpt = _package().builtin_weights_path(name)
             if not ckpt.is_file():
                 raise CheckpointError(
                     f"model.name: the weights of '{name}' are missing from the package ({ckpt}); "
@@ -405,34 +309,18 @@ def load_model(
         ckpt = cached
     if ckpt is not None:
         _load_weights(model, ckpt, "model.checkpoint")
+    split_fused_glu(model)
     return model.eval()
 
 
 def input_size(model: nn.Module) -> tuple[int, int, int]:
-    """(C, H, W) the model really takes: ``patch_embed.img_size`` wins over ``pretrained_cfg``,
-    which keeps timm's default (224) when a model is built with an ``img_size`` override."""
+    """(C, H, W) the model really takes (its family's reading: ``patch_embed.img_size`` for timm
+    models, which wins over ``pretrained_cfg`` when a model is built with an ``img_size``
+    override; the config of a Hugging Face model)."""
+    family = family_of(model)
+    if family is not None:
+        return tuple(family.image_size(model))  # type: ignore[return-value]
     img_size = getattr(getattr(model, "patch_embed", None), "img_size", None)
     if img_size is not None:
         return (3, *(int(v) for v in img_size))  # type: ignore[return-value]
     return tuple(getattr(model, "pretrained_cfg", {}).get("input_size", (3, 224, 224)))  # type: ignore[return-value]
-
-
-def model_spec(model: nn.Module) -> dict[str, Any]:
-    """What is needed to rebuild the architecture: name, timm kwargs, data config, FFN widths."""
-    cfg = dict(getattr(model, "pretrained_cfg", None) or {})
-    arch = cfg.get("architecture", type(model).__name__)
-    info = discover_ffn(model)
-    return {
-        "name": arch,
-        "num_classes": int(getattr(model, "num_classes", 0)),
-        "ffn_widths": info.widths,
-        "data_config": {
-            k: (list(v) if isinstance(v, tuple) else v)
-            for k, v in cfg.items()
-            if k in ("input_size", "mean", "std", "interpolation", "crop_pct", "crop_mode")
-        },
-    }
-
-
-def spec_json(model: nn.Module) -> str:
-    return json.dumps(model_spec(model), sort_keys=True)

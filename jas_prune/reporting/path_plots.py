@@ -10,7 +10,7 @@ from typing import Any, Sequence
 
 import numpy as np
 
-from .figures import new_figure, save_figure
+from .plots import new_figure, save_figure
 
 __all__ = ["choose_classes", "leaf_order", "neuron_paths_figure", "similarity_figure", "similar_images_figure"]
 

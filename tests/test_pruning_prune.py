@@ -1,4 +1,4 @@
-"""prune_ffn: exact keep sets through the dependency graph, modes, protection, compensation, head cut."""
+"""pruning.prune / pruning.finetune: exact keep sets through the dependency graph, modes, protection, compensation, head cut."""
 
 from __future__ import annotations
 
@@ -9,8 +9,12 @@ import pytest
 import torch
 import torch_pruning as tp
 
-from jas_prune.importance import JASImportance, ffn_activation_stats, random_scores
-from jas_prune.prune import BudgetError, PruneSummary, cut_head, finetune, prune_ffn, remap_labels
+from jas_prune.errors import BudgetError, ClassSelectionError, InvalidArgumentError, PruneSettingError
+from jas_prune.pruning.criteria.random import random_scores
+from jas_prune.pruning.finetune import finetune
+from jas_prune.pruning.plugin import JASImportance
+from jas_prune.pruning.prune import PruneSummary, cut_head, prune_ffn, remap_labels, resolve_head_classes
+from jas_prune.pruning.stats import ffn_activation_stats
 
 N_CLASSES = 6  # the six-class model, batch and loader fixtures live in conftest.py
 
@@ -135,25 +139,25 @@ def test_class_specialised_head_cut_maps_labels(model, batch):
 def test_bad_inputs_name_the_argument(model):
     scores = random_scores(model, seed=0)
     for bad in (0, 1, 1.5, -0.1, True, "0.5"):
-        with pytest.raises(ValueError, match="ratio"):
+        with pytest.raises(InvalidArgumentError, match=f"ratio: {bad!r} is outside"):
             prune_ffn(model, scores, ratio=bad)
-    with pytest.raises(ValueError, match="mode: unknown 'layerwise'"):
+    with pytest.raises(InvalidArgumentError, match="mode: unknown 'layerwise'"):
         prune_ffn(model, scores, ratio=0.5, mode="layerwise")
-    with pytest.raises(ValueError, match="scores: block 5 does not exist"):
+    with pytest.raises(InvalidArgumentError, match="scores: block 5 does not exist"):
         prune_ffn(model, {5: torch.rand(64)}, ratio=0.5)
-    with pytest.raises(ValueError, match=r"scores\[1\]: 10 scores for 64 FFN neurons"):
+    with pytest.raises(InvalidArgumentError, match=r"scores\[1\]: 10 scores for 64 FFN neurons"):
         prune_ffn(model, {1: torch.rand(10)}, ratio=0.5)
-    with pytest.raises(ValueError, match="protect: block 2 is not among the pruned blocks"):
+    with pytest.raises(InvalidArgumentError, match="protect: block 2 is not among the pruned blocks"):
         prune_ffn(model, {1: torch.rand(64)}, ratio=0.5, protect={2: [0]})
-    with pytest.raises(ValueError, match=r"bias_compensation\[0\]: 3 means"):
+    with pytest.raises(InvalidArgumentError, match=r"bias_compensation\[0\]: 3 means"):
         prune_ffn(model, scores, ratio=0.5, bias_compensation={b: torch.zeros(3) for b in range(3)})
-    with pytest.raises(ValueError, match="bias_compensation: no mean activations for block 2"):
+    with pytest.raises(InvalidArgumentError, match="bias_compensation: no mean activations for block 2"):
         prune_ffn(model, scores, ratio=0.5, bias_compensation={0: torch.zeros(64), 1: torch.zeros(64)})
-    with pytest.raises(ValueError, match="head_classes: class 9 out of range"):
+    with pytest.raises(ClassSelectionError, match=r"head_classes: 9 is not a class of the data set \(6 classes\)"):
         prune_ffn(model, scores, ratio=0.5, head_classes=[9])
-    with pytest.raises(ValueError, match="head_classes: unknown class 'dog'"):
+    with pytest.raises(ClassSelectionError, match="head_classes: 'dog' is not a class"):
         prune_ffn(model, scores, ratio=0.5, head_classes=["dog"])
-    with pytest.raises(ValueError, match="ratio: removing 0.99"):
+    with pytest.raises(BudgetError, match="ratio: removing 0.99"):
         prune_ffn(model, scores, ratio=0.99, mode="global")
     # nothing was changed by the failed calls
     assert [b.mlp.fc1.out_features for b in model.blocks] == [64, 64, 64]
@@ -180,8 +184,6 @@ def test_settings_the_model_cannot_meet_are_prune_setting_errors(model):
     """Model incompatibilities are ``PruneSettingError`` (the recipe turns them into user errors)."""
     from torch import nn
 
-    from jas_prune.prune import PruneSettingError
-
     scores = {b: torch.rand(64) for b in range(3)}
     no_bias = copy.deepcopy(model)
     no_bias.blocks[1].mlp.fc2.bias = None
@@ -194,3 +196,27 @@ def test_settings_the_model_cannot_meet_are_prune_setting_errors(model):
     with pytest.raises(BudgetError) as info:  # min_keep alone: no class masks involved
         prune_ffn(copy.deepcopy(model), scores, ratio=0.99, mode="global", min_keep=0.5)
     assert not info.value.protected
+
+
+def test_head_classes_resolve_against_the_head():
+    names = ["cat", "dog", "3"]
+    assert resolve_head_classes(["dog", 0], 5, names) == [0, 1]
+    assert resolve_head_classes(["3", "4", 3], 5, names) == [2, 3, 4]  # a name first, then digits; unnamed outputs by index
+    assert resolve_head_classes(4, 5) == [4]
+    with pytest.raises(ClassSelectionError, match="head_classes: 'cow' is not a class of the data set"):
+        resolve_head_classes(["cow"], 5, names)
+    with pytest.raises(ClassSelectionError, match="head_classes: must list at least one class"):
+        resolve_head_classes([], 5)
+    with pytest.raises(InvalidArgumentError, match="class_names: 3 names for a head with 2 outputs"):
+        resolve_head_classes([0], 2, names)
+
+
+def test_scores_of_a_run_that_do_not_fit_are_a_fingerprint_error(model):
+    from jas_prune.errors import FingerprintMismatchError
+
+    with pytest.raises(FingerprintMismatchError,
+                       match=r"importance from run runs/x does not fit this model: scores\[1\]: 10 scores for 64"):
+        prune_ffn(model, {1: torch.rand(10)}, ratio=0.5, run_dir="runs/x")
+    with pytest.raises(InvalidArgumentError):  # the same scores, not from a run
+        prune_ffn(model, {1: torch.rand(10)}, ratio=0.5)
+    assert [b.mlp.fc1.out_features for b in model.blocks] == [64, 64, 64]

@@ -10,46 +10,27 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Sequence
+from typing import Mapping, Sequence
 
 import numpy as np
 
-from .io import atomic_write
+from ..io import atomic_write
+from ..metrics import InterventionRow, SemanticCheck
+from .style import method_colour, method_label
 
 __all__ = [
     "DPI",
     "Panel",
-    "method_label",
-    "method_colour",
     "new_figure",
     "save_figure",
     "tradeoff_figure",
     "table1_figure",
+    "LatencyPoint",
     "deployment_figure",
     "semantic_figure",
 ]
 
 DPI = 150
-
-_LABELS = {"jas": "JAS", "vit_slim": "ViT-Slim", "influence_pattern": "influence pattern", "taylor": "Taylor",
-           "activation": "activation", "variance": "act. variance", "magnitude": "magnitude", "random": "random",
-           "knowledge": "knowledge"}
-_COLOURS = {"jas": "#d62728", "vit_slim": "#1f77b4", "magnitude": "#2ca02c", "taylor": "#9467bd",
-            "activation": "#ff7f0e", "variance": "#8c564b", "random": "#7f7f7f", "influence_pattern": "#17becf",
-            "knowledge": "#bcbd22"}
-_EXTRA = ["#e377c2", "#bcbd22", "#17becf", "#aec7e8", "#ffbb78", "#98df8a", "#c5b0d5"]
-
-
-def method_label(method: str) -> str:
-    """Display name of a method (``vit_slim`` -> ``ViT-Slim``)."""
-    return _LABELS.get(method, method)
-
-
-def method_colour(method: str) -> str:
-    """A stable colour per method, the same in every figure."""
-    if method in _COLOURS:
-        return _COLOURS[method]
-    return _EXTRA[sum(map(ord, method)) % len(_EXTRA)]
 
 
 def new_figure(width: float, height: float):
@@ -80,6 +61,8 @@ class Panel:
     dense: float | None = None
     dense_std: float | None = None
     colours: dict[str, str] = field(default_factory=dict)
+    #: label -> matplotlib line style (default solid)
+    styles: dict[str, str] = field(default_factory=dict)
 
 
 def _bars(ax, panel: Panel, ylabel: str, xlabel: str) -> None:
@@ -108,7 +91,7 @@ def _lines(ax, panel: Panel, xlabel: str, ylabel: str) -> None:
         colour = panel.colours.get(label, method_colour(label))
         strong = label == "jas"
         ax.plot(x, y, marker="o", ms=4, lw=2.2 if strong else 1.3, color=colour, label=method_label(label),
-                zorder=3 if strong else 2)
+                ls=panel.styles.get(label, "-"), zorder=3 if strong else 2)
         if any(p[2] is not None for p in pts):
             e = np.array([p[2] or 0.0 for p in pts])
             ax.fill_between(x, y - e, y + e, color=colour, alpha=0.15, lw=0)
@@ -162,7 +145,7 @@ _T1 = (("removal_acc_dev", "removal\nΔacc (pp)"), ("removal_prob_dev_mean", "re
        ("enhancement_prob_dev_median", "enhance\nΔp median (%)"))
 
 
-def table1_figure(path: str | Path, table: dict[str, dict[str, Any]] | None) -> Path | None:
+def table1_figure(path: str | Path, table: Mapping[str, InterventionRow] | None) -> Path | None:
     """Paper Table 1 as bars: path JAS per method, and the removal / enhancement deviations."""
     if not table:
         return None
@@ -170,7 +153,7 @@ def table1_figure(path: str | Path, table: dict[str, dict[str, Any]] | None) -> 
     fig = new_figure(12, 4.2)
     ax_jas, ax_dev = fig.subplots(1, 2, width_ratios=[1, 3.2])
     pos = np.arange(len(methods))
-    jas = [table[m].get("path_jas_mean") or 0.0 for m in methods]
+    jas = [table[m].path_jas_mean or 0.0 for m in methods]
     ax_jas.bar(pos, jas, color=[method_colour(m) for m in methods], width=0.6)
     ax_jas.set_xticks(pos, [method_label(m) for m in methods], rotation=20, ha="right", fontsize=8)
     ax_jas.set_ylabel("mean JAS of the found path")
@@ -179,7 +162,7 @@ def table1_figure(path: str | Path, table: dict[str, dict[str, Any]] | None) -> 
     width = 0.8 / len(methods)
     cats = np.arange(len(_T1))
     for i, m in enumerate(methods):
-        vals = [table[m].get(k) for k, _ in _T1]
+        vals = [getattr(table[m], k) for k, _ in _T1]
         ax_dev.bar(cats + (i - (len(methods) - 1) / 2) * width, [v if v is not None else 0.0 for v in vals],
                    width=width, color=method_colour(m), label=method_label(m))
     ax_dev.axhline(0, color="black", lw=0.8)
@@ -194,31 +177,27 @@ def table1_figure(path: str | Path, table: dict[str, dict[str, Any]] | None) -> 
 
 
 @dataclass
-class _Lat:
+class LatencyPoint:
+    """One point of the deployment figure: a model, or several models of identical shape.
+
+    Attributes:
+        ms: batch size -> p50 latency (ms per batch).
+        spread: batch size -> (low, high) ms drawn as an error bar (measurement spread, or the
+            range over the identical-shape models the point stands for).
+        dense: the reference model (square marker, the "latency ∝ MACs" line goes through it).
+    """
+
     label: str
     macs: float
     ms: dict[int, float]
+    spread: dict[int, tuple[float, float]] = field(default_factory=dict)
+    dense: bool = False
 
 
-def deployment_figure(path: str | Path, records: list[dict[str, Any]] | None, macs: dict[Any, float],
-                      labels: dict[Any, str] | None = None) -> Path | None:
-    """ONNX Runtime p50 latency against MACs per image, one labelled point per model.
-
-    Args:
-        records: ``metrics["export"]``.
-        macs: checkpoint name (None for dense) -> MACs per image.
-        labels: checkpoint -> legend label (default: the record's ``model``).
-    """
-    pts: list[_Lat] = []
-    provider = None
-    for r in records or []:
-        lat = {int(x["batch_size"]): float(x["latency_ms_p50"]) for x in r.get("latency") or []
-               if x.get("latency_ms_p50") is not None and x.get("batch_size") is not None}
-        m = macs.get(r.get("checkpoint"))
-        if not lat or m is None or r.get("error"):
-            continue
-        provider = provider or r.get("provider")
-        pts.append(_Lat((labels or {}).get(r.get("checkpoint"), r.get("model", "?")), m, lat))
+def deployment_figure(path: str | Path, points: Sequence[LatencyPoint], *,
+                      provider: str | None = None) -> Path | None:
+    """ONNX Runtime p50 latency against MACs per image, one labelled point per model shape."""
+    pts = [p for p in points if p.ms and p.macs is not None]
     if not pts:
         return None
     batches = sorted({b for p in pts for b in p.ms})
@@ -226,18 +205,21 @@ def deployment_figure(path: str | Path, records: list[dict[str, Any]] | None, ma
     fig = new_figure(5.4 * len(batches) + 2.6, 4.3)
     axes = fig.subplots(1, len(batches), squeeze=False)[0]
     markers = "oD^vP*Xh<>pd"  # the square is the dense model's
-    ref = next((p for p in pts if p.label == "dense"), None)
+    ref = next((p for p in pts if p.dense), None)
     for ax, b in zip(axes, batches):
         for k, p in enumerate(pts):
             if b not in p.ms:
                 continue
-            dense = p.label == "dense"
+            colour = "black" if p.dense else f"C{k % 10}"
+            if b in p.spread:
+                lo, hi = p.spread[b]
+                ax.errorbar(p.macs / 1e6, p.ms[b], yerr=[[max(0.0, p.ms[b] - lo)], [max(0.0, hi - p.ms[b])]],
+                            fmt="none", ecolor=colour, elinewidth=1.2, capsize=3, zorder=2)
             # hollow markers: models of the same size and speed stay visible on top of each other
-            ax.scatter(p.macs / 1e6, p.ms[b], s=80 if dense else 55, marker="s" if dense else markers[k % 12],
-                       facecolors="none", edgecolors="black" if dense else f"C{k % 10}", linewidths=1.6,
-                       label=p.label, zorder=3)
+            ax.scatter(p.macs / 1e6, p.ms[b], s=80 if p.dense else 55, marker="s" if p.dense else markers[k % 12],
+                       facecolors="none", edgecolors=colour, linewidths=1.6, label=p.label, zorder=3)
         top_x = max(p.macs for p in pts) / 1e6
-        top_y = max(p.ms[b] for p in pts if b in p.ms)
+        top_y = max(max(p.ms[b], p.spread.get(b, (0.0, 0.0))[1]) for p in pts if b in p.ms)
         if ref is not None and b in ref.ms:
             xs = np.array([0.0, top_x * 1.1])
             ax.plot(xs, xs * ref.ms[b] / (ref.macs / 1e6), color="grey", ls="--", lw=1,
@@ -255,9 +237,9 @@ def deployment_figure(path: str | Path, records: list[dict[str, Any]] | None, ma
 
 
 def semantic_figure(path: str | Path, groups: dict[str, np.ndarray] | None,
-                    check: dict[str, Any] | None) -> Path | None:
+                    check: SemanticCheck | None) -> Path | None:
     """Path similarity of class pairs by what they share (shape only / colour only / nothing)."""
-    from .semantic import GROUPS
+    from ..semantic import GROUPS
 
     if not groups or check is None or not any(len(groups[k]) for k, _ in GROUPS):
         return None
@@ -277,7 +259,7 @@ def semantic_figure(path: str | Path, groups: dict[str, np.ndarray] | None,
     ax.set_ylabel("path similarity of the class pair (cosine)")
     ax.grid(True, axis="y", alpha=0.3)
     ax.legend(fontsize=8, loc="upper right")
-    auc = check.get("auc")
+    auc = check.auc
     ax.set_title("Do classes sharing an attribute share neuron paths?\n"
                  f"ROC AUC shared vs nothing = {auc:.3f}" if auc is not None else
                  "Do classes sharing an attribute share neuron paths?", fontsize=10)

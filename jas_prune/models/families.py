@@ -1,0 +1,94 @@
+"""Model families: which models jas-prune understands, and how each one's FFNs are found.
+
+A :class:`Family` is registered once, in the module that implements it (``timm_vit``, ``eva``,
+``beit``, ``relpos``, ``hf``); :func:`discover_ffn` asks the registry instead of an if/elif
+chain, and an unknown model gets one error naming what was found and what is supported.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any, Callable, Mapping
+
+from torch import nn
+
+from ..errors import UnsupportedModelError
+from ..registry import Registry
+from .ffn import FFNInfo, check_distinct_sites
+
+__all__ = ["Family", "FAMILIES", "family_of", "discover_ffn", "model_label", "supported_text"]
+
+
+@dataclass(frozen=True)
+class Family:
+    """One family of models.
+
+    Attributes:
+        name: registry key (``timm-vit``).
+        label: what users call it (``timm VisionTransformer``), used in messages.
+        matches: whether a model belongs to the family (an ``isinstance`` test, imports lazily).
+        discover: ``(model, label) -> FFNInfo`` (raises :class:`UnsupportedModelError`).
+        image_size: ``model -> (C, H, W)`` the model takes.
+        arch_kwargs: ``model -> dict`` of JSON keyword arguments that, with the architecture
+            name, rebuild the model's structure (sizes are restored from the weights).
+        decode_arch: ``arch -> timm keyword arguments`` (names of classes back to classes).
+        rebuild: ``(name, arch, num_classes) -> model`` when ``create_model`` cannot rebuild it
+            (models that are not timm names); None: ``create_model(name, **decode_arch(arch))``.
+        head: ``model -> nn.Module`` the classifier.
+    """
+
+    name: str
+    label: str
+    matches: Callable[[nn.Module], bool]
+    discover: Callable[[nn.Module, str], FFNInfo]
+    image_size: Callable[[nn.Module], tuple[int, int, int]]
+    arch_kwargs: Callable[[nn.Module], dict[str, Any]]
+    decode_arch: Callable[[Mapping[str, Any]], dict[str, Any]] = dict
+    rebuild: Callable[[str, Mapping[str, Any], int], nn.Module] | None = None
+    head: Callable[[nn.Module], Any] = lambda m: getattr(m, "head", None)
+
+
+FAMILIES: Registry[Family] = Registry("model family")
+
+
+def model_label(model: nn.Module) -> str:
+    """The architecture name of a model (timm's ``pretrained_cfg``), else its class name."""
+    cfg = getattr(model, "pretrained_cfg", None) or {}
+    name = cfg.get("architecture") if isinstance(cfg, Mapping) else None
+    return str(name or type(model).__name__)
+
+
+def supported_text() -> str:
+    """``timm VisionTransformer, timm Eva, ... or Hugging Face ViT/DeiT`` in registration order."""
+    labels = [f.label for f in FAMILIES]
+    return labels[0] if len(labels) == 1 else ", ".join(labels[:-1]) + " or " + labels[-1]
+
+
+def family_of(model: nn.Module) -> Family | None:
+    """The registered family ``model`` belongs to, or None."""
+    for family in FAMILIES:
+        if family.matches(model):
+            return family
+    return None
+
+
+def discover_ffn(model: nn.Module) -> FFNInfo:
+    """The FFN layers of a supported ViT and its token layout.
+
+    Raises:
+        UnsupportedModelError: the model belongs to no registered family, or to one whose FFN or
+            token layout is not supported (the message names what was found).
+    """
+    label = model_label(model)
+    family = family_of(model)
+    if family is None:
+        first = next(iter(FAMILIES)).label
+        raise UnsupportedModelError(
+            f"model '{label}' ({type(model).__name__}) is not a {first}; jas-prune supports "
+            f"{supported_text()} models (vit_*, deit_* without distillation token, eva02_*, beit*, "
+            "vit_relpos_*, hf:DIR)")
+    info = family.discover(model, label)
+    if not info.layers:
+        raise UnsupportedModelError(f"model '{label}' has no transformer blocks")
+    check_distinct_sites(info.layers, label)
+    return info

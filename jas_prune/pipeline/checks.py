@@ -1,0 +1,64 @@
+"""Refusals that come before any work: a recipe whose stages lack what they need, and settings
+that cannot fit the model or the data. Nothing is written before these pass."""
+
+from __future__ import annotations
+
+from torch import nn
+
+from ..attribution import LocateSettings, ResolvedSettings
+from ..data import DataSource
+from ..errors import RecipeError
+from ..models import discover_ffn
+from ..recipe import Recipe
+from .stages import STAGES
+from .stages.prune import check_prune_classes
+
+__all__ = ["check_stages", "check_against_model"]
+
+
+def check_stages(recipe: Recipe) -> None:
+    """Refuse a recipe that enables a stage without the stages it needs.
+
+    Raises:
+        StageNotAvailableError: naming the recipe key.
+    """
+    for stage in STAGES:
+        stage.check(recipe)
+
+
+def check_against_model(recipe: Recipe, model: nn.Module, source: DataSource) -> ResolvedSettings | None:
+    """Refuse, once the model and data are known but before any work, settings that cannot fit
+    them; return the attribution settings resolved against the model (``None`` without them).
+
+    Raises:
+        AttributionSettingError: ``attribution.layers`` out of range, ``attribution.topk`` above an
+            FFN width, ``attribution.scope: cls`` for a model without a class token.
+        RecipeError: ``masks.topk`` above an FFN width (naming the block and the width),
+            ``evaluate.cls_mask.depth`` above the model's depth.
+        DataError: a ``prune.classes`` entry that is not a class of the data set, or has no probe
+            or no test images.
+    """
+    info = discover_ffn(model)
+    resolved = None
+    blocks = list(range(info.depth))
+    if recipe.attribution is not None:
+        resolved = LocateSettings.from_section(recipe.attribution).resolve(info)
+        blocks = list(resolved.blocks)
+    if recipe.masks is not None:
+        k = recipe.masks.topk
+        narrow = next((l for l in blocks if k > info.layers[l].hidden), None)
+        if narrow is not None:
+            raise RecipeError(f"masks.topk: {k} exceeds the FFN width {info.layers[narrow].hidden} of block {narrow}")
+    cm = recipe.evaluate.cls_mask
+    if "paper_cls_mask" in recipe.evaluate.protocols:
+        ablation = cm.ablation
+        for key, depths in (("evaluate.cls_mask.depth", [cm.depth] if cm.depth is not None else []),
+                            ("evaluate.cls_mask.ablation.depth", (ablation.depth or []) if ablation else [])):
+            deep = next((d for d in depths if d > info.depth), None)
+            if deep is not None:
+                raise RecipeError(f"{key}: {deep} exceeds the {info.depth} blocks of model '{recipe.model.name}'")
+        wide = next((k for k in (ablation.topk if ablation else []) if k > min(info.widths)), None)
+        if wide is not None:
+            raise RecipeError(f"evaluate.cls_mask.ablation.topk: {wide} exceeds the FFN width {min(info.widths)}")
+    check_prune_classes(recipe, source)
+    return resolved

@@ -1,0 +1,579 @@
+"""Closed-form reconstruction of pruned FFNs (SPEC §3 "Reconstruction", issue 12).
+
+After some hidden neurons of a block's FFN are removed, the block's ``fc2`` (weight and bias) is
+refit so that, on calibration tokens, the pruned FFN output matches a target computed with the
+dense model. One vocabulary, cheapest first (``RECONSTRUCTIONS``):
+
+- ``none``: leave the weights as pruned;
+- ``bias``: refit ``fc2.bias`` alone (the mean shift; on dense inputs this is exactly
+  ``prune_ffn(..., bias_compensation=stats)``, here it is fit on the pruned network's inputs);
+- ``lsq``: ridge least squares for the whole ``fc2``: with the kept hidden ``h`` and the target
+  ``y``, ``W = (Cov(h) + λ·mean(diag Cov(h))·I)⁻¹ Cov(h, y)`` and ``b = E[y] − E[h] W`` (the
+  intercept is not damped), solved in float64 by Cholesky, with an eigen-decomposition
+  pseudo-inverse when Cholesky fails.
+
+Targets (``TARGETS``), for block l fed the pruned network's input ``x'``:
+
+- ``local``: the dense FFN applied to the pruned block's own FFN input (``mlp_dense(norm2(...x'))``);
+- ``global``: the dense network's own FFN output at the same image and token (corrects upstream
+  error that reaches the FFN output);
+- ``residual``: the dense network's block output minus the pruned block's stream after attention
+  (``x' + attn(norm1(x'))``; divided by LayerScale when the block has one): the FFN also absorbs
+  the upstream error of the residual stream.
+
+Blocks are processed in order; block l's inputs come from the network pruned *and reconstructed*
+so far. A refit is kept only when it lowers the block's calibration error (computed exactly from
+the accumulated statistics), so reconstruction never increases it.
+
+Cost and memory. Only sufficient statistics are accumulated per block (``Σh``, ``Σy``, ``Σhᵀh``,
+``Σhᵀy``, ``Σ‖y‖²`` in float64: O(n²) for n kept neurons, independent of the number of images).
+The calibration images are read once: the residual-stream input of the current block is cached
+for every calibration image (N·T·D values, twice for the ``global``/``residual`` targets, which
+also need the dense stream; ViT-B/16 with 768 images: 465 MB per stream in float32) and pushed
+one block further per step, so the whole model costs about three forward passes over the
+calibration set. When the cache would exceed ``cache_bytes`` the engine falls back to replaying
+the images from the loader for every block (memory of one batch; about (L+1)/2 forward passes
+per network instead of one).
+
+The engine never needs to know which neurons were kept: the pruned hidden comes from the pruned
+``fc1`` itself, so it works on models pruned by :func:`jas_prune.prune.prune_ffn` and by
+``torch_pruning.pruner.MetaPruner`` alike (:func:`reconstruct`). :class:`SequentialReconstructor`
+is the step-wise form for pruning and reconstructing one block at a time (layer-progressive
+pruning: score block l+1 on the network pruned up to block l).
+"""
+
+from __future__ import annotations
+
+import math
+import time
+from dataclasses import asdict, dataclass, field
+from numbers import Real
+from typing import Any, Iterable, Iterator, Sequence
+
+import torch
+from torch import Tensor, nn
+
+from jas_prune.errors import InvalidArgumentError, PruneSettingError, UnsupportedModelError
+from jas_prune.models import FFNInfo, discover_ffn
+from jas_prune.torchutil import frozen_eval, model_device, model_dtype
+
+from .choices import DEFAULT_DAMPING, DEFAULT_TARGET, RECONSTRUCTIONS, TARGETS
+
+__all__ = [
+    "RECONSTRUCTIONS",
+    "TARGETS",
+    "DEFAULT_DAMPING",
+    "DEFAULT_TARGET",
+    "DEFAULT_CACHE_BYTES",
+    "LinearFit",
+    "BlockReconstruction",
+    "ReconstructionReport",
+    "SequentialReconstructor",
+    "reconstruct",
+    "ridge_solve",
+]
+
+#: largest residual-stream cache (bytes) before replaying the images for every block.
+DEFAULT_CACHE_BYTES = 2 * 1024**3
+
+
+# --------------------------------------------------------------------------------------------
+# the solve
+# --------------------------------------------------------------------------------------------
+
+def ridge_solve(a: Tensor, b: Tensor) -> tuple[Tensor, str]:
+    """Solve ``a x = b`` for a symmetric positive semi-definite ``a`` (float64).
+
+    Cholesky first; when it fails (``a`` singular or indefinite by rounding) or yields non-finite
+    values, the eigen-decomposition pseudo-inverse (eigenvalues below ``n·eps·max`` dropped).
+    Returns the solution and the solver used (``cholesky`` or ``eigh``).
+    """
+    chol, info = torch.linalg.cholesky_ex(a)
+    if int(info) == 0:
+        x = torch.cholesky_solve(b, chol)
+        if bool(torch.isfinite(x).all()):
+            return x, "cholesky"
+    w, v = torch.linalg.eigh(a)
+    cutoff = w.abs().max().clamp_min(torch.finfo(a.dtype).tiny) * a.shape[0] * torch.finfo(a.dtype).eps
+    inv = torch.where(w > cutoff, 1.0 / w.clamp_min(cutoff), torch.zeros_like(w))
+    return v @ (inv[:, None] * (v.T @ b)), "eigh"
+
+
+class LinearFit:
+    """Streaming sufficient statistics of a linear map ``y ≈ h Wᵀ + b`` over tokens.
+
+    :meth:`add` takes any number of token rows at a time; everything is accumulated in float64, so
+    the memory is O(n_in² + n_in·n_out) whatever the number of tokens, and the statistics of
+    several batches equal those of their concatenation (up to float64 rounding).
+    """
+
+    def __init__(self, n_in: int, n_out: int, *, device: torch.device | str = "cpu") -> None:
+        f64 = dict(dtype=torch.float64, device=device)
+        self.n_in, self.n_out = int(n_in), int(n_out)
+        self.count = 0
+        self.sum_h = torch.zeros(self.n_in, **f64)
+        self.sum_y = torch.zeros(self.n_out, **f64)
+        self.sum_hh = torch.zeros(self.n_in, self.n_in, **f64)
+        self.sum_hy = torch.zeros(self.n_in, self.n_out, **f64)
+        self.sum_yy = torch.zeros((), **f64)
+
+    def add(self, h: Tensor, y: Tensor) -> None:
+        """Accumulate token rows: ``h [..., n_in]`` and ``y [..., n_out]`` with the same leading shape."""
+        h2 = h.detach().reshape(-1, self.n_in).to(self.sum_hh.device, torch.float64)
+        y2 = y.detach().reshape(-1, self.n_out).to(self.sum_hh.device, torch.float64)
+        if h2.shape[0] != y2.shape[0]:
+            raise InvalidArgumentError(f"y: {y2.shape[0]} token rows for {h2.shape[0]} rows of h")
+        self.count += h2.shape[0]
+        self.sum_h += h2.sum(0)
+        self.sum_y += y2.sum(0)
+        self.sum_hh += h2.T @ h2
+        self.sum_hy += h2.T @ y2
+        self.sum_yy += (y2 * y2).sum()
+
+    def _check(self) -> None:
+        if self.count == 0:
+            raise InvalidArgumentError("loader: no calibration tokens were accumulated")
+
+    def error(self, weight: Tensor, bias: Tensor | None) -> float:
+        """Mean over tokens of ``‖h Wᵀ + b − y‖²`` (exact, from the statistics)."""
+        self._check()
+        n = self.count
+        w = weight.detach().to(self.sum_hh.device, torch.float64)  # [n_out, n_in]
+        quad = (w @ self.sum_hh * w).sum() - 2.0 * (w.T * self.sum_hy).sum()
+        err = quad + self.sum_yy
+        if bias is not None:
+            b = bias.detach().to(self.sum_hh.device, torch.float64)
+            err = err + 2.0 * (b * (w @ self.sum_h)).sum() - 2.0 * (b * self.sum_y).sum() + n * (b * b).sum()
+        return max(float(err) / n, 0.0)
+
+    def energy(self) -> float:
+        """Mean over tokens of ``‖y‖²`` (the error of predicting zero)."""
+        self._check()
+        return float(self.sum_yy) / self.count
+
+    def moments(self) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+        """``E[h]``, ``E[y]``, ``Cov(h)``, ``Cov(h, y)`` (population, float64)."""
+        self._check()
+        n = self.count
+        mu_h, mu_y = self.sum_h / n, self.sum_y / n
+        c_hh = self.sum_hh / n - torch.outer(mu_h, mu_h)
+        c_hy = self.sum_hy / n - torch.outer(mu_h, mu_y)
+        return mu_h, mu_y, 0.5 * (c_hh + c_hh.T), c_hy
+
+    def solve(self, damping: float, *, intercept: bool = True) -> tuple[Tensor, Tensor | None, str]:
+        """Ridge least squares: ``(weight [n_out, n_in], bias [n_out] or None, solver)``.
+
+        The ridge term is ``damping · mean(diag(A))`` on the diagonal of ``A`` (``Cov(h)`` with an
+        intercept, the raw second moment without); the intercept itself is not damped.
+        """
+        if intercept:
+            mu_h, mu_y, a, rhs = self.moments()
+        else:
+            self._check()
+            a, rhs = self.sum_hh / self.count, self.sum_hy / self.count
+        scale = float(a.diagonal().mean()) if a.numel() else 0.0
+        ridge = damping * (scale if scale > 0 else 1.0)
+        a = a + ridge * torch.eye(self.n_in, dtype=a.dtype, device=a.device)
+        x, solver = ridge_solve(a, rhs)  # [n_in, n_out]
+        weight = x.T.contiguous()
+        bias = (mu_y - mu_h @ x) if intercept else None
+        return weight, bias, solver
+
+    def solve_bias(self, weight: Tensor) -> Tensor:
+        """The error-minimising bias for a fixed ``weight``: ``E[y] − E[h] Wᵀ``."""
+        self._check()
+        w = weight.detach().to(self.sum_hh.device, torch.float64)
+        return self.sum_y / self.count - w @ (self.sum_h / self.count)
+
+
+# --------------------------------------------------------------------------------------------
+# reports
+# --------------------------------------------------------------------------------------------
+
+@dataclass
+class BlockReconstruction:
+    """One block: calibration error (mean over tokens of ‖FFN output − target‖²) before and after.
+
+    ``refit`` is False when the solve did not lower the error and the block was left as it was.
+    ``energy`` is the mean ‖target‖², so ``error / energy`` is a relative error.
+    """
+
+    block: int
+    width: int
+    dense_width: int
+    error_before: float
+    error_after: float
+    energy: float
+    damping: float
+    solver: str
+    refit: bool
+    tokens: int
+    seconds: float
+
+    @property
+    def relative_before(self) -> float:
+        return self.error_before / self.energy if self.energy > 0 else 0.0
+
+    @property
+    def relative_after(self) -> float:
+        return self.error_after / self.energy if self.energy > 0 else 0.0
+
+
+@dataclass
+class ReconstructionReport:
+    """What :func:`reconstruct` did: settings, calibration size, seconds, and every block."""
+
+    method: str
+    target: str
+    damping: float
+    images: int = 0
+    tokens_per_image: int = 0
+    seconds: float = 0.0
+    cache: str = "memory"
+    cache_bytes: int = 0
+    blocks: list[BlockReconstruction] = field(default_factory=list)
+
+    def to_dict(self) -> dict[str, Any]:
+        """JSON-friendly form (with each block's relative errors)."""
+        d = asdict(self)
+        for row, blk in zip(d["blocks"], self.blocks):
+            row["relative_before"] = blk.relative_before
+            row["relative_after"] = blk.relative_after
+        return d
+
+
+# --------------------------------------------------------------------------------------------
+# the engine
+# --------------------------------------------------------------------------------------------
+
+class _Stop(Exception):
+    """Raised by a pre-hook to end a forward pass once a block's input is captured."""
+
+
+def _find_vit(model: nn.Module, name: str) -> tuple[nn.Module, FFNInfo]:
+    """The model (or the first timm ViT inside a wrapper) and its FFN layers."""
+    if not isinstance(model, nn.Module):
+        raise InvalidArgumentError(f"{name}: expected a torch.nn.Module, got {type(model).__name__}")
+    try:
+        return model, discover_ffn(model)
+    except UnsupportedModelError:
+        from timm.models.vision_transformer import VisionTransformer
+
+        for sub in model.modules():
+            if isinstance(sub, VisionTransformer) and sub is not model:
+                return sub, discover_ffn(sub)
+        raise
+
+
+def _block_input(model: nn.Module, block: nn.Module, images: Tensor) -> tuple[Tensor, dict[str, Any]]:
+    """Run ``model`` on ``images`` until ``block`` is called; return its input and keyword args."""
+    got: dict[str, Any] = {}
+
+    def hook(_m: nn.Module, args: tuple, kwargs: dict) -> None:
+        got["x"], got["kw"] = args[0], dict(kwargs)
+        raise _Stop
+
+    handle = block.register_forward_pre_hook(hook, with_kwargs=True)
+    try:
+        model(images)
+    except _Stop:
+        pass
+    finally:
+        handle.remove()
+    if "x" not in got:
+        raise UnsupportedModelError("the model's forward never called its transformer block; "
+                                    "reconstruction needs a timm ViT whose blocks run in order")
+    return got["x"], got["kw"]
+
+
+def _capture(module: nn.Module, store: dict[str, Tensor], key: str, *, output: bool) -> Any:
+    """Hook storing a module's first input (``output=False``) or its output under ``key``."""
+    if output:
+        return module.register_forward_hook(lambda _m, _a, out: store.__setitem__(key, out))
+    return module.register_forward_pre_hook(lambda _m, args: store.__setitem__(key, args[0]))
+
+
+def _check_choice(value: Any, options: Sequence[str], name: str) -> str:
+    if not isinstance(value, str) or value not in options:
+        raise InvalidArgumentError(f"{name}: {value!r} is not one of {', '.join(options)}")
+    return value
+
+
+def _check_damping(value: Any) -> float:
+    if isinstance(value, bool) or not isinstance(value, Real) or not math.isfinite(float(value)) or value < 0:
+        raise InvalidArgumentError(f"damping: expected a finite number >= 0 (relative to the mean "
+                                   f"diagonal of the hidden covariance), got {value!r}")
+    return float(value)
+
+
+def _check_count(value: Any, name: str, minimum: int) -> int | None:
+    if value is None:
+        return None
+    if isinstance(value, bool) or not isinstance(value, int) or value < minimum:
+        raise InvalidArgumentError(f"{name}: expected an integer >= {minimum} or None, got {value!r}")
+    return int(value)
+
+
+class SequentialReconstructor:
+    """Step-wise reconstruction: :meth:`step` refits one block, blocks in increasing order.
+
+    Between two steps the caller may prune the next blocks (e.g. after scoring them on the
+    network pruned so far): a step always reads every block's *current* weights, and the cached
+    residual stream is pushed through the earlier blocks only when the next step needs it.
+
+    Args:
+        pruned: the pruned ViT (changed in place: ``fc2`` of each stepped block).
+        dense: the dense ViT it was pruned from (same depth and embedding width; not changed).
+        loader: calibration batches ``(images, labels, ...)`` or plain image tensors; read once
+            (or once per block when the stream cache exceeds ``cache_bytes``).
+        method: ``bias`` or ``lsq`` (see ``RECONSTRUCTIONS``; ``none`` steps do nothing).
+        target: ``local``, ``global`` or ``residual`` (see ``TARGETS``).
+        damping: relative ridge damping λ ≥ 0 (``lsq`` only).
+        max_images: use at most this many calibration images (None: all the loader yields).
+        cache_bytes: largest residual-stream cache; above it, images are replayed per block.
+    """
+
+    def __init__(self, pruned: nn.Module, dense: nn.Module, loader: Iterable, *, method: str = "lsq",
+                 target: str = DEFAULT_TARGET, damping: float = DEFAULT_DAMPING,
+                 max_images: int | None = None, cache_bytes: int = DEFAULT_CACHE_BYTES) -> None:
+        self.method = _check_choice(method, RECONSTRUCTIONS, "method")
+        self.target = _check_choice(target, TARGETS, "target")
+        self.damping = _check_damping(damping)
+        self.max_images = _check_count(max_images, "max_images", 1)
+        cache = _check_count(cache_bytes, "cache_bytes", 0)
+        self.cache_limit = DEFAULT_CACHE_BYTES if cache is None else cache
+        if pruned is dense:
+            raise InvalidArgumentError("dense: is the pruned model itself; pass the unpruned model "
+                                       "(e.g. a copy.deepcopy taken before pruning)")
+        self.pruned, self.info = _find_vit(pruned, "pruned")
+        self.dense, self.dense_info = _find_vit(dense, "dense")
+        self._check_pair()
+        if loader is None or isinstance(loader, (str, bytes)) or not hasattr(loader, "__iter__"):
+            raise InvalidArgumentError(f"loader: expected an iterable of image batches, got {type(loader).__name__}")
+        self.loader = loader
+        self.device, self.dtype = model_device(self.pruned), model_dtype(self.pruned)
+        self.report = ReconstructionReport(method=self.method, target=self.target, damping=self.damping)
+        self._chunks: list[dict[str, Any]] | None = None  # the cache; None before the first read
+        self._replay = False
+        self._last = -1
+
+    # -- checks ----------------------------------------------------------------------------------
+    def _check_pair(self) -> None:
+        p, d = self.info, self.dense_info
+        if p.depth != d.depth:
+            raise InvalidArgumentError(f"dense: has {d.depth} blocks but the pruned model has {p.depth}")
+        if model_device(self.dense) != model_device(self.pruned):
+            raise InvalidArgumentError(f"dense: is on {model_device(self.dense)} but the pruned model on "
+                                       f"{model_device(self.pruned)}; put both on one device")
+        for lp, ld in zip(p.layers, d.layers):
+            if lp.fc2.out_features != ld.fc2.out_features or lp.fc1.in_features != ld.fc1.in_features:
+                raise InvalidArgumentError(
+                    f"dense: block {lp.index} FFN maps {ld.fc1.in_features} -> {ld.fc2.out_features} "
+                    f"but the pruned one {lp.fc1.in_features} -> {lp.fc2.out_features}; only FFN hidden "
+                    "neurons may differ")
+            if lp.hidden > ld.hidden:
+                raise InvalidArgumentError(f"dense: block {lp.index} has {ld.hidden} FFN neurons, fewer than "
+                                           f"the pruned model's {lp.hidden}; are the arguments swapped?")
+
+    @property
+    def _needs_dense_stream(self) -> bool:
+        return self.target in ("global", "residual")
+
+    # -- calibration images ----------------------------------------------------------------------
+    def _images(self) -> Iterator[Tensor]:
+        """Calibration image batches on the device, capped at ``max_images``."""
+        seen = 0
+        for batch in self.loader:
+            images = batch[0] if isinstance(batch, (tuple, list)) else batch
+            if not isinstance(images, Tensor) or images.ndim != 4:
+                raise InvalidArgumentError("loader: batches must be image tensors [B, C, H, W] or "
+                                           "(images, labels, ...) tuples")
+            if self.max_images is not None:
+                images = images[: self.max_images - seen]
+            if len(images) == 0:
+                continue
+            seen += len(images)
+            yield images.to(self.device, self.dtype if images.is_floating_point() else images.dtype)
+            if self.max_images is not None and seen >= self.max_images:
+                break
+
+    def _fill_cache(self) -> None:
+        """Read the calibration images once: block-0 inputs of both networks (or switch to replay)."""
+        chunks: list[dict[str, Any]] = []
+        size, images = 0, 0
+        first_p, first_d = self.info.layers[0].block, self.dense_info.layers[0].block
+        for x_img in self._images():
+            x, kw = _block_input(self.pruned, first_p, x_img)
+            chunk: dict[str, Any] = {"x": x, "kw": kw, "pos": 0, "n": len(x_img)}
+            size += x.numel() * x.element_size()
+            if self._needs_dense_stream:
+                chunk["xd"], chunk["kwd"] = _block_input(self.dense, first_d, x_img)
+                size += chunk["xd"].numel() * chunk["xd"].element_size()
+            images += len(x_img)
+            self.report.tokens_per_image = int(x.shape[1]) if x.ndim == 3 else 1
+            if size > self.cache_limit:  # replay instead; the first replayed pass counts the images
+                chunks, self._replay = [], True
+                break
+            chunks.append(chunk)
+        if images == 0:
+            raise InvalidArgumentError("loader: yielded no calibration images")
+        self._chunks = chunks
+        self.report.images = 0 if self._replay else images
+        self.report.cache = "replay" if self._replay else "memory"
+        self.report.cache_bytes = 0 if self._replay else size
+
+    def _inputs(self, block: int) -> Iterator[dict[str, Any]]:
+        """For every calibration batch: the inputs of ``block`` in the pruned (and dense) network."""
+        if self._replay:
+            blk_p, blk_d = self.info.layers[block].block, self.dense_info.layers[block].block
+            images = 0
+            for x_img in self._images():
+                x, kw = _block_input(self.pruned, blk_p, x_img)
+                chunk: dict[str, Any] = {"x": x, "kw": kw}
+                if self._needs_dense_stream:
+                    chunk["xd"], chunk["kwd"] = _block_input(self.dense, blk_d, x_img)
+                images += len(x_img)
+                yield chunk
+            self.report.images = images
+            return
+        assert self._chunks is not None
+        for chunk in self._chunks:
+            while chunk["pos"] < block:  # push the cached stream through the blocks before
+                k = chunk["pos"]
+                chunk["x"] = self.info.layers[k].block(chunk["x"], **chunk["kw"])
+                if "xd" in chunk:
+                    chunk["xd"] = self.dense_info.layers[k].block(chunk["xd"], **chunk["kwd"])
+                chunk["pos"] = k + 1
+            yield chunk
+
+    # -- one block -------------------------------------------------------------------------------
+    def _target(self, block: int, chunk: dict[str, Any], got: dict[str, Tensor]) -> Tensor:
+        layer_d = self.dense_info.layers[block]
+        if self.target == "local":
+            return layer_d.block.mlp(got["u"])
+        dense_got: dict[str, Tensor] = {}
+        handle = _capture(layer_d.fc2, dense_got, "y", output=True)
+        try:
+            out_d = layer_d.block(chunk["xd"], **chunk["kwd"])
+        finally:
+            handle.remove()
+        if self.target == "global":
+            return dense_got["y"]
+        blk = self.info.layers[block].block
+        ls2 = getattr(blk, "ls2", nn.Identity())
+        mid = got["out"] - ls2(got["mlp"])  # the pruned block's stream after attention
+        gamma = getattr(ls2, "gamma", None)
+        y = out_d - mid
+        return y if gamma is None else y / gamma
+
+    def step(self, block: int) -> BlockReconstruction | None:
+        """Refit ``fc2`` of ``block`` (its current weights; earlier blocks as they are now).
+
+        Returns the block's report (None for method ``none``). Blocks must be stepped in
+        increasing order.
+        """
+        if isinstance(block, bool) or not isinstance(block, int) or not 0 <= block < self.info.depth:
+            raise InvalidArgumentError(f"blocks: {block!r} is not a block index 0..{self.info.depth - 1}")
+        if block <= self._last:
+            raise InvalidArgumentError(f"blocks: block {block} after block {self._last}; "
+                                       "reconstruct blocks in increasing order")
+        self._last = block
+        if self.method == "none":
+            return None
+        t0 = time.perf_counter()
+        layer = self.info.layers[block]
+        fc2 = layer.fc2
+        if fc2.bias is None:
+            raise PruneSettingError(f"method: block {block} fc2 has no bias; '{self.method}' refits one")
+        fit = LinearFit(fc2.in_features, fc2.out_features, device=self.device)
+        with torch.no_grad(), frozen_eval(self.pruned), frozen_eval(self.dense):
+            if self._chunks is None:
+                self._fill_cache()
+            for chunk in self._inputs(block):
+                got: dict[str, Tensor] = {}
+                hooks = [_capture(layer.block.mlp, got, "u", output=False),
+                         _capture(fc2, got, "h", output=False)]
+                if self.target == "residual":
+                    hooks.append(_capture(layer.block.mlp, got, "mlp", output=True))
+                try:
+                    got["out"] = layer.block(chunk["x"], **chunk["kw"])
+                finally:
+                    for h in hooks:
+                        h.remove()
+                fit.add(got["h"], self._target(block, chunk, got))
+            weight0, bias0 = fc2.weight.detach(), fc2.bias.detach()
+            before = fit.error(weight0, bias0)
+            if self.method == "bias":
+                weight, bias, solver = weight0, fit.solve_bias(weight0), "mean"
+            else:
+                weight, bias, solver = fit.solve(self.damping)
+            after = fit.error(weight, bias)
+            refit = bool(after < before) and math.isfinite(after)
+            if refit:
+                fc2.weight.copy_(weight.to(fc2.weight.dtype))
+                fc2.bias.copy_(bias.to(fc2.bias.dtype))
+            else:
+                after = before
+        row = BlockReconstruction(
+            block=block, width=fc2.in_features, dense_width=self.dense_info.layers[block].hidden,
+            error_before=before, error_after=after, energy=fit.energy(),
+            damping=self.damping if self.method == "lsq" else 0.0, solver=solver, refit=refit,
+            tokens=fit.count, seconds=time.perf_counter() - t0)
+        self.report.blocks.append(row)
+        self.report.seconds += row.seconds
+        return row
+
+
+def reconstruct(pruned: nn.Module, dense: nn.Module, loader: Iterable, *, method: str = "lsq",
+                target: str = DEFAULT_TARGET, damping: float = DEFAULT_DAMPING,
+                max_images: int | None = None, blocks: Sequence[int] | None = None,
+                cache_bytes: int = DEFAULT_CACHE_BYTES) -> ReconstructionReport:
+    """Refit the FFN ``fc2`` of every pruned block of ``pruned`` to match ``dense``, in place.
+
+    Works on any FFN-pruned timm ViT — by :func:`jas_prune.prune.prune_ffn` or by Torch-Pruning's
+    ``MetaPruner`` — without knowing which neurons were kept: the pruned hidden comes from the
+    pruned ``fc1`` itself. Torch-Pruning::
+
+        dense = jas_prune.load_model("builtin:shapes-vit")
+        model = copy.deepcopy(dense)
+        tp.pruner.MetaPruner(model, example, importance=imp, pruning_ratio=0.5, ...).step()
+        report = reconstruct(model, dense, probe_loader, max_images=768)
+
+    The pipeline, right after :func:`~jas_prune.prune.prune_ffn` (no bias compensation there;
+    ``method="bias"`` is its sequential form)::
+
+        model = copy.deepcopy(dense)
+        prune_ffn(model, scores, ratio=0.7)
+        report = reconstruct(model, dense, probe_loader, method="lsq", max_images=768)
+
+    Args:
+        pruned: the pruned model (``fc2`` weights and biases change in place).
+        dense: the model it was pruned from (unchanged).
+        loader: calibration batches ``(images, labels, ...)`` or image tensors (probe images).
+        method: ``none``, ``bias`` or ``lsq`` (``RECONSTRUCTIONS``).
+        target: ``local``, ``global`` or ``residual`` (``TARGETS``).
+        damping: relative ridge damping for ``lsq``.
+        max_images: calibration images used at most.
+        blocks: blocks to refit (default: every block narrower than the dense one).
+        cache_bytes: residual-stream cache limit (see the module docstring).
+
+    Returns:
+        A :class:`ReconstructionReport` (per block: error before/after, damping, tokens, seconds).
+
+    Raises:
+        InvalidArgumentError: a bad argument (named).
+    """
+    engine = SequentialReconstructor(pruned, dense, loader, method=method, target=target, damping=damping,
+                                     max_images=max_images, cache_bytes=cache_bytes)
+    if blocks is None:
+        todo = [l.index for l, d in zip(engine.info.layers, engine.dense_info.layers) if l.hidden < d.hidden]
+    else:
+        if isinstance(blocks, (str, bytes)) or not isinstance(blocks, Sequence):
+            raise InvalidArgumentError(f"blocks: expected a list of block indices, got {blocks!r}")
+        todo = sorted(set(blocks)) if all(isinstance(b, int) and not isinstance(b, bool) for b in blocks) \
+            else list(blocks)
+    t0 = time.perf_counter()
+    for b in todo:
+        engine.step(b)
+    engine.report.seconds = time.perf_counter() - t0
+    return engine.report
