@@ -30,7 +30,8 @@ mkdir -p "$OUT"
 OUT=$(cd "$OUT" && pwd)
 cd "$REPO"
 
-if compgen -G ".whl/*.whl" >/dev/null; then  # carried wheels: installed without network or dependencies
+# carried wheels, only where the packages are missing: installed without network or dependencies
+if ! "$PY" -c "import torch_pruning, pydantic" 2>/dev/null && compgen -G ".whl/*.whl" >/dev/null; then
   "$PY" -m pip install -q --no-index --no-deps --no-compile --target /tmp/jas-prune-site .whl/*.whl || exit 1
   export PYTHONPATH=/tmp/jas-prune-site${PYTHONPATH:+:$PYTHONPATH}
 fi

@@ -46,10 +46,12 @@ from .attribution.engine import JointAttribution
 from .bench_select import split_fit_val
 from .data import build_source, make_loader, model_transform
 from .evaluate import accuracy, predict_logits
-from .importance import JASImportance, criterion_scores, ffn_activation_stats
+from .pruning.criteria import criterion_scores
+from .pruning.plugin import JASImportance
+from .pruning.stats import ffn_activation_stats
 from .io import atomic_write_json
 from .models import discover_ffn, input_size, load_model
-from .prune import prune_ffn
+from .pruning.prune import prune_ffn
 
 __all__ = ["Candidate", "CANDIDATES", "candidate_scores", "passes_per_image", "choose", "main"]
 

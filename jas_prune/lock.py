@@ -1,6 +1,6 @@
 """One writer per run directory: an exclusive advisory lock on ``<run>/.jas-prune.lock``.
 
-The lock is ``flock(LOCK_EX | LOCK_NB)`` on the lock file that :attr:`RunDir.lock` names. The
+The lock is ``flock(LOCK_EX | LOCK_NB)`` on ``<run>/``:data:`LOCK_FILE` (:attr:`RunDir.lock`). The
 operating system drops it when the holder's last descriptor closes, so a process that dies in
 any way (SIGKILL included) never leaves a stale lock. Only ``flock`` decides whether the
 directory is locked; the holder's pid, host, command and start time, written into the file
@@ -36,9 +36,11 @@ from typing import Any
 
 from .errors import OutputDirError, RunDirLockedError
 from .io import storage_error, storage_errors
-from .rundir import RunDir
 
-__all__ = ["RunDirLock", "holder_description"]
+__all__ = ["RunDirLock", "holder_description", "LOCK_FILE"]
+
+#: the lock file inside a run directory (it stays after a run; only ``flock`` decides)
+LOCK_FILE = ".jas-prune.lock"
 
 _O_CLOEXEC = getattr(os, "O_CLOEXEC", 0)
 #: Longest command line quoted in the refusal message.
@@ -52,17 +54,16 @@ class RunDirLock:
     """The exclusive lock on one run directory.
 
     Args:
-        run_dir: the run directory (``--out``) or its :class:`RunDir`.
+        run_dir: the run directory (``--out``) or its :class:`~jas_prune.rundir.RunDir`.
 
     Use as ``lock = RunDirLock(out).acquire("recipe run")`` ... ``lock.release()``, or as a
     context manager: ``with RunDirLock(out).acquire("report"):`` (``with RunDirLock(out):``
     acquires with the default ``what``).
     """
 
-    def __init__(self, run_dir: str | os.PathLike[str] | RunDir) -> None:
-        rundir = run_dir if isinstance(run_dir, RunDir) else RunDir(run_dir)
-        self.root: Path = rundir.root
-        self.path: Path = rundir.lock
+    def __init__(self, run_dir: str | os.PathLike[str]) -> None:
+        self.root: Path = Path(run_dir)  # a path or a RunDir (os.PathLike)
+        self.path: Path = self.root / LOCK_FILE
         self._fd: int | None = None
         self._owner: int | None = None
 

@@ -395,6 +395,11 @@ class PrunedEntry(Section):
     criterion_options: dict[str, Any] | None = _opt()
     #: probe images the criterion's importance read (of the classes pruned for)
     probe_images: int | None = _opt()
+    #: kept FFN widths were rounded to a multiple of this (``prune.round_to``; absent: not rounded)
+    round_to: int | None = _opt()
+    #: an entry made for ``prune.budget``: the target (``target``, ``value``, ``step``, ``batch_size``
+    #: for latency) and what was found (``ratio``, ``achieved``: the MACs/params fraction or the p50 ms)
+    budget: dict[str, Any] | None = _opt()
 
     @property
     def reconstruction_name(self) -> str:

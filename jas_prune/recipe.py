@@ -189,6 +189,36 @@ class ClassSubsetsSection(_Section):
         return [v] if isinstance(v, str) else v
 
 
+class BudgetSection(_Section):
+    """``prune.budget``: besides ``prune.ratios``, the smallest uniform removal ratio (a multiple
+    of ``step``, honouring ``prune.round_to``) whose pruned model keeps at most ``macs`` /
+    ``params`` of the dense model's (a fraction), or runs at most ``latency_ms`` (ONNX Runtime
+    p50 at ``batch_size``, default 1) — one target (:mod:`jas_prune.pruning.budget`)."""
+
+    macs: float | None = Field(default=None, gt=0.0, le=1.0)
+    params: float | None = Field(default=None, gt=0.0, le=1.0)
+    latency_ms: float | None = Field(default=None, gt=0.0, allow_inf_nan=False)
+    batch_size: int | None = Field(default=None, ge=1)
+    step: float = Field(default=0.01, gt=0.0, lt=1.0)
+
+    @model_validator(mode="after")
+    def _one_target(self) -> "BudgetSection":
+        given = [k for k in ("macs", "params", "latency_ms") if getattr(self, k) is not None]
+        if len(given) != 1:
+            raise ValueError("give exactly one of macs, params or latency_ms"
+                             + (f" (got {', '.join(given)})" if given else ""))
+        if self.latency_ms is None and self.batch_size is not None:
+            raise ValueError("batch_size: only with latency_ms (MACs and parameters do not depend on the batch)")
+        if self.latency_ms is not None and self.batch_size is None:
+            self.batch_size = 1
+        return self
+
+    @property
+    def target(self) -> str:
+        """``macs``, ``params`` or ``latency_ms``."""
+        return next(k for k in ("macs", "params", "latency_ms") if getattr(self, k) is not None)
+
+
 class _PruneFields(_Section):
     """``prune``: the fixed keys. Every criterion with options adds its own section
     ``prune.<criterion>`` (e.g. ``prune.vit_slim``), taken from the criterion registry."""
@@ -208,6 +238,10 @@ class _PruneFields(_Section):
     bias_compensation: bool | list[bool] | None = None
     calibration: CalibrationSection = CalibrationSection()
     finetune: FinetuneSection | None = None
+    #: kept FFN widths a multiple of this (the nearest; null or 1: not rounded)
+    round_to: int | None = Field(default=None, ge=1, strict=True)
+    #: a MACs / params / latency target, met by the smallest uniform ratio (adds entries)
+    budget: BudgetSection | None = None
 
     @field_validator("ratios")
     @classmethod

@@ -22,8 +22,9 @@ import os
 from pathlib import Path
 from typing import TYPE_CHECKING, Sequence
 
+from .lock import LOCK_FILE, RunDirLock
+
 if TYPE_CHECKING:  # pragma: no cover
-    from .lock import RunDirLock
     from .pathstore import PathStore
 
 __all__ = ["RunDir", "CHUNK_SIZE", "PARTS"]
@@ -48,7 +49,7 @@ class RunDir:
     LOG = "run.log"
     MASKS = "masks.safetensors"
     PATHS = "paths"
-    LOCK = ".jas-prune.lock"
+    LOCK = LOCK_FILE
 
     def __init__(self, root: str | os.PathLike[str]) -> None:
         self.root = Path(root)
@@ -138,7 +139,7 @@ class RunDir:
         """Whether a run has already written its results here."""
         return self.metrics.exists() or self.recipe.exists()
 
-    def prepare(self, *, resume: bool, what: str = "recipe run") -> "RunDirLock":
+    def prepare(self, *, resume: bool, what: str = "recipe run") -> RunDirLock:
         """Create the directory (or reuse it, with ``--resume``) and take its lock.
 
         Nothing but the directory and its lock file is created; the caller holds the returned
@@ -152,7 +153,6 @@ class RunDir:
         """
         from .errors import OutputDirError
         from .io import make_dir
-        from .lock import RunDirLock
 
         make_dir(self.root, f"--out {self.root}")
         lock = RunDirLock(self).acquire(what)

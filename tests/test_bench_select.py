@@ -67,11 +67,13 @@ def test_main_chooses_everything_without_reading_the_test_partition(tmp_path, ti
     steps = saved["steps"]
     jas, slim = steps["jas"], steps["vit_slim"]
     assert len(slim) == len(jas)  # ViT-Slim gets JAS's selection budget
-    assert chosen["masks.importance"] == max(jas, key=lambda r: r["mean_top1"])["aggregation"]
-    assert chosen["prune.vit_slim"] == max(slim, key=lambda r: r["mean_top1"])["options"]
+    def top(rows, key, value):  # the chosen setting scores the best (the recipe's own wins a tie)
+        return max(r["mean_top1"] for r in rows) == max(r["mean_top1"] for r in rows if r[key] == value)
+
+    assert top(jas, "aggregation", chosen["masks.importance"])
+    assert top(slim, "options", chosen["prune.vit_slim"])
     recon = steps["reconstruction"]
-    best = max((r for r in recon if "target" in r), key=lambda r: r["mean_top1"])
-    assert chosen["prune.calibration.target"] == best["target"]
+    assert top([r for r in recon if "target" in r], "target", chosen["prune.calibration.target"])
     assert {r["label"].split(":")[0] for r in recon} >= {"none", "bias"}
     assert set(chosen["prune.mode (per ratio)"]) == {"0.5"}
     assert "chosen:" in capsys.readouterr().out

@@ -9,8 +9,8 @@ import torch
 
 from jas_prune.checkpoint import load_pruned, read_pruned_meta, save_pruned
 from jas_prune.errors import CheckpointError
-from jas_prune.importance import random_scores
-from jas_prune.prune import prune_ffn
+from jas_prune.pruning.criteria.random import random_scores
+from jas_prune.pruning.prune import prune_ffn
 
 
 @pytest.fixture

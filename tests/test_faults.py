@@ -398,8 +398,6 @@ def results(run: Path) -> dict:
         return obj
 
     metrics = strip(json.loads((run / "metrics.json").read_text()))
-    # a resumed run lists the entries it kept before those it recomputed
-    metrics["pruned"] = sorted(metrics.get("pruned") or [], key=lambda e: e["checkpoint"])
     metrics["export"] = sorted(metrics.get("export") or [], key=lambda r: r["model"])
     out: dict[str, Any] = {"metrics.json": metrics}
     for p in sorted(run.glob("pruned-*.safetensors")):

@@ -45,14 +45,14 @@ def test_every_section_of_a_real_run_round_trips_exactly():
 
 def test_unknown_keys_survive_in_extra_and_absent_keys_stay_absent():
     data = _quickstart()
-    data["pruned"][0]["reconstruction"] = {"kind": "least_squares", "ridge": 1e-3}  # added by later work
+    data["pruned"][0]["sparsity_pattern"] = {"kind": "2:4", "axis": 1}  # added by later work
     data["export"][0]["latency"][0]["cpu_model"] = "x"
     data["paper"]["new_protocol"] = [1, 2]
     data["budget"] = {"macs": 0.6}
     del data["run"]  # a run that stopped before its end
     del data["pruned"][1]["finetune"]
     m = Metrics.from_dict(copy.deepcopy(data))
-    assert m.pruned[0].extra == {"reconstruction": {"kind": "least_squares", "ridge": 1e-3}}
+    assert m.pruned[0].extra == {"sparsity_pattern": {"kind": "2:4", "axis": 1}}
     assert m.extra == {"budget": {"macs": 0.6}} and m.run is None and m.pruned[1].finetune is None
     assert m.to_dict() == data
 

@@ -16,7 +16,7 @@ from jas_prune.cli import main
 from jas_prune.data import build_source
 from jas_prune.errors import InvalidArgumentError, RecipeError
 from jas_prune.models import discover_ffn
-from jas_prune.prune import prune_ffn
+from jas_prune.pruning.prune import prune_ffn
 from jas_prune.pruning.calibration import cached_batches, draw_class_subsets, per_class_cap
 from jas_prune.recipe import parse_recipe
 

@@ -11,10 +11,10 @@ import torch_pruning as tp
 
 from jas_prune import JASImportance, load_pruned, save_pruned
 from jas_prune.errors import InvalidArgumentError
-from jas_prune.importance import ffn_activation_stats
 from jas_prune.models import discover_ffn
-from jas_prune.prune import prune_ffn
+from jas_prune.pruning.prune import prune_ffn
 from jas_prune.pruning.reconstruct import LinearFit, SequentialReconstructor, reconstruct
+from jas_prune.pruning.stats import ffn_activation_stats
 
 EX = torch.zeros(1, 3, 32, 32)
 
@@ -253,3 +253,203 @@ def test_bad_arguments_name_the_argument(dense, images, tiny_vit):
     with pytest.raises(InvalidArgumentError, match="^pruned: expected a torch.nn.Module"):
         reconstruct("model", dense, loader)
     assert issubclass(InvalidArgumentError, ValueError)
+
+
+# -- every supported family (the tiny models of tests/test_families.py) ---------------------------
+
+from test_families import FAMILIES, IDS, _halves, _images  # noqa: E402
+
+from jas_prune.errors import PruneSettingError  # noqa: E402
+
+TARGETS = ("local", "global", "residual")
+
+
+@pytest.fixture(scope="module")
+def family_models(tmp_path_factory):
+    """One tiny dense model per family, built once; each call returns a copy."""
+    cache: dict[str, torch.nn.Module] = {}
+    tmp = tmp_path_factory.mktemp("hf-rec")
+
+    def get(fam) -> torch.nn.Module:
+        if fam.key not in cache:
+            cache[fam.key] = fam.build(tmp=tmp)
+        return copy.deepcopy(cache[fam.key])
+
+    return get
+
+
+def _pruned_half(dense, seed=0):
+    model = copy.deepcopy(dense)
+    prune_ffn(model, _halves(model, seed)[0], ratio=0.5)
+    return model
+
+
+@torch.no_grad()
+def _out_err(model, dense, x):
+    return float((model(x) - dense(x)).pow(2).mean())
+
+
+@pytest.mark.parametrize("target", TARGETS)
+@pytest.mark.parametrize("fam", FAMILIES, ids=IDS)
+def test_every_family_and_target_lowers_block_and_output_errors(fam, target, family_models):
+    dense = family_models(fam)
+    x = _images(dense, n=16, seed=2)
+    model = _pruned_half(dense)
+    before = _out_err(model, dense, x)
+    rep = reconstruct(model, dense, [x], method="lsq", target=target)
+    assert [b.block for b in rep.blocks] == [0, 1]
+    for row in rep.blocks:
+        assert row.error_after <= row.error_before
+        assert row.refit and row.error_after < row.error_before, (row.block, row.error_before, row.error_after)
+    assert _out_err(model, dense, x) < before
+    if target == "residual":  # block 0 sees the dense input: its target is the dense FFN output
+        local = reconstruct(_pruned_half(dense), dense, [x], target="local", blocks=[0]).blocks[0]
+        assert rep.blocks[0].error_before == pytest.approx(local.error_before, rel=1e-6)
+
+
+@torch.no_grad()
+def _family_tokens(pruned, dense, x, block, target):
+    """Hidden h and target y of one block, all calibration tokens at once, read with the test's own
+    hooks. The residual target is found black-box for pre-norm blocks: the block output is affine
+    in the FFN output f, ``out(f) = mid + γ ⊙ f``, so running the block with f replaced by 0 and by
+    1 gives ``mid`` and ``γ`` (whatever the family calls its layer scale), and
+    ``y = (out_d − mid) / γ``. Post-norm blocks (``out = u + LN(f)``): the block output pulled back
+    through norm2 at the dense FFN output's per-token mean and scale."""
+    lp, ld = discover_ffn(pruned).layers[block], discover_ffn(dense).layers[block]
+    got = {}
+    hooks = [lp.block.register_forward_pre_hook(lambda m, a, k: got.__setitem__("call", (a, k)), with_kwargs=True),
+             lp.fc1.register_forward_pre_hook(lambda m, a: got.__setitem__("u", a[0])),
+             lp.fc2.register_forward_pre_hook(lambda m, a: got.__setitem__("h", a[0])),
+             ld.fc2.register_forward_hook(lambda m, a, o: got.__setitem__("f_d", o.clone())),
+             ld.block.register_forward_hook(lambda m, a, o: got.__setitem__("out_d", o))]
+    try:
+        pruned(x)
+        dense(x)
+    finally:
+        for h in hooks:
+            h.remove()
+    u, f_d, out_d = got["u"], got["f_d"], got["out_d"]
+    if target == "local":
+        y = ld.ffn(u)
+    elif target == "global":
+        y = f_d
+    elif lp.post_norm:
+        norm = lp.block.norm2
+        sigma = (f_d.var(-1, unbiased=False, keepdim=True) + norm.eps).sqrt()
+        y = sigma * (out_d - u - norm.bias) / norm.weight + f_d.mean(-1, keepdim=True)
+    else:
+        args, kwargs = got["call"]
+
+        def out_with(value: float):
+            h = lp.fc2.register_forward_hook(lambda m, a, o: torch.full_like(o, value))
+            try:
+                return lp.block(*args, **kwargs)
+            finally:
+                h.remove()
+
+        mid = out_with(0.0)
+        y = (out_d - mid) / (out_with(1.0) - mid)
+    return got["h"].reshape(-1, lp.hidden).double(), y.reshape(-1, y.shape[-1]).double()
+
+
+@pytest.mark.parametrize("fam", FAMILIES, ids=IDS)
+def test_every_family_fits_the_brute_force_target(fam, family_models):
+    """lsq on each family (float64) equals a ridge solve on targets read by the test's own hooks;
+    for the residual target this checks Eva/BEiT γ₂, timm ls2 and the post-norm pull-back."""
+    dense = family_models(fam).double()
+    x = _images(dense, n=8, dtype=torch.float64, seed=4)
+    for target in TARGETS:
+        pruned = _pruned_half(dense)
+        rep = reconstruct(pruned, dense, [x], target=target, damping=1e-3)
+        assert all(b.refit for b in rep.blocks), target
+        for block in range(2):
+            h, y = _family_tokens(pruned, dense, x, block, target)
+            weight, bias = _brute_ridge(h, y, 1e-3)
+            fc2 = discover_ffn(pruned).layers[block].fc2
+            torch.testing.assert_close(fc2.weight, weight, atol=1e-8, rtol=1e-6, msg=f"{target} block {block}")
+            torch.testing.assert_close(fc2.bias, bias, atol=1e-8, rtol=1e-6, msg=f"{target} block {block}")
+
+
+def test_post_norm_that_cannot_be_inverted_is_refused_for_target_residual(family_models):
+    fam = next(f for f in FAMILIES if f.key == "relpos-post")
+    dense = family_models(fam)
+    for blk in dense.blocks:  # an RMSNorm after the FFN: its output loses the scale, not the mean
+        blk.norm2 = torch.nn.RMSNorm(blk.norm2.normalized_shape, eps=1e-6)
+    x = _images(dense, n=8, seed=2)
+    pruned = _pruned_half(dense)
+    before = copy.deepcopy(pruned.state_dict())
+    with pytest.raises(PruneSettingError) as info:
+        reconstruct(pruned, dense, [x], target="residual")
+    assert str(info.value) == ("target: 'residual' cannot invert the post-norm of block 0 (x + norm(ffn(x))): "
+                               "its norm2 is a RMSNorm, not a LayerNorm over the embedding; use target 'local' "
+                               "or 'global'")
+    assert all(torch.equal(v, before[k]) for k, v in pruned.state_dict().items())  # refused before any change
+    for target in ("local", "global"):  # the FFN output itself is still a fine target
+        rep = reconstruct(copy.deepcopy(pruned), dense, [x], target=target)
+        assert all(b.refit and b.error_after < b.error_before for b in rep.blocks)
+
+
+class _V4Intermediate(torch.nn.Module):
+    def __init__(self, dense, act):
+        super().__init__()
+        self.dense, self.intermediate_act_fn = dense, act
+
+    def forward(self, x):
+        return self.intermediate_act_fn(self.dense(x))
+
+
+class _V4Output(torch.nn.Module):
+    def __init__(self, dense):
+        super().__init__()
+        self.dense, self.dropout = dense, torch.nn.Dropout(0.0)
+
+    def forward(self, x, input_tensor):
+        return self.dropout(self.dense(x)) + input_tensor
+
+
+class _V4Layer(torch.nn.Module):
+    """transformers 4.56-4.57's ViTLayer layout (``intermediate``/``output``, the residual added
+    inside ``ViTOutput``, no FFN module), on the modules of a transformers 5 layer."""
+
+    def __init__(self, layer):
+        super().__init__()
+        self.attention, self.layernorm_before = layer.attention, layer.layernorm_before
+        self.layernorm_after = layer.layernorm_after
+        self.intermediate = _V4Intermediate(layer.mlp.fc1, layer.mlp.activation_fn)
+        self.output = _V4Output(layer.mlp.fc2)
+
+    def forward(self, hidden_states, attention_mask=None, **kwargs):
+        attn, _ = self.attention(self.layernorm_before(hidden_states), attention_mask, **kwargs)
+        mid = attn + hidden_states
+        return self.output(self.intermediate(self.layernorm_after(mid)), mid)
+
+
+def test_hf_layers_without_an_ffn_module_reconstruct_the_same(family_models):
+    """transformers 4.56-4.57 layers reach the FFN only through FFNLayer.ffn (no ``mlp``): the
+    refit equals the one on the transformers 5 layout of the same weights, for every target."""
+    fam = next(f for f in FAMILIES if f.key == "hf-vit")
+    dense = family_models(fam)
+    layers = dense.model.vit.layers if hasattr(dense.model.vit, "layers") else None
+    if layers is None or not hasattr(layers[0], "mlp"):
+        pytest.skip("needs the transformers 5 layout to build the 4.x one from")
+    x = _images(dense, n=8, seed=2)
+
+    def as_v4(model):
+        model = copy.deepcopy(model)
+        for i, layer in enumerate(model.model.vit.layers):
+            model.model.vit.layers[i] = _V4Layer(layer)
+        return model
+
+    dense4 = as_v4(dense)
+    assert all(l.mlp is None for l in discover_ffn(dense4).layers)
+    with torch.no_grad():
+        torch.testing.assert_close(dense4(x), dense(x), atol=0, rtol=0)
+    for target in TARGETS:
+        v5 = _pruned_half(dense)
+        v4 = as_v4(v5)
+        reconstruct(v5, dense, [x], target=target)
+        rep = reconstruct(v4, dense4, [x], target=target)
+        assert all(b.refit for b in rep.blocks)
+        for a, b in zip(discover_ffn(v5).layers, discover_ffn(v4).layers):
+            torch.testing.assert_close(b.fc2.weight, a.fc2.weight, atol=1e-6, rtol=1e-5, msg=target)
+            torch.testing.assert_close(b.fc2.bias, a.fc2.bias, atol=1e-6, rtol=1e-5, msg=target)

@@ -67,6 +67,7 @@ from ..errors import AttributionSettingError, InvalidArgumentError
 from ..models import FFNInfo, discover_ffn
 from ..neurons import write_scope
 from ..torchutil import frozen_eval, model_device, model_dtype
+from .methods import METHODS
 from .quadrature import quadrature_rule
 from .settings import LocateSettings, ResolvedSettings
 
@@ -277,8 +278,6 @@ class JointAttribution:
         Returns:
             A :class:`LocateResult` (CPU tensors; float32, or float64 for a float64 model).
         """
-        from .methods import METHODS
-
         s = self._resolve(settings, kwargs)
         x = self._inputs(inputs)
         with frozen_eval(self.model):

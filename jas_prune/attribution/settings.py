@@ -16,6 +16,7 @@ from typing import Any, Sequence
 
 from ..errors import AttributionSettingError, JasPruneError
 from ..models import FFNInfo
+from .methods import METHODS
 
 __all__ = [
     "FORMULAS",
@@ -89,8 +90,6 @@ class LocateSettings:
     internal_batch_size: int | None = None
 
     def __post_init__(self) -> None:
-        from .methods import METHODS
-
         _choice("method", self.method, METHODS.names())
         _choice("formula", self.formula, FORMULAS)
         _choice("quadrature", self.quadrature, QUADRATURES)

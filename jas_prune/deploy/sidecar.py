@@ -23,7 +23,7 @@ import torch
 from torch import nn
 
 from ..errors import InvalidArgumentError
-from ..models import discover_ffn
+from ..models import discover_ffn, input_size
 
 __all__ = ["INPUT_NAME", "OUTPUT_NAME", "SIDECAR_FORMAT", "SIDECAR_VERSION", "sidecar_path", "read_sidecar",
            "build_sidecar", "model_input_size"]
@@ -63,11 +63,9 @@ def _jsonable(v: Any) -> Any:
 
 
 def model_input_size(model: nn.Module) -> list[int]:
-    """``[C, H, W]`` of a timm ViT's input."""
-    pe = model.patch_embed
-    chans = int(pe.proj.in_channels)
-    h, w = (int(s) for s in pe.img_size)
-    return [chans, h, w]
+    """``[C, H, W]`` of the model's input, as a JSON list (the family's own reading:
+    :func:`jas_prune.models.input_size`)."""
+    return [int(v) for v in input_size(model)]
 
 
 def _data_config(model: nn.Module) -> dict[str, Any]:
@@ -91,7 +89,7 @@ def build_sidecar(model: nn.Module, onnx_file: str, dtype: str, extra: Mapping[s
     info = discover_ffn(model)
     cfg = getattr(model, "pretrained_cfg", None) or {}
 
-    # a head cut by jas_prune.prune / load_pruned carries its mapping and names
+    # a head cut by jas_prune.pruning.prune / load_pruned carries its mapping and names
     mapping = extra.pop("label_mapping", None)
     if mapping is None:
         mapping = getattr(model, "jas_head_classes", None)

@@ -11,7 +11,7 @@ from ..errors import RecipeError
 from ..models import discover_ffn
 from ..recipe import Recipe
 from .stages import STAGES
-from .stages.prune import check_prune_classes
+from .stages.prune import check_prune_classes, check_prune_model
 
 __all__ = ["check_stages", "check_against_model"]
 
@@ -61,4 +61,5 @@ def check_against_model(recipe: Recipe, model: nn.Module, source: DataSource) ->
         if wide is not None:
             raise RecipeError(f"evaluate.cls_mask.ablation.topk: {wide} exceeds the FFN width {min(info.widths)}")
     check_prune_classes(recipe, source)
+    check_prune_model(recipe, model, source)
     return resolved

@@ -6,7 +6,8 @@
 ``graph``      Torch-Pruning's dependency graph and the FFN ``fc1``/``fc2`` groups
 ``plugin``     ``JASImportance``: a score map as a Torch-Pruning importance
 ``prune``      ``prune_ffn``: remove the neurons for real (budget, protection, bias
-               compensation, head cut)
+               compensation, head cut, ``round_to``)
+``budget``     ``find_ratio``: the smallest ratio meeting a MACs / params / ONNX latency budget
 ``reconstruct`` refit each pruned block's ``fc2`` on calibration tokens (ridge least squares)
 ``choices``    the reconstruction names (importable without torch)
 ``calibration`` calibration images, cached batches, random class subsets
@@ -53,6 +54,11 @@ _EXPORTS = {
     "SequentialReconstructor": "reconstruct",
     "LinearFit": "reconstruct",
     "draw_class_subsets": "calibration",
+    "round_kept": "prune",
+    "uniform_widths": "prune",
+    "check_round_to": "prune",
+    "Budget": "budget",
+    "find_ratio": "budget",
     "hidden_covariance": "redundancy",
     "redundancy_scores": "redundancy",
 }
@@ -68,7 +74,9 @@ if TYPE_CHECKING:  # pragma: no cover
     from .plugin import JASImportance
     from .prune import MODES, PruneSummary, count_params, cut_head, discover_widths, prune_ffn, remap_labels
     from .scoremap import NORMALIZERS, ScoreMap, check_score_map, normalize_layer_scores, ranking_scores
+    from .budget import Budget, find_ratio
     from .calibration import draw_class_subsets
+    from .prune import check_round_to, round_kept, uniform_widths
     from .choices import RECONSTRUCTIONS, TARGETS
     from .reconstruct import LinearFit, ReconstructionReport, SequentialReconstructor
     from .redundancy import hidden_covariance, redundancy_scores

@@ -3,15 +3,16 @@
 :func:`prune_ffn` removes FFN hidden neurons for real: for each block the neurons to remove go
 through ``tp.DependencyGraph.get_pruning_group(fc1, tp.prune_linear_out_channels, idxs)``, which
 deletes rows of ``fc1`` (weight and bias) and the matching columns of ``fc2``; nothing else
-changes (this is checked on every group). Options: uniform or global budget, protected neurons
-(class TopK masks), bias compensation, and a classifier head cut to a class subset with the label
-mapping recorded.
+changes (this is checked on every group). Options: uniform or global budget, kept widths rounded
+to a multiple (``round_to``), protected neurons (class TopK masks), bias compensation, and a
+classifier head cut to a class subset with the label mapping recorded.
 """
 
 from __future__ import annotations
 
+import math
 from dataclasses import asdict, dataclass, field
-from numbers import Real
+from numbers import Integral, Real
 from typing import Any, Mapping, Sequence
 
 import torch
@@ -33,6 +34,9 @@ __all__ = [
     "remap_labels",
     "count_params",
     "discover_widths",
+    "check_round_to",
+    "round_kept",
+    "uniform_widths",
 ]
 
 #: How the budget is spread: the same share of every block, or one ranking over all blocks.
@@ -59,6 +63,8 @@ class PruneSummary:
     protected: dict[int, int] = field(default_factory=dict)
     head_classes: list[int] | None = None
     head_class_names: list[str] | None = None
+    #: the kept widths are multiples of this (None: not rounded)
+    round_to: int | None = None
 
     @property
     def removed_fraction(self) -> float:
@@ -93,6 +99,57 @@ def _check_ratio(ratio: Any) -> float:
     return float(ratio)
 
 
+def check_round_to(round_to: Any, name: str = "round_to") -> int | None:
+    """``round_to`` as an int ≥ 2, or None for no rounding (``None`` and 1 alike).
+
+    Raises:
+        InvalidArgumentError: not None and not an integer ≥ 1 (naming ``name``).
+    """
+    if round_to is None:
+        return None
+    if isinstance(round_to, bool) or not isinstance(round_to, Integral) or round_to < 1:
+        raise InvalidArgumentError(f"{name}: expected an integer ≥ 1 or None, got {round_to!r}")
+    return int(round_to) if round_to > 1 else None
+
+
+def round_kept(count: int, width: int, round_to: int | None, *, at_least: int = 1, block: int | None = None,
+               name: str = "round_to") -> int:
+    """The number of neurons a block of ``width`` keeps when ``count`` would be kept unrounded.
+
+    The KEPT count is rounded, to the nearest multiple of ``round_to`` (a tie rounds up, keeping
+    more), because the kept width is the dimension the pruned ``fc1``/``fc2`` matmuls run at:
+    rounding the removed count would give aligned widths only when the dense width is aligned
+    already (Torch-Pruning's ``round_to`` also rounds what remains). The result is at least
+    ``at_least`` (≥ 1; protected or forced neurons), rounded up to a multiple, and at most the
+    largest multiple not above ``width``, so it stays within one multiple of ``count`` whenever
+    ``at_least ≤ count ≤ width``. Without ``round_to``: ``count`` unchanged.
+
+    Raises:
+        PruneSettingError: ``round_to`` above ``width`` (no multiple fits the block).
+        BudgetError: ``at_least`` rounded up to a multiple exceeds ``width``.
+    """
+    if round_to is None or round_to <= 1:
+        return count
+    where = f" of block {block}" if block is not None else ""
+    hi = (width // round_to) * round_to
+    if hi == 0:
+        raise PruneSettingError(f"{name}: {round_to} exceeds the FFN width {width}{where}: "
+                                f"no multiple of {round_to} fits; lower {name}")
+    lo = max(1, math.ceil(max(1, at_least) / round_to)) * round_to
+    if lo > hi:
+        raise BudgetError(f"{name}: {at_least} neurons{where} must stay, and the next multiple of {round_to} "
+                          f"({lo}) exceeds the FFN width {width}", protected=True)
+    nearest = math.floor(count / round_to + 0.5) * round_to
+    return min(max(nearest, lo), hi)
+
+
+def uniform_widths(widths: Mapping[int, int], ratio: float, round_to: int | None = None) -> dict[int, int]:
+    """The kept width of every block after a uniform cut at ``ratio`` (what :func:`prune_ffn`
+    keeps in ``uniform`` mode without protected neurons): ``max(1, n - round(n · ratio))``, then
+    :func:`round_kept`."""
+    return {b: round_kept(max(1, n - round(n * ratio)), n, round_to, block=b) for b, n in widths.items()}
+
+
 def _means(bias_compensation: Mapping[Any, Any], widths: Mapping[int, int]) -> dict[int, torch.Tensor]:
     if isinstance(bias_compensation, bool) or not isinstance(bias_compensation, Mapping):
         raise InvalidArgumentError(
@@ -119,7 +176,7 @@ def _means(bias_compensation: Mapping[Any, Any], widths: Mapping[int, int]) -> d
 
 
 def _keep_uniform(scores: Mapping[int, torch.Tensor], ratio: float,
-                  protect: Mapping[int, list[int]]) -> dict[int, list[int]]:
+                  protect: Mapping[int, list[int]], round_to: int | None = None) -> dict[int, list[int]]:
     kept: dict[int, list[int]] = {}
     for block, s in scores.items():
         n = len(s)
@@ -128,6 +185,7 @@ def _keep_uniform(scores: Mapping[int, torch.Tensor], ratio: float,
         if len(prot) > n_keep:
             raise BudgetError(f"protect[{block}]: {len(prot)} protected neurons but ratio {ratio} keeps only "
                               f"{n_keep} of {n}", protected=True)
+        n_keep = round_kept(n_keep, n, round_to, at_least=len(prot), block=block)
         order = torch.sort(s, descending=True, stable=True).indices.tolist()
         chosen = set(prot)
         for i in order:
@@ -139,7 +197,7 @@ def _keep_uniform(scores: Mapping[int, torch.Tensor], ratio: float,
 
 
 def _keep_global(scores: Mapping[int, torch.Tensor], ratio: float, protect: Mapping[int, list[int]],
-                 normalizer: str, min_keep: float | int) -> dict[int, list[int]]:
+                 normalizer: str, min_keep: float | int, round_to: int | None = None) -> dict[int, list[int]]:
     ranked = ranking_scores(scores, normalizer=normalizer, min_keep=min_keep, protect=protect)
     blocks = list(ranked)
     flat = torch.cat([ranked[b] for b in blocks])
@@ -156,6 +214,11 @@ def _keep_global(scores: Mapping[int, torch.Tensor], ratio: float, protect: Mapp
     kept: dict[int, list[int]] = {b: [] for b in blocks}
     for j, i in zip(owner[top].tolist(), local[top].tolist()):
         kept[blocks[j]].append(i)
+    if round_to is not None:  # each block's share, rounded; its top neurons by the same ranking
+        for b in blocks:
+            r = ranked[b]
+            k = round_kept(len(kept[b]), len(r), round_to, at_least=int(torch.isinf(r).sum()), block=b)
+            kept[b] = torch.sort(r, descending=True, stable=True).indices[:k].tolist()
     return {b: sorted(v) for b, v in kept.items()}
 
 
@@ -236,7 +299,7 @@ def prune_ffn(model: nn.Module, scores: Mapping[int, Any] | JASImportance, *, ra
               head_classes: Sequence[int | str] | None = None,
               class_names: Sequence[str] | None = None,
               normalizer: str = "mean", min_keep: float | int = 0.05,
-              run_dir: str | None = None) -> PruneSummary:
+              run_dir: str | None = None, round_to: int | None = None) -> PruneSummary:
     """Remove the least important FFN neurons of ``model`` in place.
 
     Args:
@@ -259,6 +322,12 @@ def prune_ffn(model: nn.Module, scores: Mapping[int, Any] | JASImportance, *, ra
         class_names: names of the head's classes (to accept names and record them).
         run_dir: the run directory ``scores`` were read from (default: a JASImportance's
             ``run_dir``): scores that do not fit the model are then a FingerprintMismatchError.
+        round_to: make every pruned block's kept width a multiple of this (Torch-Pruning's
+            ``round_to``: aligned widths run faster): the kept count the ratio gives is rounded
+            to the NEAREST multiple (:func:`round_kept`: never 0, never above the dense width,
+            never below the protected count), so the removed share moves by less than one
+            multiple per block. ``None`` or 1: no rounding. (With ``tp.pruner.MetaPruner`` and a
+            :class:`JASImportance`, pass ``round_to`` to the pruner itself.)
 
     Returns:
         A :class:`PruneSummary` (kept original indices per block, widths, params before/after).
@@ -267,10 +336,12 @@ def prune_ffn(model: nn.Module, scores: Mapping[int, Any] | JASImportance, *, ra
         InvalidArgumentError: a bad argument, named (ratio, mode, scores, protect, bias_compensation...).
         ClassSelectionError: a head class the head does not have.
         PruneSettingError: settings the model cannot meet (no fc2 bias to compensate into, no
-            linear head to cut); BudgetError: protected neurons exceed what the ratio keeps.
+            linear head to cut, ``round_to`` above a block's width); BudgetError: protected
+            neurons exceed what the ratio keeps.
         FingerprintMismatchError: scores of ``run_dir`` for a model with other FFN widths.
     """
     ratio = _check_ratio(ratio)
+    round_to = check_round_to(round_to)
     if mode not in MODES:
         raise InvalidArgumentError(f"mode: unknown '{mode}'; choose one of {', '.join(MODES)}")
     check_normalizer(normalizer)
@@ -297,9 +368,9 @@ def prune_ffn(model: nn.Module, scores: Mapping[int, Any] | JASImportance, *, ra
         resolve_head_classes(head_classes, head.out_features, names)
 
     if mode == "uniform":
-        kept = _keep_uniform(score_map, ratio, prot)
+        kept = _keep_uniform(score_map, ratio, prot, round_to)
     else:
-        kept = _keep_global(score_map, ratio, prot, normalizer, min_keep)
+        kept = _keep_global(score_map, ratio, prot, normalizer, min_keep, round_to)
 
     params_before = count_params(model)
     dg = dependency_graph(model, example_inputs)
@@ -339,4 +410,5 @@ def prune_ffn(model: nn.Module, scores: Mapping[int, Any] | JASImportance, *, ra
         head_classes=list(getattr(vit, "jas_head_classes", [])) if head_kept is not None else None,
         head_class_names=(list(getattr(vit, "jas_head_class_names", None) or []) or None)
         if head_kept is not None else None,
+        round_to=round_to,
     )

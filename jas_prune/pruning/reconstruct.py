@@ -14,12 +14,20 @@ dense model. One vocabulary, cheapest first (``RECONSTRUCTIONS``):
 
 Targets (``TARGETS``), for block l fed the pruned network's input ``x'``:
 
-- ``local``: the dense FFN applied to the pruned block's own FFN input (``mlp_dense(norm2(...x'))``);
+- ``local``: the dense FFN applied to the pruned block's own FFN input (``FFNLayer.ffn`` of the
+  dense block on the input of the pruned ``fc1``);
 - ``global``: the dense network's own FFN output at the same image and token (corrects upstream
   error that reaches the FFN output);
-- ``residual``: the dense network's block output minus the pruned block's stream after attention
-  (``x' + attn(norm1(x'))``; divided by LayerScale when the block has one): the FFN also absorbs
-  the upstream error of the residual stream.
+- ``residual``: the FFN output that makes the pruned block output the dense block's output: the
+  dense block output minus the pruned block's stream after attention (``x' + attn(norm1(x'))``),
+  divided by the block's own layer scale (``FFNLayer.scale_output``: timm ``ls2``, Eva/BEiT
+  ``gamma_2``); for post-norm blocks (``x + LN(ffn(x))``) pulled back through the LayerNorm at the
+  dense FFN output's per-token mean and scale (see :func:`_residual_target`). The FFN also
+  absorbs the upstream error of the residual stream.
+
+Everything is read through :class:`jas_prune.models.FFNLayer` (FFN input = input of ``fc1``,
+hidden = input of ``fc2``, FFN output = output of ``fc2``), so every supported family (timm
+VisionTransformer, Eva, Beit, VisionTransformerRelPos, Hugging Face ViT/DeiT) takes the same code.
 
 Blocks are processed in order; block l's inputs come from the network pruned *and reconstructed*
 so far. A refit is kept only when it lowers the block's calibration error (computed exactly from
@@ -36,7 +44,7 @@ the images from the loader for every block (memory of one batch; about (L+1)/2 f
 per network instead of one).
 
 The engine never needs to know which neurons were kept: the pruned hidden comes from the pruned
-``fc1`` itself, so it works on models pruned by :func:`jas_prune.prune.prune_ffn` and by
+``fc1`` itself, so it works on models pruned by :func:`jas_prune.pruning.prune.prune_ffn` and by
 ``torch_pruning.pruner.MetaPruner`` alike (:func:`reconstruct`). :class:`SequentialReconstructor`
 is the step-wise form for pruning and reconstructing one block at a time (layer-progressive
 pruning: score block l+1 on the network pruned up to block l).
@@ -54,10 +62,11 @@ import torch
 from torch import Tensor, nn
 
 from jas_prune.errors import InvalidArgumentError, PruneSettingError, UnsupportedModelError
-from jas_prune.models import FFNInfo, discover_ffn
+from jas_prune.models import FFNInfo, FFNLayer
 from jas_prune.torchutil import frozen_eval, model_device, model_dtype
 
 from .choices import DEFAULT_DAMPING, DEFAULT_TARGET, RECONSTRUCTIONS, TARGETS
+from .graph import find_vit
 
 __all__ = [
     "RECONSTRUCTIONS",
@@ -251,26 +260,23 @@ class _Stop(Exception):
 
 
 def _find_vit(model: nn.Module, name: str) -> tuple[nn.Module, FFNInfo]:
-    """The model (or the first timm ViT inside a wrapper) and its FFN layers."""
+    """The supported ViT in ``model`` (itself or inside a wrapper) and its FFN layers."""
     if not isinstance(model, nn.Module):
         raise InvalidArgumentError(f"{name}: expected a torch.nn.Module, got {type(model).__name__}")
-    try:
-        return model, discover_ffn(model)
-    except UnsupportedModelError:
-        from timm.models.vision_transformer import VisionTransformer
-
-        for sub in model.modules():
-            if isinstance(sub, VisionTransformer) and sub is not model:
-                return sub, discover_ffn(sub)
-        raise
+    return find_vit(model)
 
 
-def _block_input(model: nn.Module, block: nn.Module, images: Tensor) -> tuple[Tensor, dict[str, Any]]:
-    """Run ``model`` on ``images`` until ``block`` is called; return its input and keyword args."""
+#: how a block is called: its positional arguments after the stream, and its keyword arguments
+_Call = tuple[tuple[Any, ...], dict[str, Any]]
+
+
+def _block_input(model: nn.Module, block: nn.Module, images: Tensor) -> tuple[Tensor, _Call]:
+    """Run ``model`` on ``images`` until ``block`` is called; return its stream input and the rest
+    of the call (rotary embeddings, shared position biases, attention masks...)."""
     got: dict[str, Any] = {}
 
     def hook(_m: nn.Module, args: tuple, kwargs: dict) -> None:
-        got["x"], got["kw"] = args[0], dict(kwargs)
+        got["x"], got["call"] = args[0], (tuple(args[1:]), dict(kwargs))
         raise _Stop
 
     handle = block.register_forward_pre_hook(hook, with_kwargs=True)
@@ -282,15 +288,93 @@ def _block_input(model: nn.Module, block: nn.Module, images: Tensor) -> tuple[Te
         handle.remove()
     if "x" not in got:
         raise UnsupportedModelError("the model's forward never called its transformer block; "
-                                    "reconstruction needs a timm ViT whose blocks run in order")
-    return got["x"], got["kw"]
+                                    "reconstruction needs a ViT whose blocks run in order")
+    return got["x"], got["call"]
+
+
+def _run(block: nn.Module, x: Tensor, call: _Call) -> Tensor:
+    args, kwargs = call
+    return block(x, *args, **kwargs)
 
 
 def _capture(module: nn.Module, store: dict[str, Tensor], key: str, *, output: bool) -> Any:
-    """Hook storing a module's first input (``output=False``) or its output under ``key``."""
+    """Hook storing a module's first input (``output=False``) or a copy of its output under ``key``
+    (a copy: an in-place layer scale would otherwise rescale the stored tensor afterwards)."""
     if output:
-        return module.register_forward_hook(lambda _m, _a, out: store.__setitem__(key, out))
+        return module.register_forward_hook(lambda _m, _a, out: store.__setitem__(key, out.clone()))
     return module.register_forward_pre_hook(lambda _m, args: store.__setitem__(key, args[0]))
+
+
+# -- the residual target: pulling the block-output error back to the FFN output ------------------
+
+def _post_norm(layer: FFNLayer) -> nn.LayerNorm:
+    """The norm a post-norm block applies to its FFN output before the residual add.
+
+    Every supported post-norm block (timm ``ResPostBlock``, ``ResPostRelPosBlock``,
+    ``EvaBlockPostNorm``) names it ``norm2``; :meth:`SequentialReconstructor.step` checks that it
+    really receives the FFN output.
+
+    Raises:
+        PruneSettingError: anything but a LayerNorm over the embedding (it could not be inverted),
+            or a layer scale on top of it.
+    """
+    norm = getattr(layer.block, "norm2", None)
+    if norm is None:
+        why = "the block has no norm2"
+    elif not isinstance(norm, nn.LayerNorm) or len(norm.normalized_shape) != 1:
+        why = f"its norm2 is a {type(norm).__name__}, not a LayerNorm over the embedding"
+    elif layer.layer_scale is not None:
+        why = "a layer scale follows the norm"
+    else:
+        return norm
+    raise PruneSettingError(f"target: 'residual' cannot invert the post-norm of block {layer.index} "
+                            f"(x + norm(ffn(x))): {why}; use target 'local' or 'global'")
+
+
+def _same(a: Tensor | None, b: Tensor) -> bool:
+    return a is not None and a.shape == b.shape and bool(torch.equal(a, b))
+
+
+def _layer_gamma(layer: FFNLayer, like: Tensor) -> Tensor | None:
+    """The layer scale of ``layer``'s FFN branch as a vector (None without one)."""
+    if layer.layer_scale is None:
+        return None
+    return layer.scale_output(torch.ones(like.shape[-1], dtype=like.dtype, device=like.device))
+
+
+def _residual_target(layer: FFNLayer, got: dict[str, Tensor], dense_got: dict[str, Tensor]) -> Tensor:
+    """The FFN output that makes block ``layer`` output what the dense block outputs.
+
+    ``got``/``dense_got`` hold each block's FFN input ``u``, FFN output ``f`` and block output
+    ``out``. With ``mid`` the stream after attention (``mid_d`` the dense one's), the target is
+    ``f_d + (mid_d − mid) / s``: the dense FFN output plus the upstream error of the stream seen
+    through the branch's scale ``s``, written so that nothing cancels when ``mid = mid_d``
+    (e.g. in the first block, where the target is exactly ``f_d``):
+
+    - pre-norm blocks (``out = mid + γ ⊙ f``): ``s = γ``, the block's own layer scale
+      (``FFNLayer.scale_output``; 1 without one); ``mid = out − γ ⊙ f``;
+    - post-norm blocks (``out = mid + LN(f)``, the FFN reading ``mid`` itself): LN loses each
+      token's mean and scale, so the target is the vector whose normalisation is ``LN``'s input
+      for ``out_d`` taken at the dense FFN output's per-token mean and scale ``σ_d``:
+      ``s = w / σ_d`` (``w`` the LayerNorm weight), ``mid = u``.
+
+    Channels with ``s = 0`` never reach the stream; their target is ``f_d``.
+    """
+    f_d = dense_got["f"]
+    if layer.post_norm:
+        norm = _post_norm(layer)
+        upstream = dense_got["u"] - got["u"]
+        sigma = torch.sqrt(f_d.var(-1, unbiased=False, keepdim=True) + norm.eps)
+        if norm.weight is None:
+            return f_d + sigma * upstream
+        live = norm.weight != 0
+        return f_d + torch.where(live, sigma * upstream / torch.where(live, norm.weight, 1.0), 0.0)
+    gamma = _layer_gamma(layer, f_d)
+    if gamma is None:  # s = 1: f_d + (mid_d − mid)
+        return f_d + (dense_got["out"] - f_d) - (got["out"] - got["f"])
+    upstream = (dense_got["out"] - f_d * gamma) - (got["out"] - got["f"] * gamma)
+    live = gamma != 0
+    return f_d + torch.where(live, upstream / torch.where(live, gamma, 1.0), 0.0)
 
 
 def _check_choice(value: Any, options: Sequence[str], name: str) -> str:
@@ -348,6 +432,10 @@ class SequentialReconstructor:
         self.pruned, self.info = _find_vit(pruned, "pruned")
         self.dense, self.dense_info = _find_vit(dense, "dense")
         self._check_pair()
+        if self.target == "residual":  # refuse before any block is changed
+            for layer in self.info.layers:
+                if layer.post_norm:
+                    _post_norm(layer)
         if loader is None or isinstance(loader, (str, bytes)) or not hasattr(loader, "__iter__"):
             raise InvalidArgumentError(f"loader: expected an iterable of image batches, got {type(loader).__name__}")
         self.loader = loader
@@ -403,11 +491,11 @@ class SequentialReconstructor:
         size, images = 0, 0
         first_p, first_d = self.info.layers[0].block, self.dense_info.layers[0].block
         for x_img in self._images():
-            x, kw = _block_input(self.pruned, first_p, x_img)
-            chunk: dict[str, Any] = {"x": x, "kw": kw, "pos": 0, "n": len(x_img)}
+            x, call = _block_input(self.pruned, first_p, x_img)
+            chunk: dict[str, Any] = {"x": x, "call": call, "pos": 0, "n": len(x_img)}
             size += x.numel() * x.element_size()
             if self._needs_dense_stream:
-                chunk["xd"], chunk["kwd"] = _block_input(self.dense, first_d, x_img)
+                chunk["xd"], chunk["calld"] = _block_input(self.dense, first_d, x_img)
                 size += chunk["xd"].numel() * chunk["xd"].element_size()
             images += len(x_img)
             self.report.tokens_per_image = int(x.shape[1]) if x.ndim == 3 else 1
@@ -428,10 +516,10 @@ class SequentialReconstructor:
             blk_p, blk_d = self.info.layers[block].block, self.dense_info.layers[block].block
             images = 0
             for x_img in self._images():
-                x, kw = _block_input(self.pruned, blk_p, x_img)
-                chunk: dict[str, Any] = {"x": x, "kw": kw}
+                x, call = _block_input(self.pruned, blk_p, x_img)
+                chunk: dict[str, Any] = {"x": x, "call": call}
                 if self._needs_dense_stream:
-                    chunk["xd"], chunk["kwd"] = _block_input(self.dense, blk_d, x_img)
+                    chunk["xd"], chunk["calld"] = _block_input(self.dense, blk_d, x_img)
                 images += len(x_img)
                 yield chunk
             self.report.images = images
@@ -440,31 +528,30 @@ class SequentialReconstructor:
         for chunk in self._chunks:
             while chunk["pos"] < block:  # push the cached stream through the blocks before
                 k = chunk["pos"]
-                chunk["x"] = self.info.layers[k].block(chunk["x"], **chunk["kw"])
+                chunk["x"] = _run(self.info.layers[k].block, chunk["x"], chunk["call"])
                 if "xd" in chunk:
-                    chunk["xd"] = self.dense_info.layers[k].block(chunk["xd"], **chunk["kwd"])
+                    chunk["xd"] = _run(self.dense_info.layers[k].block, chunk["xd"], chunk["calld"])
                 chunk["pos"] = k + 1
             yield chunk
 
     # -- one block -------------------------------------------------------------------------------
     def _target(self, block: int, chunk: dict[str, Any], got: dict[str, Tensor]) -> Tensor:
-        layer_d = self.dense_info.layers[block]
+        """The target of block ``block``'s FFN output for one batch (``got``: the pruned block's
+        FFN input ``u``, FFN output ``f`` and output ``out``)."""
+        layer, layer_d = self.info.layers[block], self.dense_info.layers[block]
         if self.target == "local":
-            return layer_d.block.mlp(got["u"])
+            return layer_d.ffn(got["u"])
         dense_got: dict[str, Tensor] = {}
-        handle = _capture(layer_d.fc2, dense_got, "y", output=True)
+        hooks = [_capture(layer_d.fc2, dense_got, "f", output=True),
+                 _capture(layer_d.fc1, dense_got, "u", output=False)]
         try:
-            out_d = layer_d.block(chunk["xd"], **chunk["kwd"])
+            dense_got["out"] = _run(layer_d.block, chunk["xd"], chunk["calld"])
         finally:
-            handle.remove()
+            for h in hooks:
+                h.remove()
         if self.target == "global":
-            return dense_got["y"]
-        blk = self.info.layers[block].block
-        ls2 = getattr(blk, "ls2", nn.Identity())
-        mid = got["out"] - ls2(got["mlp"])  # the pruned block's stream after attention
-        gamma = getattr(ls2, "gamma", None)
-        y = out_d - mid
-        return y if gamma is None else y / gamma
+            return dense_got["f"]
+        return _residual_target(layer, got, dense_got)
 
     def step(self, block: int) -> BlockReconstruction | None:
         """Refit ``fc2`` of ``block`` (its current weights; earlier blocks as they are now).
@@ -491,15 +578,20 @@ class SequentialReconstructor:
                 self._fill_cache()
             for chunk in self._inputs(block):
                 got: dict[str, Tensor] = {}
-                hooks = [_capture(layer.block.mlp, got, "u", output=False),
-                         _capture(fc2, got, "h", output=False)]
+                hooks = [_capture(layer.fc1, got, "u", output=False), _capture(fc2, got, "h", output=False)]
                 if self.target == "residual":
-                    hooks.append(_capture(layer.block.mlp, got, "mlp", output=True))
+                    hooks.append(_capture(fc2, got, "f", output=True))
+                    if layer.post_norm:
+                        hooks.append(_capture(_post_norm(layer), got, "normed", output=False))
                 try:
-                    got["out"] = layer.block(chunk["x"], **chunk["kw"])
+                    got["out"] = _run(layer.block, chunk["x"], chunk["call"])
                 finally:
                     for h in hooks:
                         h.remove()
+                if layer.post_norm and self.target == "residual" and not _same(got.get("normed"), got["f"]):
+                    raise PruneSettingError(f"target: 'residual' cannot invert the post-norm of block {block} "
+                                            "(x + norm(ffn(x))): its norm2 does not receive the FFN output; "
+                                            "use target 'local' or 'global'")
                 fit.add(got["h"], self._target(block, chunk, got))
             weight0, bias0 = fc2.weight.detach(), fc2.bias.detach()
             before = fit.error(weight0, bias0)
@@ -530,16 +622,17 @@ def reconstruct(pruned: nn.Module, dense: nn.Module, loader: Iterable, *, method
                 cache_bytes: int = DEFAULT_CACHE_BYTES) -> ReconstructionReport:
     """Refit the FFN ``fc2`` of every pruned block of ``pruned`` to match ``dense``, in place.
 
-    Works on any FFN-pruned timm ViT — by :func:`jas_prune.prune.prune_ffn` or by Torch-Pruning's
-    ``MetaPruner`` — without knowing which neurons were kept: the pruned hidden comes from the
-    pruned ``fc1`` itself. Torch-Pruning::
+    Works on any FFN-pruned model of a supported family (:mod:`jas_prune.models`) — pruned by
+    :func:`~jas_prune.pruning.prune.prune_ffn` or by Torch-Pruning's ``MetaPruner`` — without
+    knowing which neurons were kept: the pruned hidden comes from the pruned ``fc1`` itself.
+    Torch-Pruning::
 
         dense = jas_prune.load_model("builtin:shapes-vit")
         model = copy.deepcopy(dense)
         tp.pruner.MetaPruner(model, example, importance=imp, pruning_ratio=0.5, ...).step()
         report = reconstruct(model, dense, probe_loader, max_images=768)
 
-    The pipeline, right after :func:`~jas_prune.prune.prune_ffn` (no bias compensation there;
+    The pipeline, right after :func:`~jas_prune.pruning.prune.prune_ffn` (no bias compensation there;
     ``method="bias"`` is its sequential form)::
 
         model = copy.deepcopy(dense)
@@ -562,6 +655,8 @@ def reconstruct(pruned: nn.Module, dense: nn.Module, loader: Iterable, *, method
 
     Raises:
         InvalidArgumentError: a bad argument (named).
+        PruneSettingError: target ``residual`` on a post-norm block whose norm is not a LayerNorm
+            (names the block; targets ``local``/``global`` work), or ``fc2`` without a bias.
     """
     engine = SequentialReconstructor(pruned, dense, loader, method=method, target=target, damping=damping,
                                      max_images=max_images, cache_bytes=cache_bytes)
