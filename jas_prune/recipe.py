@@ -375,11 +375,25 @@ class EvaluateSection(_Section):
 
 
 class OnnxSection(_Section):
+    """``benchmark`` times every exported model together in ONNX Runtime at each of
+    ``batch_sizes`` (at most ``max_seconds`` per batch size after a few rounds), and PyTorch too
+    with ``torch_latency``: at ViT-B scale, batch 32 with PyTorch timing costs minutes per model."""
+
     opset: int = Field(default=18, ge=13, le=23)
     verify: bool = True
     benchmark: bool = True
+    batch_sizes: list[int] = [1, 32]
+    torch_latency: bool = True
+    max_seconds: float = Field(default=120.0, gt=0.0)
     providers: list[Literal["cuda", "cpu"]] = ["cuda", "cpu"]
     fp16: bool = False
+
+    @field_validator("batch_sizes")
+    @classmethod
+    def _batch_sizes(cls, v: list[int]) -> list[int]:
+        if not v or len(set(v)) != len(v) or any(b < 1 for b in v):
+            raise ValueError(f"must list distinct batch sizes ≥ 1 (got {v})")
+        return v
 
 
 class ExportSection(_Section):

@@ -132,3 +132,15 @@ prune: {methods: [jas], ratios: [0.8], classes: [red-circle, 9, blue-star], head
 
 # An unknown prune.classes entry, and protected class masks larger than the keep budget (a user error
 # found only in the prune stage, after locate): tests/test_bad_input.py.
+
+
+def test_export_latency_is_sized_by_the_recipe(run_dir):
+    recipe = run_dir.parent / "r.yaml"
+    assert main(["recipe", "run", str(recipe), "--out", str(run_dir), "--resume",
+                 "--set", "export.onnx.benchmark=true", "--set", "export.onnx.batch_sizes=[3]",
+                 "--set", "export.onnx.torch_latency=false", "--set", "export.onnx.max_seconds=0.01"]) == 0
+    m = json.loads((run_dir / "metrics.json").read_text())
+    assert len(m["export"]) == 5
+    for rec in m["export"]:
+        assert [lat["batch_size"] for lat in rec["latency"]] == [3] and rec["latency_batch_size"] == 3
+        assert rec["torch_latency"] == [] and rec["latency"][0]["repeats"] >= 1

@@ -107,7 +107,8 @@ def run_export(ctx) -> None:
             try:
                 rec = export_and_verify(model, ctx.run.onnx(label), batch, label=label, checkpoint=ckpt,
                                         opset=o.opset, sidecar=sidecar, verify=o.verify, benchmark=o.benchmark,
-                                        onnx_latency=False, providers=o.providers, fp16=o.fp16)
+                                        onnx_latency=False, providers=o.providers, fp16=o.fp16,
+                                        batch_sizes=o.batch_sizes, torch_latency=o.torch_latency)
             except ExportVerificationError as exc:
                 rec = dict(exc.record) or {"model": label, "checkpoint": ckpt}
                 rec["error"] = str(exc)
@@ -117,7 +118,7 @@ def run_export(ctx) -> None:
         ctx.metrics.export = [ExportRecord.from_dict(r) for r in records]
         ctx.save_metrics()
     if o.benchmark:  # every model timed together, interleaved: speed-ups with their spread
-        benchmark_exports(records, providers=o.providers)
+        benchmark_exports(records, providers=o.providers, batch_sizes=o.batch_sizes, max_seconds=o.max_seconds)
         ctx.metrics.export = [ExportRecord.from_dict(r) for r in records]
     ctx.model.to(ctx.device)
     if kept:
