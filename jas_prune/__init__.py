@@ -6,11 +6,11 @@ imported on first use, so the CLI does not pay for importing timm and Torch-Prun
 
 from __future__ import annotations
 
-import importlib
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING
 
 from .attribution import JointAttribution, LocateResult, LocateSettings, locate, path_jas
 from .errors import JasPruneError
+from .lazy import lazy_exports
 
 __version__ = "0.1.0"
 
@@ -39,14 +39,4 @@ if TYPE_CHECKING:  # pragma: no cover
     from .pruning.reconstruct import reconstruct
 
 
-def __getattr__(name: str) -> Any:
-    module = _EXPORTS.get(name)
-    if module is None:
-        raise AttributeError(f"module 'jas_prune' has no attribute {name!r}")
-    value = getattr(importlib.import_module(f".{module}", __name__), name)
-    globals()[name] = value
-    return value
-
-
-def __dir__() -> list[str]:
-    return sorted(set(globals()) | set(__all__))
+__getattr__, __dir__ = lazy_exports(__name__, _EXPORTS)

@@ -20,8 +20,9 @@ the CLI reads for its help and recipe checks) costs neither Torch-Pruning nor ti
 
 from __future__ import annotations
 
-import importlib
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING
+
+from ..lazy import lazy_exports
 
 #: public name -> submodule that defines it
 _EXPORTS = {
@@ -83,14 +84,4 @@ if TYPE_CHECKING:  # pragma: no cover
     from .stats import ActivationStats, ffn_activation_stats
 
 
-def __getattr__(name: str) -> Any:
-    module = _EXPORTS.get(name)
-    if module is None:
-        raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
-    value = getattr(importlib.import_module(f".{module}", __name__), name)
-    globals()[name] = value
-    return value
-
-
-def __dir__() -> list[str]:
-    return sorted(set(globals()) | set(__all__))
+__getattr__, __dir__ = lazy_exports(__name__, _EXPORTS)
