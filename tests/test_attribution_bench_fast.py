@@ -1,15 +1,21 @@
-"""The fast-importance benchmark's bookkeeping: pass counts, calibration subsets, the choice rule.
+"""The fast-importance benchmark's bookkeeping: pass counts, calibration subsets, the choice rule,
+and one tiny end-to-end run of the ``lsq`` reconstruction with row filters.
 
-The benchmark itself (minutes of locating and pruning) is not run here; its candidates are
+The full benchmark (minutes of locating and pruning) is not run here; its candidates are
 methods the engine tests cover (``jas``, ``joint_ig``).
 """
 
 from __future__ import annotations
 
+import json
+
 import torch
 
-from jas_prune.bench_fast import CANDIDATES, Candidate, _per_class_first, candidate_scores, choose, passes_per_image
+from jas_prune import bench_fast
+from jas_prune.bench_fast import (CANDIDATES, Candidate, _per_class_first, candidate_scores, choose, passes_per_image,
+                                  within_target)
 from jas_prune.bench_locate import random_vit
+from jas_prune.models import discover_ffn
 
 
 def test_passes_per_image():
@@ -50,6 +56,8 @@ def test_choice_rule_reads_val_and_the_pass_budget():
     ]
     assert choose(_result([rows])) == ("better", 8)
     assert choose(_result([rows]), max_loss=0.05) is None
+    assert within_target(_result([rows])) == [("good", 4), ("better", 8)]
+    assert within_target(_result([rows[1:]])) == []  # no exact JAS at 16 images: nothing to compare with
 
 
 def test_joint_ig_candidate_scores_shape():
@@ -59,3 +67,58 @@ def test_joint_ig_candidate_scores_shape():
     for c in (Candidate("j", "joint_ig", 2, "gauss"), Candidate("t", "jas", 2, "gauss", top=-1)):
         sc = candidate_scores(model, c, x, y)
         assert sc.shape == (2, 3, 32) and sc.dtype == torch.float32 and torch.isfinite(sc).all()
+
+
+def test_lsq_reconstruction_is_evaluated_and_stored_apart_from_bias(tiny_builtin, tmp_path, monkeypatch):
+    """Tiny setting: the builtin model replaced by a 2-block random ViT, 5 shapes images per class
+    (4 probe: 2 fit / 2 val; 1 test), one candidate at 1 image per class, seed 0."""
+    calls = []
+    real = bench_fast.reconstruct
+
+    def spy(pruned, dense, loader, **kw):
+        fc2 = [(l.fc2, d.fc2) for l, d in zip(discover_ffn(pruned).layers, discover_ffn(dense).layers)]
+        calls.append({**kw, "images": sum(len(b[0]) for b in loader), "model": pruned,
+                      "widths": [p.in_features for p, _ in fc2],
+                      # lsq replaces bias compensation: fc2 biases are still the dense ones when it starts
+                      "dense_bias": all(torch.equal(p.bias, d.bias) for p, d in fc2)})
+        return real(pruned, dense, loader, **kw)
+
+    evaluated = []
+    real_predict = bench_fast.predict_logits
+
+    def predict(model, loader, **kw):
+        if calls and kw.get("desc") in ("val", "test"):  # the pruned models of the lsq runs
+            evaluated.append(model)
+        return real_predict(model, loader, **kw)
+
+    monkeypatch.setattr(bench_fast, "reconstruct", spy)
+    monkeypatch.setattr(bench_fast, "predict_logits", predict)
+    out = tmp_path / "fast"
+    base = ["--out", str(out), "--seeds", "0", "--images-per-class", "5", "--candidates", "joint IG gauss 1"]
+    assert bench_fast.main(base + ["--only-images", "1"]) == 0
+    assert calls == []  # bias: no reconstruction
+    bias_seed, bias_summary = (out / "seed0" / "result.json").read_bytes(), (out / "fast.json").read_bytes()
+
+    assert bench_fast.main(base + ["--only-images", "1", "--reconstruction", "lsq"]) == 0
+    assert [c["widths"] for c in calls] == [[32, 32], [19, 19]]  # 64 FFN neurons: 50 %, then 70 % removed
+    assert all(c["method"] == "lsq" and c["target"] == "residual" and c["damping"] == 1e-3 for c in calls)
+    assert all(c["dense_bias"] for c in calls)
+    assert [c["images"] for c in calls] == [48 * 2] * 2  # the attribution images: 2 fit images x 48 classes
+    # bias results untouched; lsq ones in their own files, marked as such
+    assert (out / "seed0" / "result.json").read_bytes() == bias_seed and (out / "fast.json").read_bytes() == bias_summary
+    lsq = json.loads((out / "fast-lsq.json").read_text())
+    bias = json.loads(bias_summary)
+    assert lsq["reconstruction"] == "lsq" and bias["reconstruction"] == "bias"
+    assert lsq["seeds"][0]["reconstruction"] == {"method": "lsq", "target": "residual", "damping": 1e-3,
+                                                 "calibration_images": 96}
+    assert [(r["candidate"], r["images_per_class"]) for r in lsq["seeds"][0]["rows"]] == [("joint IG gauss 1", 1)]
+    # the pruned models evaluated (val, then test) are the reconstructed ones
+    assert [id(m) for m in evaluated] == [id(c["model"]) for c in calls for _ in ("val", "test")]
+
+    # a wider selection evaluates only the missing row and keeps the cached one
+    calls.clear()
+    assert bench_fast.main(base + ["--only-images", "1", "2", "--reconstruction", "lsq"]) == 0
+    assert len(calls) == 2
+    rows = json.loads((out / "seed0" / "result-lsq.json").read_text())["rows"]
+    assert [(r["candidate"], r["images_per_class"]) for r in rows] == [("joint IG gauss 1", 1), ("joint IG gauss 1", 2)]
+    assert rows[0] == lsq["seeds"][0]["rows"][0]

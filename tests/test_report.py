@@ -288,3 +288,19 @@ def test_tradeoff_figure_without_a_dense_line(tmp_path):
     path = tradeoff_figure(tmp_path / "t.png", [Panel("no dense", {"jas": [(30.0, 90.0, None), (50.0, 80.0, 1.5)]})],
                            title="t", xlabel="removed (%)", ylabel="top-1 (%)")
     assert path is not None and path.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+@pytest.mark.parametrize("dense_top1, warned", [(0.125, True), (0.19, False)])
+def test_summary_says_when_the_dense_model_is_at_chance(dense_top1, warned):
+    from jas_prune.reporting.summary import summary_section
+
+    entries = [{"method": m, "ratio": 0.5, "classes": None, "top1": dense_top1, "top5": 0.6, "params": 10, "macs": 20,
+                "checkpoint": f"pruned-{m}-r50.safetensors", "bias_compensation": False, "finetune": None}
+               for m in ("jas", "magnitude")]
+    m = Metrics.from_dict({"schema_version": SCHEMA_VERSION, "data": {"kind": "imagefolder", "classes": 8},
+                           "dense": {"top1": dense_top1, "top5": 0.6, "params": 20, "macs": 40},
+                           "pruned": entries})
+    text = "\n".join(summary_section([m], None, None))
+    assert ("at chance level (12.50 % top-1 with 8 classes" in text) == warned
+    assert ("To keep ≥" in text) == (not warned)  # no budget advice drawn from chance-level accuracy
+    assert "| 50 % | all | **jas** (tied: magnitude)" in text

@@ -41,6 +41,11 @@ def summary_section(runs: Sequence[Metrics], names: Sequence[str] | None,
         out += [f"- Dense model: top-1 {pct_pm(dense_top1, dense_sd)}, {millions(dense.params)} params, "
                 f"{millions(dense.macs)} MACs per image"
                 + (f" (mean ± std over {len(runs)} runs)." if combined else ".")]
+    n_classes = runs[0].data.classes if runs[0].data is not None else None
+    at_chance = bool(dense_top1 is not None and n_classes and dense_top1 <= 1.5 / n_classes)
+    if at_chance:
+        out.append(f"- The dense model is at chance level ({pct_pm(dense_top1, dense_sd)} top-1 with {n_classes} "
+                   "classes; random-init weights?): the accuracy figures below cannot tell methods apart.")
     stats = prune_stats(runs)
     best = best_per_budget(stats)
     speed = _speed_texts(runs)
@@ -74,7 +79,7 @@ def summary_section(runs: Sequence[Metrics], names: Sequence[str] | None,
                    "spread" if len(header) == 9 else "") + "):", "",
                 *table(header, rows, align)]
         general = [s for s in best if s.general and s.kept is not None]
-        for target in KEEP_TARGETS:
+        for target in KEEP_TARGETS if not at_chance else ():
             ok = [s for s in general if s.kept >= target]  # type: ignore[operator]
             if ok:
                 s = max(ok, key=lambda s: s.ratio)
@@ -85,7 +90,7 @@ def summary_section(runs: Sequence[Metrics], names: Sequence[str] | None,
                            f"(top-1 {pct_pm(s.top1, s.top1_std)}, {millions(s.params)} params).")
                 break
         else:
-            if general:
+            if general and not at_chance:
                 s = min(general, key=lambda s: (s.ratio, -s.top1))
                 out.append(f"- No budget keeps ≥ {100 * KEEP_TARGETS[-1]:.0f} % of the dense top-1; the smallest "
                            f"({100 * s.ratio:.0f} % removed) keeps {100 * s.kept:.1f} % with {s.method}: fine-tune "
