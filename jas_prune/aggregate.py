@@ -1,4 +1,4 @@
-"""Aggregation (SPEC §2, paper App. D.2/E.2): per-class neuron utilisation, class similarity,
+"""Aggregation (paper App. D.2/E.2): per-class neuron utilisation, class similarity,
 class TopK masks and dense per-class importance, saved as ``masks.safetensors``.
 
 The file carries the fingerprint of the model it was computed on; applying it to another model
@@ -24,7 +24,7 @@ __all__ = ["ClassMasks", "MaskAccumulator", "aggregate", "aggregate_store", "sav
 MASKS_FILE = RunDir.MASKS
 
 #: How an image's candidate scores JAS(P ∪ {j}) become per-neuron importance before the class mean:
-#: ``mean`` the signed score (SPEC §2), ``mean_abs`` its magnitude, ``mean_abs_centered`` the
+#: ``mean`` the signed score (the default), ``mean_abs`` its magnitude, ``mean_abs_centered`` the
 #: magnitude of the score minus the layer's median over candidates. With ``candidates:
 #: layer_scaled`` every candidate of a layer shares the path's part of the score, so centring
 #: removes that offset and leaves each neuron's own contribution (for ``formula: ig`` exactly

@@ -70,8 +70,8 @@ def test_joint_ig_candidate_scores_shape():
 
 
 def test_lsq_reconstruction_is_evaluated_and_stored_apart_from_bias(tiny_builtin, tmp_path, monkeypatch):
-    """Tiny setting: the builtin model replaced by a 2-block random ViT, 5 shapes images per class
-    (4 probe: 2 fit / 2 val; 1 test), one candidate at 1 image per class, seed 0."""
+    """Tiny setting: the builtin model replaced by a 2-block random ViT, 6 shapes images per class
+    (5 probe: 2 fit / 3 val; 1 test), one candidate at 1 image per class, seed 0."""
     calls = []
     real = bench_fast.reconstruct
 
@@ -94,7 +94,7 @@ def test_lsq_reconstruction_is_evaluated_and_stored_apart_from_bias(tiny_builtin
     monkeypatch.setattr(bench_fast, "reconstruct", spy)
     monkeypatch.setattr(bench_fast, "predict_logits", predict)
     out = tmp_path / "fast"
-    base = ["--out", str(out), "--seeds", "0", "--images-per-class", "5", "--candidates", "joint IG gauss 1"]
+    base = ["--out", str(out), "--seeds", "0", "--images-per-class", "6", "--candidates", "joint IG gauss 1"]
     assert bench_fast.main(base + ["--only-images", "1"]) == 0
     assert calls == []  # bias: no reconstruction
     bias_seed, bias_summary = (out / "seed0" / "result.json").read_bytes(), (out / "fast.json").read_bytes()
@@ -103,9 +103,10 @@ def test_lsq_reconstruction_is_evaluated_and_stored_apart_from_bias(tiny_builtin
     assert [c["widths"] for c in calls] == [[32, 32], [19, 19]]  # 64 FFN neurons: 50 %, then 70 % removed
     assert all(c["method"] == "lsq" and c["target"] == "residual" and c["damping"] == 1e-3 for c in calls)
     assert all(c["dense_bias"] for c in calls)
-    assert [c["images"] for c in calls] == [48 * 2] * 2  # the attribution images: 2 fit images x 48 classes
+    assert [c["images"] for c in calls] == [48 * 2] * 2  # the attribution images: 2 fit (not 3 val) x 48 classes
     # bias results untouched; lsq ones in their own files, marked as such
-    assert (out / "seed0" / "result.json").read_bytes() == bias_seed and (out / "fast.json").read_bytes() == bias_summary
+    assert (out / "seed0" / "result.json").read_bytes() == bias_seed
+    assert (out / "fast.json").read_bytes() == bias_summary
     lsq = json.loads((out / "fast-lsq.json").read_text())
     bias = json.loads(bias_summary)
     assert lsq["reconstruction"] == "lsq" and bias["reconstruction"] == "bias"

@@ -59,8 +59,8 @@ def _positive_int(key: str, value: Any, minimum: int = 1) -> int:
 
 @dataclass(frozen=True)
 class LocateSettings:
-    """How :func:`jas_prune.locate` finds neuron paths (SPEC §2 of the product contract, in
-    ``README.md`` "What faithful means here").
+    """How :func:`jas_prune.locate` finds neuron paths (README "What faithful means
+    here").
 
     Attributes:
         method: a registered attribution method (:data:`jas_prune.attribution.METHODS`).
