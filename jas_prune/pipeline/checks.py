@@ -11,7 +11,7 @@ from ..errors import RecipeError
 from ..models import discover_ffn
 from ..recipe import Recipe
 from .stages import STAGES
-from .stages.prune import check_prune_classes, check_prune_model
+from .prune_plan import check_prune_classes, check_prune_model
 
 __all__ = ["check_stages", "check_against_model"]
 
