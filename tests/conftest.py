@@ -65,6 +65,23 @@ def loader(batch):
     return [(x[:6], y[:6], torch.arange(6)), (x[6:], y[6:], torch.arange(6, 12))]
 
 
+@pytest.fixture
+def refused_recipe(tmp_path, capsys):
+    """``refused_recipe(text)`` validates a recipe through the CLI and returns its one stderr line,
+    after checking the refusal is exit code 2, one line, no traceback."""
+    from jas_prune.cli import main
+
+    def refuse(text: str) -> str:
+        recipe = tmp_path / "refused.yaml"
+        recipe.write_text(text)
+        code = main(["recipe", "validate", str(recipe)])
+        err = capsys.readouterr().err.strip().splitlines()
+        assert code == 2 and len(err) == 1 and "Traceback" not in err[0], err
+        return err[0]
+
+    return refuse
+
+
 def replace_stage(monkeypatch, name: str, run) -> None:
     """Make the pipeline stage ``name`` run ``run(ctx)`` instead (for the duration of a test)."""
     import dataclasses

@@ -23,15 +23,6 @@ from jas_prune.recipe import parse_recipe
 BASE = "version: 1\ndata: {images_per_class: 2, batch_size: 96}\n"
 
 
-def _bad(tmp_path, capsys, prune: str, base: str = BASE) -> str:
-    recipe = tmp_path / "r.yaml"
-    recipe.write_text(base + prune)
-    code = main(["recipe", "validate", str(recipe)])
-    err = capsys.readouterr().err.strip().splitlines()
-    assert code == 2 and len(err) == 1 and "Traceback" not in err[0], err
-    return err[0]
-
-
 @pytest.mark.parametrize("prune, message", [
     ("prune: {reconstruction: lsqq}", "prune.reconstruction: must be one of 'none', 'bias' or 'lsq' (got 'lsqq')"),
     ("prune: {reconstruction: []}", "prune.reconstruction: must list at least one of none, bias, lsq, each once"),
@@ -52,8 +43,8 @@ def _bad(tmp_path, capsys, prune: str, base: str = BASE) -> str:
     ("prune: {class_subsets: {count: 2, size: 6, ratios: [1.0]}}",
      "prune.class_subsets.ratios: 1.0 is outside (0, 1): a ratio is the fraction of FFN neurons removed"),
 ])
-def test_recipe_keys_reject_bad_values_with_one_line(tmp_path, capsys, prune, message):
-    assert _bad(tmp_path, capsys, prune + "\n") == f"jas-prune: error: {message}"
+def test_recipe_keys_reject_bad_values_with_one_line(refused_recipe, prune, message):
+    assert refused_recipe(BASE + prune + "\n") == f"jas-prune: error: {message}"
 
 
 def test_class_subsets_larger_than_the_data_set_are_refused_before_work(tmp_path, capsys, tiny_builtin):

@@ -105,23 +105,14 @@ def test_uniform_widths_match_prune_ffn(model):
             assert uniform_widths({0: 64, 1: 64, 2: 64}, ratio, n) == s.widths_after
 
 
-def _bad(tmp_path, capsys, prune: str) -> str:
-    recipe = tmp_path / "r.yaml"
-    recipe.write_text(BASE + prune + "\n")
-    code = main(["recipe", "validate", str(recipe)])
-    err = capsys.readouterr().err.strip().splitlines()
-    assert code == 2 and len(err) == 1 and "Traceback" not in err[0], err
-    return err[0]
-
-
 @pytest.mark.parametrize("prune, message", [
     ("prune: {round_to: 0}", "prune.round_to: must be ≥ 1 (got 0)"),
     ("prune: {round_to: 8.5}", "prune.round_to: input should be a valid integer (got 8.5)"),
     ("prune: {round_to: true}", "prune.round_to: input should be a valid integer (got True)"),
     ("prune: {roundto: 8}", "prune.roundto: unknown key (did you mean 'round_to'?)"),
 ])
-def test_recipe_round_to_rejects_bad_values_with_one_line(tmp_path, capsys, prune, message):
-    assert _bad(tmp_path, capsys, prune) == f"jas-prune: error: {message}"
+def test_recipe_round_to_rejects_bad_values_with_one_line(refused_recipe, prune, message):
+    assert refused_recipe(BASE + prune + "\n") == f"jas-prune: error: {message}"
 
 
 # -- the pipeline -----------------------------------------------------------------------------
