@@ -44,7 +44,7 @@ import numpy as np
 import torch
 
 from .aggregate import IMPORTANCE_AGGREGATIONS, per_image_importance
-from .data import build_source, make_loader, model_transform, partition
+from .data import make_loader, model_transform, partition, source_for
 from .evaluate import accuracy, predict_logits
 from .io import atomic_write_json, read_json
 from .models import input_size, load_model
@@ -78,13 +78,10 @@ def fit_val_samples(recipe, seed: int) -> tuple[list, list, Any]:
     """(fit, val, source): fit = the probe images a run of ``recipe`` with ``seed`` uses, val = the
     rest of the probe partition. The source built has no test access beyond what the recipe's has."""
     d = recipe.data
-    full = build_source(d.kind, root=d.root, seed=seed, probe_fraction=d.probe_fraction,
-                        images_per_class=d.images_per_class)
+    full = source_for(d, seed, cap_probe=False)
     probe = full.subset("probe")
     if d.probe_images_per_class is not None:
-        capped = build_source(d.kind, root=d.root, seed=seed, probe_fraction=d.probe_fraction,
-                              images_per_class=d.images_per_class,
-                              probe_images_per_class=d.probe_images_per_class)
+        capped = source_for(d, seed)
         fit = capped.subset("probe")
         ids = {s.id for s in fit}
         return fit, [s for s in probe if s.id not in ids], capped

@@ -27,6 +27,7 @@ __all__ = [
     "ImageDataset",
     "partition",
     "build_source",
+    "source_for",
     "model_transform",
     "make_loader",
     "check_image_header",
@@ -192,6 +193,15 @@ def build_source(kind: str, *, root: str | None = None, seed: int = 0, probe_fra
     if kind == "imagefolder":
         return _imagefolder_source(root, seed, probe_fraction, images_per_class, cap)
     raise DataError(f"data.kind: unknown kind {kind!r} (expected 'shapes' or 'imagefolder')")
+
+
+def source_for(data: Any, seed: int, *, cap_probe: bool = True) -> DataSource:
+    """The data source a recipe's ``data`` section names, for ``runtime.seed`` = ``seed``: the one
+    place the section's keys become :func:`build_source` arguments. ``cap_probe=False`` ignores
+    ``data.probe_images_per_class`` (the whole probe partition, as ``bench_select`` needs)."""
+    return build_source(data.kind, root=data.root, seed=seed, probe_fraction=data.probe_fraction,
+                        images_per_class=data.images_per_class,
+                        probe_images_per_class=data.probe_images_per_class if cap_probe else None)
 
 
 def model_transform(model: torch.nn.Module) -> Callable:

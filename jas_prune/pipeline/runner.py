@@ -21,7 +21,7 @@ from pathlib import Path
 
 import torch
 
-from ..data import build_source, model_transform
+from ..data import model_transform, source_for
 from ..distributed import Dist, Interrupted, init_from_env, sigterm_raises
 from ..errors import DataError, JasPruneError, StorageError
 from ..io import atomic_write_text, storage_error
@@ -65,8 +65,7 @@ def _load(recipe: Recipe, run: RunDir, device: torch.device, dist: Dist, resume:
     rt, m, d = recipe.runtime, recipe.model, recipe.data
     model = load_model(m.name, checkpoint=m.checkpoint, pretrained=m.pretrained, num_classes=m.num_classes)
     model = model.to(device=device, dtype=getattr(torch, rt.dtype))
-    source = build_source(d.kind, root=d.root, seed=rt.seed, probe_fraction=d.probe_fraction,
-                          images_per_class=d.images_per_class, probe_images_per_class=d.probe_images_per_class)
+    source = source_for(d, rt.seed)
     n_out = int(getattr(model, "num_classes", 0))
     if n_out and n_out < source.num_classes:
         raise DataError(f"data: {source.num_classes} classes but model '{m.name}' has only {n_out} outputs")

@@ -195,14 +195,12 @@ def cls_mask_figures(figs: FigureList, runs: Sequence[Metrics]) -> None:
 
 def _sample_images(data: RunData, classes: Iterable[int]) -> dict[int, np.ndarray]:
     """One probe image per class (un-normalised RGB), from the data source the recipe names."""
-    from ..data import ImageDataset, build_source
+    from ..data import ImageDataset, source_for
 
     if data.recipe is None:
         raise ValueError(f"recipe.yaml {data.recipe_problem}: the data source of the sample images is unknown")
     d, seed = data.recipe.data, data.recipe.runtime.seed
-    source = build_source(d.kind, root=d.root, seed=seed, probe_fraction=d.probe_fraction,
-                          images_per_class=d.images_per_class,
-                          probe_images_per_class=getattr(d, "probe_images_per_class", None))
+    source = source_for(d, seed)
     want = set(int(c) for c in classes)
     first: dict[int, Any] = {}
     for s in source.subset("probe"):
