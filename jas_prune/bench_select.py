@@ -190,7 +190,7 @@ def _locate_fit(args: argparse.Namespace, recipe, model, source) -> Any:
     lock = run.prepare(resume=True, what="bench_select")
     try:
         ctx = RunContext(only, run, torch.device("cpu"), model, source, model_transform(model),
-                         locate=check_against_model(only, model, source))
+                         **vars(check_against_model(only, model, source)))
         locate_part(ctx, "probe", resume=True)
         return run.path_store("probe").read(len(source.subset("probe")))
     finally:

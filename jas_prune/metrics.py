@@ -401,6 +401,25 @@ class PrunedEntry(Section):
     #: for latency) and what was found (``ratio``, ``achieved``: the MACs/params fraction or the p50 ms)
     budget: dict[str, Any] | None = _opt()
 
+    #: the keys of a ``budget`` record that identify the budget (the rest is what was found)
+    BUDGET_SPEC: ClassVar[tuple[str, ...]] = ("target", "value", "step", "batch_size")
+
+    def identity(self) -> dict[str, Any]:
+        """The settings this entry was made with, as
+        :meth:`jas_prune.pruning.settings.ResolvedPrune.identity` names them (entries of older
+        runs, which left some unset, read as the defaults they were made with)."""
+        return {"method": self.method, "ratio": self.ratio, "classes": self.classes, "head": self.head or "keep",
+                "mode": self.mode or "uniform",
+                "reconstruction": self.reconstruction or ("bias (mean shift)" if self.bias_compensation else "none"),
+                "global_min_keep": self.global_min_keep,
+                "importance": (self.importance or "mean") if self.method == "jas" else None,
+                "reconstruction_target": self.reconstruction_target,
+                "reconstruction_damping": self.reconstruction_damping,
+                "calibration_images": self.calibration_images, "criterion_options": self.criterion_options,
+                "round_to": self.round_to,
+                "budget": None if self.budget is None else {k: self.budget[k] for k in self.BUDGET_SPEC
+                                                            if k in self.budget}}
+
     @property
     def reconstruction_name(self) -> str:
         """``reconstruction``, or for older entries ``bias`` / ``none`` from ``bias_compensation``."""

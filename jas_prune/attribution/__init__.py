@@ -3,13 +3,15 @@
 - :mod:`.settings` — :class:`LocateSettings`, validated once, resolved against a model once;
 - :mod:`.quadrature` — the α-quadratures;
 - :mod:`.engine` — :class:`JointAttribution`, the batched hook-based passes;
-- :mod:`.methods` — :data:`METHODS`, the registry of methods (``jas``, ``activation``,
-  ``influence_pattern``, ``knowledge``);
+- :mod:`.methods` — :data:`METHODS`, the registry of methods;
+- :mod:`.builtin` — the registered methods (``jas``, ``activation``, ``influence_pattern``,
+  ``knowledge``, ``joint_ig``);
 - :mod:`.api` — :func:`locate` and :func:`path_jas`.
 """
 
 from __future__ import annotations
 
+from . import builtin  # noqa: F401  (registers the built-in methods)
 from .api import locate, path_jas
 from .engine import JointAttribution, LocateResult
 from .methods import METHODS, AttributionMethod

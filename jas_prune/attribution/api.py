@@ -13,7 +13,8 @@ from typing import Any
 from torch import Tensor, nn
 
 from .engine import JointAttribution, LocateResult
-from .settings import LocateSettings, ResolvedSettings, _err
+from ..errors import AttributionSettingError
+from .settings import LocateSettings, ResolvedSettings
 
 __all__ = ["locate", "path_jas"]
 
@@ -22,7 +23,7 @@ def _given_labels(target: str, labels: Any) -> Any:
     if target == "pred":
         return None
     if labels is None:
-        raise _err("target", "'label' needs the images' labels (pass labels, or use target 'pred')")
+        raise AttributionSettingError("attribution.target: 'label' needs the images' labels (pass labels, or use target 'pred')")
     return labels
 
 

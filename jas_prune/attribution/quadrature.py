@@ -2,12 +2,17 @@
 
 from __future__ import annotations
 
+import numbers
+
 import torch
 from torch import Tensor
 
-from .settings import QUADRATURES, _choice, _positive_int
+from ..errors import AttributionSettingError
 
-__all__ = ["quadrature_rule"]
+__all__ = ["QUADRATURES", "quadrature_rule"]
+
+#: the rules :func:`quadrature_rule` knows (the recipe's ``attribution.quadrature`` values)
+QUADRATURES = ("left", "right", "trapezoid", "gauss")
 
 
 def quadrature_rule(name: str, steps: int, *, device: torch.device | str = "cpu",
@@ -18,8 +23,12 @@ def quadrature_rule(name: str, steps: int, *, device: torch.device | str = "cpu"
         name: ``left`` | ``right`` | ``trapezoid`` | ``gauss``.
         steps: number of nodes ``m`` (``trapezoid`` needs ``m ≥ 2``).
     """
-    _choice("quadrature", name, QUADRATURES)
-    m = _positive_int("steps", steps, 2 if name == "trapezoid" else 1)
+    if name not in QUADRATURES:
+        raise AttributionSettingError(f"attribution.quadrature: must be one of {', '.join(QUADRATURES)}, got {name!r}")
+    least = 2 if name == "trapezoid" else 1
+    if isinstance(steps, bool) or not isinstance(steps, numbers.Integral) or steps < least:
+        raise AttributionSettingError(f"attribution.steps: must be an integer ≥ {least}, got {steps!r}")
+    m = steps
     k = torch.arange(m, dtype=torch.float64)
     if name == "left":
         nodes, weights = k / m, torch.full((m,), 1.0 / m, dtype=torch.float64)

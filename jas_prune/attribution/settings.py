@@ -1,22 +1,26 @@
 """The locate settings: one object, validated once, passed whole to the engine.
 
 :class:`LocateSettings` holds the recipe's ``attribution`` keys (the keyword names of
-:func:`jas_prune.locate`). Its own rules (choices, positive integers, ``trapezoid`` needs two
-steps) are checked when it is built; the rules that depend on the model (``topk`` at most an FFN
-width, ``layers`` in range, ``scope: cls`` needs a class token) when it is resolved against one
-(:meth:`LocateSettings.resolve`), which gives the engine a :class:`ResolvedSettings` it trusts.
+:func:`jas_prune.locate`), each key with its type, bound and default declared once, here: the
+recipe's ``attribution`` section derives from it. Its own rules (choices, positive integers,
+``trapezoid`` needs two steps) are checked when it is built; the rules that depend on the model
+(``topk`` at most an FFN width, ``layers`` in range, ``scope: cls`` needs a class token) when it
+is resolved against one (:meth:`LocateSettings.resolve`), which gives the engine a
+:class:`ResolvedSettings` it trusts.
 """
 
 from __future__ import annotations
 
-import dataclasses
-import numbers
 from dataclasses import dataclass
-from typing import Any, Sequence
+from typing import Any, Literal
+
+from pydantic import ConfigDict, Field, ValidationError, field_validator, model_validator
 
 from ..errors import AttributionSettingError, JasPruneError
 from ..models import FFNInfo
+from ..schema import Strict, first_error, short
 from .methods import METHODS
+from .quadrature import QUADRATURES
 
 __all__ = [
     "FORMULAS",
@@ -25,40 +29,21 @@ __all__ = [
     "TARGETS",
     "SCOPES",
     "SETTING_NAMES",
+    "STEPS_MAX",
     "LocateSettings",
     "ResolvedSettings",
 ]
 
 FORMULAS = ("paper", "ig")
-QUADRATURES = ("left", "right", "trapezoid", "gauss")
 CANDIDATES = ("layer_scaled", "exact")
 TARGETS = ("label", "pred")
 SCOPES = ("cls", "all")
-
-#: The settings every located method shares, in the order ``metrics.json`` and the ``paths/``
-#: fingerprint list them (``method`` is chosen per located method).
-SETTING_NAMES = ("steps", "topk", "scope", "formula", "quadrature", "candidates", "target", "layers",
-                 "internal_batch_size")
+#: the most quadrature nodes: every node is a forward and backward pass per image and layer
+#: (the paper uses 20; beyond a few thousand a run never ends and its buffers outgrow memory)
+STEPS_MAX = 10_000
 
 
-def _err(key: str, msg: str) -> AttributionSettingError:
-    return AttributionSettingError(f"attribution.{key}: {msg}")
-
-
-def _choice(key: str, value: Any, options: Sequence[str]) -> str:
-    if value not in options:
-        raise _err(key, f"must be one of {', '.join(options)}, got {value!r}")
-    return str(value)
-
-
-def _positive_int(key: str, value: Any, minimum: int = 1) -> int:
-    if isinstance(value, bool) or not isinstance(value, numbers.Integral) or value < minimum:
-        raise _err(key, f"must be an integer ≥ {minimum}, got {value!r}")
-    return int(value)
-
-
-@dataclass(frozen=True)
-class LocateSettings:
+class LocateSettings(Strict):
     """How :func:`jas_prune.locate` finds neuron paths (README "What faithful means
     here").
 
@@ -78,47 +63,70 @@ class LocateSettings:
         AttributionSettingError: naming the ``attribution.*`` key.
     """
 
-    method: str = "jas"
-    steps: int = 20
-    topk: int = 1
-    scope: str = "cls"
-    formula: str = "paper"
-    quadrature: str = "left"
-    candidates: str = "layer_scaled"
-    target: str = "label"
-    layers: int | tuple[int, ...] | None = None
-    internal_batch_size: int | None = None
+    model_config = ConfigDict(frozen=True)
 
-    def __post_init__(self) -> None:
-        _choice("method", self.method, METHODS.names())
-        _choice("formula", self.formula, FORMULAS)
-        _choice("quadrature", self.quadrature, QUADRATURES)
-        _choice("candidates", self.candidates, CANDIDATES)
-        _choice("scope", self.scope, SCOPES)
-        _choice("target", self.target, TARGETS)
-        if self.quadrature == "trapezoid" and isinstance(self.steps, numbers.Integral) and self.steps == 1:
-            raise _err("steps", "must be ≥ 2 with quadrature 'trapezoid' (it needs both ends)")
-        _positive_int("steps", self.steps)
-        _positive_int("topk", self.topk)
-        if self.internal_batch_size is not None:
-            _positive_int("internal_batch_size", self.internal_batch_size)
-        layers = self.layers
-        if layers is not None and not isinstance(layers, (numbers.Integral, tuple)):
-            try:  # lists (from YAML or a caller) and tensors become a hashable tuple
-                layers = tuple(layers.tolist() if hasattr(layers, "tolist") else layers)
-            except TypeError:
-                raise _err("layers", f"expected a depth (int) or a list of block indices, got {layers!r}") from None
-            object.__setattr__(self, "layers", layers)
+    method: str = "jas"
+    steps: int = Field(default=20, ge=1, le=STEPS_MAX)
+    topk: int = Field(default=1, ge=1)
+    scope: Literal[SCOPES] = "cls"  # type: ignore[valid-type]
+    formula: Literal[FORMULAS] = "paper"  # type: ignore[valid-type]
+    quadrature: Literal[QUADRATURES] = "left"  # type: ignore[valid-type]
+    candidates: Literal[CANDIDATES] = "layer_scaled"  # type: ignore[valid-type]
+    target: Literal[TARGETS] = "label"  # type: ignore[valid-type]
+    layers: int | tuple[int, ...] | None = None
+    internal_batch_size: int | None = Field(default=None, ge=1)
+
+    def __init__(self, **settings: Any) -> None:
+        try:
+            super().__init__(**{k: _plain(v) for k, v in settings.items()})
+        except ValidationError as exc:
+            raise AttributionSettingError(first_error(exc, LocateSettings, ("attribution",))) from None
+
+    @field_validator("method")
+    @classmethod
+    def _method(cls, v: Any) -> Any:
+        names = METHODS.names()
+        for m in [v] if isinstance(v, str) else v:
+            if m not in names:
+                raise ValueError(f"must be one of {', '.join(map(repr, names))} (got {short(m)})")
+        return v
+
+    @field_validator("layers", mode="before")
+    @classmethod
+    def _layers_before(cls, v: Any) -> Any:
+        if v is None or isinstance(v, (int, tuple)):
+            return v
+        try:  # lists (from YAML or a caller) and tensors become a hashable tuple
+            return tuple(v.tolist() if hasattr(v, "tolist") else v)
+        except TypeError:
+            raise ValueError(f"expected a depth (int) or a list of block indices, got {short(v)}") from None
+
+    @field_validator("layers")
+    @classmethod
+    def _layers(cls, v: Any) -> Any:
+        if isinstance(v, int) and v < 1:
+            raise ValueError("must be ≥ 1 (a prefix depth) or a list of block indices")
+        if isinstance(v, tuple):
+            if not v:
+                raise ValueError("must not be empty")
+            if any(i < 0 for i in v) or len(set(v)) != len(v):
+                raise ValueError("block indices must be distinct and ≥ 0")
+        return v
+
+    @model_validator(mode="after")
+    def _trapezoid(self) -> "LocateSettings":
+        if self.quadrature == "trapezoid" and self.steps == 1:
+            raise ValueError("steps: must be ≥ 2 with quadrature 'trapezoid' (it needs both ends)")
+        return self
 
     @classmethod
     def from_section(cls, section: Any, method: str | None = None) -> "LocateSettings":
         """Settings from a recipe ``attribution`` section (any object with those attributes)."""
-        return cls(method=method or section.methods[0],
-                   **{k: getattr(section, k) for k in SETTING_NAMES})
+        return cls(method=method or section.methods[0], **{k: getattr(section, k) for k in SETTING_NAMES})
 
     def replace(self, **changes: Any) -> "LocateSettings":
         """A copy with some settings changed (validated again)."""
-        return dataclasses.replace(self, **changes)
+        return LocateSettings(**{**self.model_dump(), **changes})
 
     def as_dict(self) -> dict[str, Any]:
         """The shared settings (:data:`SETTING_NAMES`), as the recipe spells them."""
@@ -144,8 +152,18 @@ class LocateSettings:
         for l in idx:
             width = info.layers[l].hidden
             if self.topk > width:
-                raise _err("topk", f"{self.topk} exceeds the FFN width {width} of block {l}")
+                raise AttributionSettingError(f"attribution.topk: {self.topk} exceeds the FFN width {width} of block {l}")
         return ResolvedSettings(self, tuple(idx))
+
+
+def _plain(v: Any) -> Any:
+    """A 0-d tensor or numpy number as a Python number (callers pass ``steps=torch.tensor(8)``)."""
+    return v.item() if hasattr(v, "item") and getattr(v, "ndim", None) == 0 else v
+
+
+#: The settings every located method shares, in the order ``metrics.json`` and the ``paths/``
+#: fingerprint list them (``method`` is chosen per located method).
+SETTING_NAMES = tuple(n for n in LocateSettings.model_fields if n != "method")
 
 
 @dataclass(frozen=True)
@@ -159,8 +177,7 @@ class ResolvedSettings:
         return getattr(self.settings, name)
 
     def as_dict(self) -> dict[str, Any]:
-        """What :attr:`jas_prune.attribution.LocateResult.settings` reports (``layers`` resolved)."""
-        s = self.settings
-        return {"method": s.method, "steps": s.steps, "topk": s.topk, "scope": s.scope, "formula": s.formula,
-                "quadrature": s.quadrature, "candidates": s.candidates, "layers": list(self.blocks),
-                "internal_batch_size": s.internal_batch_size}
+        """What :attr:`jas_prune.attribution.LocateResult.settings` reports (``layers`` resolved;
+        the target is added by :func:`jas_prune.locate`)."""
+        shared = {k: v for k, v in self.settings.as_dict().items() if k != "target"}
+        return {"method": self.settings.method, **shared, "layers": list(self.blocks)}

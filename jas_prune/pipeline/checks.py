@@ -3,6 +3,8 @@ that cannot fit the model or the data. Nothing is written before these pass."""
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+
 from torch import nn
 
 from ..attribution import LocateSettings, ResolvedSettings
@@ -11,9 +13,20 @@ from ..errors import RecipeError
 from ..models import discover_ffn
 from ..recipe import Recipe
 from .stages import STAGES
-from .prune_plan import check_prune_classes, check_prune_model
+from ..pruning.settings import ResolvedPrune
+from .prune_plan import check_prune_images
 
-__all__ = ["check_stages", "check_against_model"]
+__all__ = ["check_stages", "check_against_model", "Resolved"]
+
+
+@dataclass(frozen=True)
+class Resolved:
+    """The recipe's settings resolved against the model and data, once: carried on the run context."""
+
+    #: ``attribution`` (None without the section)
+    locate: ResolvedSettings | None = None
+    #: ``prune`` (None without the section)
+    prune: ResolvedPrune | None = None
 
 
 def check_stages(recipe: Recipe) -> None:
@@ -26,9 +39,9 @@ def check_stages(recipe: Recipe) -> None:
         stage.check(recipe)
 
 
-def check_against_model(recipe: Recipe, model: nn.Module, source: DataSource) -> ResolvedSettings | None:
+def check_against_model(recipe: Recipe, model: nn.Module, source: DataSource) -> Resolved:
     """Refuse, once the model and data are known but before any work, settings that cannot fit
-    them; return the attribution settings resolved against the model (``None`` without them).
+    them; return the attribution and prune settings resolved against them.
 
     Raises:
         AttributionSettingError: ``attribution.layers`` out of range, ``attribution.topk`` above an
@@ -37,6 +50,7 @@ def check_against_model(recipe: Recipe, model: nn.Module, source: DataSource) ->
             ``evaluate.cls_mask.depth`` above the model's depth.
         DataError: a ``prune.classes`` entry that is not a class of the data set, or has no probe
             or no test images.
+        PruneSettingError / BudgetError: see :meth:`~jas_prune.pruning.settings.PruneSettings.resolve`.
     """
     info = discover_ffn(model)
     resolved = None
@@ -60,6 +74,8 @@ def check_against_model(recipe: Recipe, model: nn.Module, source: DataSource) ->
         wide = next((k for k in (ablation.topk if ablation else []) if k > min(info.widths)), None)
         if wide is not None:
             raise RecipeError(f"evaluate.cls_mask.ablation.topk: {wide} exceeds the FFN width {min(info.widths)}")
-    check_prune_classes(recipe, source)
-    check_prune_model(recipe, model, source)
-    return resolved
+    prune = None
+    if recipe.prune is not None:
+        prune = recipe.prune.resolve(model, source, seed=recipe.runtime.seed, masks=recipe.masks)
+        check_prune_images(prune, source, recipe.data.probe_fraction)
+    return Resolved(resolved, prune)

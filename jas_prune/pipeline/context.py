@@ -16,6 +16,7 @@ from ..data import DataSource, ImageDataset, make_loader
 from ..distributed import Dist
 from ..io import atomic_write_json
 from ..metrics import Metrics, PaperMetrics
+from ..pruning.settings import ResolvedPrune
 from ..recipe import Recipe
 from ..rundir import RunDir
 
@@ -46,6 +47,8 @@ class RunContext:
     Attributes:
         locate: the recipe's attribution settings, resolved against the model once (``None``
             without an ``attribution`` section).
+        prune: the recipe's prune settings, resolved against the model and data once (``None``
+            without a ``prune`` section).
         scores: per-neuron scores of data-driven criteria by (method, classes), computed once per run
             (the prune and CLS-mask stages share ViT-Slim's trained scales, for example).
     """
@@ -58,6 +61,7 @@ class RunContext:
     transform: Any
     metrics: Metrics = field(default_factory=Metrics)
     locate: ResolvedSettings | None = None
+    prune: ResolvedPrune | None = None
     scores: dict[tuple, Any] = field(default_factory=dict)
     dist: Dist = field(default_factory=Dist)
     #: continuing an interrupted run (``--resume``): finished work is kept
@@ -86,8 +90,7 @@ class RunContext:
 
         key = (method, None if classes is None else tuple(classes))
         if key not in self.scores:
-            p = self.recipe.prune
-            options = p.options_for(method) if p is not None else None
+            options = self.prune.settings.options_for(method) if self.prune is not None else None
             loader, _ = self.loader("probe", classes)
             self.scores[key] = CRITERIA.get(method, "prune.methods").score(ScoringInputs(
                 model=self.model, loader=loader, classes=classes, seed=self.recipe.runtime.seed, device=self.device,

@@ -69,11 +69,11 @@ def _load(recipe: Recipe, run: RunDir, device: torch.device, dist: Dist, resume:
     n_out = int(getattr(model, "num_classes", 0))
     if n_out and n_out < source.num_classes:
         raise DataError(f"data: {source.num_classes} classes but model '{m.name}' has only {n_out} outputs")
-    settings = check_against_model(recipe, model, source)
+    resolved = check_against_model(recipe, model, source)
     resumed = dist.is_root and resume and run.metrics.exists()
     metrics = read_metrics(run.metrics) if resumed else Metrics()
-    ctx = RunContext(recipe, run, device, model, source, model_transform(model), metrics, locate=settings,
-                     dist=dist, resume=resume)
+    ctx = RunContext(recipe, run, device, model, source, model_transform(model), metrics, locate=resolved.locate,
+                     prune=resolved.prune, dist=dist, resume=resume)
     if dist.is_root:  # written once the recipe fits the model and data: a refused run leaves no trace
         if resume:  # refuse other settings, and changed result files, before recipe.yaml or metrics change
             check_resumable(ctx)

@@ -14,29 +14,38 @@ small), since dozens of models are evaluated on them. Finished entries (checkpoi
 in metrics, same settings) are kept on resume (one log line each), and ``metrics.json`` lists
 the entries in the recipe's order (selection, method, ratio then budget, reconstruction), so a
 resumed run writes them as an uninterrupted one does. What to make and what to keep is planned
-in :mod:`jas_prune.pipeline.prune_plan`."""
+in :mod:`jas_prune.pipeline.prune_plan`; the settings come resolved once (``ctx.prune``,
+:class:`~jas_prune.pruning.settings.ResolvedPrune`).
+
+One entry is made by named steps, in this order: :func:`_score` (the criterion's importance,
+once per method and selection) -> :func:`_prune` (once per ratio) -> :func:`_reconstruct` ->
+:func:`_recover` (fine-tune; the place for any later recovery) -> :func:`_evaluate` ->
+:func:`_record` (checkpoint and ``metrics.json`` entry). What they share for one class selection
+(test batches, dense accuracy, calibration batches, the budget's ratio) is prepared once by
+:func:`_prepare`."""
 
 from __future__ import annotations
 
 import copy
 import logging
 import time
+from dataclasses import dataclass
 from typing import Any
 
 import torch
+from torch import nn
 
 from ...errors import BudgetError, InvalidArgumentError, PruneSettingError, StageNotAvailableError
 from ...evaluate import accuracy, count_params_macs, predict_logits
 from ...metrics import PrunedEntry
 from ...models import input_size
-from ..prune_plan import (Entries, Selection, budget_of, budget_spec, check_prune_model, criterion_options, plan,
-                          round_to_of, selections, slots)
+from ...pruning.settings import Selection
+from ..prune_plan import Entries, calibration_samples, plan
 from .base import STAGES, Stage
 
 log = logging.getLogger("jas_prune")
 
 __all__ = ["run_prune"]
-
 
 
 def _locate_rate(ctx, before: list[PrunedEntry]) -> float | None:
@@ -62,9 +71,8 @@ def _importance_seconds(ctx, method: str, score_seconds: float, probe_images: in
 
 
 def run_prune(ctx) -> None:
-    check_prune_model(ctx.recipe, ctx.model, ctx.source)  # cheap; also run before any work where wired in
     before = list(ctx.metrics.pruned or [])
-    sels = selections(ctx)
+    sels = ctx.prune.selections
     chosen = {None if s.classes is None else tuple(s.classes) for s in sels}
     # entries of class selections this recipe no longer prunes are kept as they are
     entries = Entries([e for e in before if (None if e.classes is None else tuple(e.classes)) not in chosen])
@@ -79,24 +87,24 @@ def run_prune(ctx) -> None:
     ctx.save_metrics()
 
 
-def _budget_record(ctx, sel: Selection, mine: list[PrunedEntry], head_classes: list[int] | None,
-                   example: torch.Tensor, searched: dict[Any, dict[str, Any]]) -> dict[str, Any]:
+def _budget_record(ctx, sel: Selection, mine: list[PrunedEntry], example: torch.Tensor,
+                   searched: dict[Any, dict[str, Any]]) -> dict[str, Any]:
     """The ratio ``prune.budget`` gives for this selection, with what it achieves: read back from
     a finished entry made for the same budget (a resumed run keeps what it found, even for a
     latency target that a second measurement might place one step away), or searched once per
     head (the widths, hence MACs and latency, do not depend on the classes beyond the head)."""
     from ...pruning.budget import describe_record, find_ratio
 
-    budget, round_to = budget_of(ctx.recipe), round_to_of(ctx.recipe)
-    old = next((e for e in mine if e.budget and budget_spec(e.budget) == budget.spec() and e.round_to == round_to
+    budget, round_to = ctx.prune.budget, ctx.prune.round_to
+    old = next((e for e in mine if e.budget and e.identity()["budget"] == budget.spec() and e.round_to == round_to
                 and (e.head or "keep") == sel.head and ctx.run.file(e.checkpoint).is_file()), None)
     if old is not None:
         return dict(old.budget)
-    head = None if head_classes is None else tuple(head_classes)
+    head = None if sel.head_classes is None else tuple(sel.head_classes)
     if head not in searched:
         onnx = ctx.recipe.export.onnx if ctx.recipe.export is not None else None
         t0 = time.perf_counter()
-        result = find_ratio(ctx.model, budget, round_to=round_to, head_classes=head_classes,
+        result = find_ratio(ctx.model, budget, round_to=round_to, head_classes=sel.head_classes,
                             class_names=ctx.source.class_names, example_inputs=example, key="prune.budget",
                             providers=tuple(onnx.providers) if onnx is not None else ("cuda", "cpu"))
         searched[head] = result.record()
@@ -106,138 +114,214 @@ def _budget_record(ctx, sel: Selection, mine: list[PrunedEntry], head_classes: l
     return searched[head]
 
 
-def _prune_selection(ctx, index: int, sel: Selection, todo: dict[str, list[tuple[int, int]]],
-                     before: list[PrunedEntry], entries: Entries, searched: dict[Any, dict[str, Any]]) -> None:
-    from ...checkpoint import save_pruned
-    from ...data import make_loader
-    from ...io import file_record
-    from ...pruning.budget import describe_record
-    from ...pruning.calibration import cached_batches, per_class_cap
-    from ...pruning.criteria import MasksRef
-    from ...pruning.finetune import finetune
-    from ...pruning.prune import prune_ffn
-    from ...pruning.reconstruct import reconstruct
+@dataclass
+class _Bench:
+    """What every entry of one class selection shares, prepared once by :func:`_prepare`."""
 
-    p = ctx.recipe.prune
+    sel: Selection
+    example: torch.Tensor
+    size_in: tuple[int, ...]
+    probe_images: int
+    calibration_images: int
+    test_batches: Any
+    test_ids: list[str]
+    dense: dict[str, Any]
+    label_map: dict[int, int] | None
+    #: cached calibration batches (None when no entry left to make reconstructs)
+    calib: Any
+    #: the ``prune.budget`` record (None when the budget entry is not made here)
+    budget: dict[str, Any] | None
+    before: list[PrunedEntry]
+    #: the probe loader, made on first use (fine-tuning)
+    probe_loader: Any = None
+
+    def slot(self, ctx, j: int) -> tuple[float | None, float, str, str]:
+        """Ratio slot ``j``: (the slot's ratio: None for the budget, the ratio pruned at, the
+        allocation mode, the recipe key of the ratio)."""
+        wanted = ctx.prune.slots(self.sel)[j]
+        if wanted is None:
+            return None, self.budget["ratio"], "uniform", "prune.budget"
+        return wanted, wanted, ctx.prune.settings.mode_for(wanted), self.sel.ratios_key
+
+
+def _prepare(ctx, sel: Selection, todo: dict[str, list[tuple[int, int]]], before: list[PrunedEntry],
+             searched: dict[Any, dict[str, Any]]) -> _Bench:
+    """The selection's test batches (rendered once) and dense accuracy on them, its calibration
+    batches (when an entry reconstructs), and the budget's ratio (when the budget entry is made)."""
+    from ...data import make_loader
+    from ...pruning.calibration import cached_batches
+
     classes = sel.classes
-    head_classes = classes if (classes is not None and sel.head == "cut") else None
-    aggregation = ctx.recipe.masks.importance if ctx.recipe.masks is not None else None
-    probe_samples = ctx.source.subset("probe", classes)
-    calib_samples = per_class_cap(probe_samples, p.calibration.images_per_class)
-    mine = [e for e in before if e.classes == classes]
-    round_to = round_to_of(ctx.recipe)
-    ratio_slots = slots(ctx, sel)
     size_in = input_size(ctx.model)
     example = torch.zeros(1, *size_in, device=ctx.device, dtype=next(ctx.model.parameters()).dtype)
+    slots = ctx.prune.slots(sel)
     budget_rec = None
-    if any(ratio_slots[j] is None for pairs in todo.values() for j, _ in pairs):
-        budget_rec = _budget_record(ctx, sel, mine, head_classes, example, searched)
+    if any(slots[j] is None for pairs in todo.values() for j, _ in pairs):
+        budget_rec = _budget_record(ctx, sel, [e for e in before if e.classes == classes], example, searched)
     test_loader, test_samples = ctx.loader("test", classes)
     test_ids = [s.id for s in test_samples]
     test_batches = cached_batches(test_loader)
     dense_logits, test_labels = predict_logits(ctx.model, test_batches, device=ctx.device, sample_ids=test_ids,
                                                desc="evaluate dense subset")
-    dense_sub = accuracy(dense_logits, test_labels)
-    label_map = {c: j for j, c in enumerate(head_classes)} if head_classes is not None else None
+    head = sel.head_classes
+    calib_samples = calibration_samples(ctx, sel)
     calib: Any = None
     if any(sel.reconstructions[r] != "none" for pairs in todo.values() for _, r in pairs):
-        calib = cached_batches(make_loader(calib_samples, ctx.transform, batch_size=ctx.recipe.data.batch_size,
-                                           workers=ctx.recipe.data.workers, seed=ctx.recipe.runtime.seed))
-    probe_loader = None
-    where = "prune" if sel.subset is None else f"prune.class_subsets[{sel.subset}] {classes}"
-    for m, method in enumerate(p.methods):
+        d = ctx.recipe.data
+        calib = cached_batches(make_loader(calib_samples, ctx.transform, batch_size=d.batch_size, workers=d.workers,
+                                           seed=ctx.recipe.runtime.seed))
+    return _Bench(sel, example, size_in, len(ctx.source.subset("probe", classes)), len(calib_samples), test_batches,
+                  test_ids, accuracy(dense_logits, test_labels),
+                  {c: j for j, c in enumerate(head)} if head is not None else None, calib, budget_rec, before)
+
+
+def _prune_selection(ctx, index: int, sel: Selection, todo: dict[str, list[tuple[int, int]]],
+                     before: list[PrunedEntry], entries: Entries, searched: dict[Any, dict[str, Any]]) -> None:
+    """Make the selection's entries left to make: per method its scores once, per ratio one
+    pruned model, per reconstruction a copy of it."""
+    bench = _prepare(ctx, sel, todo, before, searched)
+    for m, method in enumerate(ctx.prune.settings.methods):
         if method not in todo:
             continue
-        t0 = time.perf_counter()
-        scored = ctx.criterion(method, classes, example_inputs=example,
-                               masks=MasksRef(ctx.run.root, aggregation, ctx.digest) if aggregation else None)
-        score_seconds = time.perf_counter() - t0
-        importance_seconds = _importance_seconds(ctx, method, score_seconds, len(probe_samples), before)
+        scored, score_seconds = _score(ctx, bench, method)
         by_slot: dict[int, list[int]] = {}
         for j, r in todo[method]:
             by_slot.setdefault(j, []).append(r)
         for j, recon_ids in by_slot.items():
-            budget = ratio_slots[j] is None
-            ratio = budget_rec["ratio"] if budget else ratio_slots[j]
-            mode = "uniform" if budget else p.mode_for(ratio)
-            key = "prune.budget" if budget else sel.ratios_key
-            base = copy.deepcopy(ctx.model)
-            try:
-                summary = prune_ffn(base, scored.scores, ratio=ratio, mode=mode, protect=scored.protect,
-                                    example_inputs=example, head_classes=head_classes,
-                                    class_names=ctx.source.class_names,
-                                    min_keep=float(p.global_min_keep * (1.0 - ratio)), round_to=round_to)
-            except BudgetError as exc:  # what must stay (class masks, min_keep) exceeds the keep budget
-                what = f"raise prune.budget.{budget_rec['target']}" if budget else f"lower {key}"
-                hint = (f"{what} or {'lower ' if budget else ''}masks.topk") if exc.protected else what
-                raise BudgetError(f"{key}: {ratio} with method '{method}' ({where}): {exc}; {hint}",
-                                  protected=exc.protected) from None
+            base, summary = _prune(ctx, bench, method, scored, j)
             for i, r in enumerate(recon_ids):
                 recon = sel.reconstructions[r]
                 model = base if i == len(recon_ids) - 1 else copy.deepcopy(base)
-                rec = None
-                if recon != "none":
-                    c = p.calibration
-                    try:
-                        rec = reconstruct(model, ctx.model, calib, method=recon, target=c.target, damping=c.damping)
-                    except PruneSettingError as exc:  # e.g. an fc2 without bias to refit
-                        raise PruneSettingError(f"prune.reconstruction: {exc}") from None
-                    except InvalidArgumentError as exc:
-                        raise PruneSettingError(f"prune.reconstruction: {recon} ({where}): {exc}") from None
-                ft = None
-                if p.finetune is not None and p.finetune.epochs > 0:
-                    if probe_loader is None:
-                        probe_loader, _ = ctx.loader("probe", classes)
-                    ft = finetune(model, probe_loader, epochs=p.finetune.epochs, lr=p.finetune.lr,
-                                  head_classes=head_classes, device=ctx.device)
-                logits, labels = predict_logits(model, test_batches, device=ctx.device, sample_ids=test_ids,
-                                                desc=f"evaluate {method}")
-                acc = accuracy(logits, labels, label_map=label_map)
-                suffixes = [s for s in (_suffix(recon), f"rt{round_to}" if round_to else None,
-                                        budget_of(ctx.recipe).suffix() if budget else None) if s]
-                stem = ctx.run.pruned_name(method, ratio, classes, suffixes=suffixes)
-                extra = {"method": method, "ratio": ratio, "bias_compensation": recon == "bias",
-                         "reconstruction": recon, "classes": classes, "class_names": ctx.source.class_names}
-                if round_to is not None:
-                    extra["round_to"] = round_to
-                if budget:
-                    extra["budget"] = budget_rec
-                ckpt = save_pruned(model, ctx.run.checkpoint(stem), extra=extra)
-                size = count_params_macs(model, size_in)
-                entry = PrunedEntry(
-                    method=method, ratio=ratio, classes=classes, top1=acc["top1"], top5=acc["top5"],
-                    params=size["params"], macs=size["macs"], bias_compensation=recon == "bias",
-                    checkpoint=ckpt.name, mode=mode, head=sel.head, dense_top1=dense_sub["top1"],
-                    dense_top5=dense_sub["top5"], test_images=acc["n"], removed_fraction=summary.removed_fraction,
-                    widths={str(b): w for b, w in summary.widths_after.items()}, finetune=ft,
-                    score_seconds=score_seconds, importance=aggregation if method == "jas" else None,
-                    checkpoint_file=file_record(ckpt, ctx.run.root),  # tamper evidence
-                    reconstruction=recon, importance_seconds=importance_seconds, class_subset=sel.subset,
-                    global_min_keep=p.global_min_keep if mode == "global" else None,
-                    criterion_options=criterion_options(ctx, method, classes), probe_images=len(probe_samples),
-                    round_to=round_to, budget=dict(budget_rec) if budget else None,
-                    **(_reconstruction_fields(rec, len(calib_samples)) if rec is not None else {}))
-                entries.add((index, m, j, r), entry)
-                ctx.metrics.pruned = entries.ordered()
-                ctx.save_metrics()
-                log.info("pruned %-10s ratio %.2f %-4s %s: top1 %.4f (dense %.4f) params %d%s%s", method, ratio, recon,
-                         "all classes" if classes is None else f"classes {classes}", acc["top1"],
-                         dense_sub["top1"], size["params"],
-                         f", reconstruction {rec.seconds:.1f} s" if rec is not None else "",
-                         f", budget {describe_record(budget_rec)}" if budget else "")
+                rec = _reconstruct(ctx, bench, model, recon)
+                ft = _recover(ctx, bench, model)
+                acc = _evaluate(ctx, bench, model, method)
+                _record(ctx, bench, entries, (index, m, j, r), model, method=method, recon=recon, summary=summary,
+                        rec=rec, ft=ft, acc=acc, score_seconds=score_seconds)
 
 
-def _suffix(recon: str) -> str | None:
+def _score(ctx, bench: _Bench, method: str) -> tuple[Any, float]:
+    """The criterion's scores on the selection's probe images, and the seconds they took."""
+    from ...pruning.criteria import MasksRef
+
+    aggregation = ctx.prune.aggregation
+    t0 = time.perf_counter()
+    scored = ctx.criterion(method, bench.sel.classes, example_inputs=bench.example,
+                           masks=MasksRef(ctx.run.root, aggregation, ctx.digest) if aggregation else None)
+    return scored, time.perf_counter() - t0
+
+
+def _prune(ctx, bench: _Bench, method: str, scored: Any, j: int) -> tuple[nn.Module, Any]:
+    """A pruned copy of the dense model at ratio slot ``j``, and prune_ffn's summary.
+
+    Raises:
+        BudgetError: what must stay (class masks, ``global_min_keep``) exceeds the keep budget,
+            naming the ratio's key and what to change.
+    """
+    from ...pruning.prune import prune_ffn
+
+    slot, ratio, mode, key = bench.slot(ctx, j)
+    budget = slot is None
+    base = copy.deepcopy(ctx.model)
+    try:
+        summary = prune_ffn(base, scored.scores, ratio=ratio, mode=mode, protect=scored.protect,
+                            example_inputs=bench.example, head_classes=bench.sel.head_classes,
+                            class_names=ctx.source.class_names,
+                            min_keep=float(ctx.prune.settings.global_min_keep * (1.0 - ratio)),
+                            round_to=ctx.prune.round_to)
+    except BudgetError as exc:  # what must stay (class masks, min_keep) exceeds the keep budget
+        what = f"raise prune.budget.{bench.budget['target']}" if budget else f"lower {key}"
+        hint = (f"{what} or {'lower ' if budget else ''}masks.topk") if exc.protected else what
+        raise BudgetError(f"{key}: {ratio} with method '{method}' ({bench.sel.where}): {exc}; {hint}",
+                          protected=exc.protected) from None
+    return base, summary
+
+
+def _reconstruct(ctx, bench: _Bench, model: nn.Module, recon: str) -> Any:
+    """Refit the pruned blocks on the calibration images (``prune.reconstruction``); its report
+    (None for ``none``)."""
+    from ...pruning.reconstruct import reconstruct
+
+    if recon == "none":
+        return None
+    c = ctx.prune.settings.calibration
+    try:
+        return reconstruct(model, ctx.model, bench.calib, method=recon, target=c.target, damping=c.damping)
+    except PruneSettingError as exc:  # e.g. an fc2 without bias to refit
+        raise PruneSettingError(f"prune.reconstruction: {exc}") from None
+    except InvalidArgumentError as exc:
+        raise PruneSettingError(f"prune.reconstruction: {recon} ({bench.sel.where}): {exc}") from None
+
+
+def _recover(ctx, bench: _Bench, model: nn.Module) -> dict[str, Any] | None:
+    """Recover accuracy after pruning: the optional fine-tune on the probe images
+    (``prune.finetune``; its record, None without). Further recovery (e.g. distillation) goes
+    here, after the reconstruction and before the evaluation."""
+    from ...pruning.finetune import finetune
+
+    ft = ctx.prune.settings.finetune
+    if ft is None or ft.epochs <= 0:
+        return None
+    if bench.probe_loader is None:
+        bench.probe_loader, _ = ctx.loader("probe", bench.sel.classes)
+    return finetune(model, bench.probe_loader, epochs=ft.epochs, lr=ft.lr, head_classes=bench.sel.head_classes,
+                    device=ctx.device)
+
+
+def _evaluate(ctx, bench: _Bench, model: nn.Module, method: str) -> dict[str, Any]:
+    """Top-1/top-5 of the pruned model on the selection's test images (the cut head's labels mapped)."""
+    logits, labels = predict_logits(model, bench.test_batches, device=ctx.device, sample_ids=bench.test_ids,
+                                    desc=f"evaluate {method}")
+    return accuracy(logits, labels, label_map=bench.label_map)
+
+
+def _record(ctx, bench: _Bench, entries: Entries, key: tuple[int, int, int, int], model: nn.Module, *,
+            method: str, recon: str, summary: Any, rec: Any, ft: dict[str, Any] | None, acc: dict[str, Any],
+            score_seconds: float) -> None:
+    """Save the checkpoint, add its ``metrics.json`` entry (the identity it was made with, then
+    what was measured) and rewrite ``metrics.json``."""
+    from ...checkpoint import save_pruned
+    from ...io import file_record
+    from ...pruning.budget import describe_record
     from ...pruning.choices import RECONSTRUCTION_SUFFIX
 
-    return RECONSTRUCTION_SUFFIX[recon]
+    sel, prune = bench.sel, ctx.prune
+    slot, ratio, _, _ = bench.slot(ctx, key[2])
+    budget = slot is None
+    identity = prune.identity(sel, method, slot, recon, bench.calibration_images)
+    suffixes = [s for s in (RECONSTRUCTION_SUFFIX[recon], f"rt{prune.round_to}" if prune.round_to else None,
+                            prune.budget.suffix() if budget else None) if s]
+    stem = ctx.run.pruned_name(method, ratio, sel.classes, suffixes=suffixes)
+    extra = {"method": method, "ratio": ratio, "bias_compensation": recon == "bias",
+             "reconstruction": recon, "classes": sel.classes, "class_names": ctx.source.class_names}
+    if prune.round_to is not None:
+        extra["round_to"] = prune.round_to
+    if budget:
+        extra["budget"] = bench.budget
+    ckpt = save_pruned(model, ctx.run.checkpoint(stem), extra=extra)
+    size = count_params_macs(model, bench.size_in)
+    entry = PrunedEntry(
+        **{**identity, "ratio": ratio, "budget": dict(bench.budget) if budget else None},
+        top1=acc["top1"], top5=acc["top5"], params=size["params"], macs=size["macs"],
+        bias_compensation=recon == "bias", checkpoint=ckpt.name, dense_top1=bench.dense["top1"],
+        dense_top5=bench.dense["top5"], test_images=acc["n"], removed_fraction=summary.removed_fraction,
+        widths={str(b): w for b, w in summary.widths_after.items()}, finetune=ft, score_seconds=score_seconds,
+        checkpoint_file=file_record(ckpt, ctx.run.root),  # tamper evidence
+        importance_seconds=_importance_seconds(ctx, method, score_seconds, bench.probe_images, bench.before),
+        class_subset=sel.subset, probe_images=bench.probe_images,
+        **(_reconstruction_fields(rec) if rec is not None else {}))
+    entries.add(key, entry)
+    ctx.metrics.pruned = entries.ordered()
+    ctx.save_metrics()
+    log.info("pruned %-10s ratio %.2f %-4s %s: top1 %.4f (dense %.4f) params %d%s%s", method, ratio, recon,
+             "all classes" if sel.classes is None else f"classes {sel.classes}", acc["top1"],
+             bench.dense["top1"], size["params"],
+             f", reconstruction {rec.seconds:.1f} s" if rec is not None else "",
+             f", budget {describe_record(bench.budget)}" if budget else "")
 
 
-def _reconstruction_fields(rec, calib_images: int) -> dict[str, Any]:
-    """A reconstruction report as PrunedEntry fields."""
-    return {"reconstruction_target": rec.target,
-            "reconstruction_damping": rec.damping if rec.method == "lsq" else None,
-            "calibration_images": calib_images, "reconstruction_seconds": rec.seconds,
+def _reconstruction_fields(rec) -> dict[str, Any]:
+    """What a reconstruction measured, as PrunedEntry fields (what it was made with is the entry's identity)."""
+    return {"reconstruction_seconds": rec.seconds,
             "reconstruction_blocks": [{"block": b.block, "width": b.width, "relative_before": b.relative_before,
                                        "relative_after": b.relative_after, "refit": b.refit}
                                       for b in rec.blocks]}
