@@ -20,6 +20,11 @@ one field line each. Adding a setting:
 
 Errors are reworded once (:func:`jas_prune.schema.first_error`): every one names its YAML path,
 e.g. ``attribution.steps: must be ≥ 1``, and echoes at most a short prefix of the value.
+
+A recipe is a few dozen settings: a file above :data:`RECIPE_MAX_BYTES`, or a document holding
+more than :data:`VALUES_MAX` values once its YAML aliases are expanded (a "billion laughs"
+document expands exponentially) or nested deeper than :data:`DEPTH_MAX`, is refused before any
+validation, in time and memory bounded by those limits.
 """
 
 from __future__ import annotations
@@ -46,6 +51,16 @@ __all__ = [
     "dump_recipe",
 ]
 
+#: the largest recipe file read
+RECIPE_MAX_BYTES = 1 << 20
+#: the most values (mapping keys, list items and scalars) a recipe may hold, aliases expanded
+VALUES_MAX = 100_000
+#: the deepest nesting of mappings and lists a recipe may have
+DEPTH_MAX = 32
+#: ``data.images_per_class`` at most: the built-in data renders every image of the partition
+#: (48 classes × 10 000 images is already a long run on a GPU)
+IMAGES_PER_CLASS_MAX = 10_000
+
 SECTIONS = ("model", "data", "attribution", "masks", "prune", "evaluate", "export", "runtime")
 #: attribution.method values: the registered attribution methods
 LOCATE_METHODS = METHODS.names()
@@ -62,10 +77,10 @@ class DataSection(Strict):
     kind: Literal["shapes", "imagefolder"] = "shapes"
     root: str | None = None
     probe_fraction: float = Field(default=0.8, gt=0.0, lt=1.0)
-    images_per_class: int | None = Field(default=None, ge=2)
+    images_per_class: int | None = Field(default=None, ge=2, le=IMAGES_PER_CLASS_MAX)
     #: probe images kept per class for attribution, masks, criteria and calibration; the test
     #: partition is the same with or without it (the images left out are used nowhere)
-    probe_images_per_class: int | None = Field(default=None, ge=1)
+    probe_images_per_class: int | None = Field(default=None, ge=1, le=IMAGES_PER_CLASS_MAX)
     batch_size: int = Field(default=64, ge=1)
     workers: int = Field(default=0, ge=0)
 
@@ -82,6 +97,10 @@ class AttributionSection(LocateSettings):
     built from)."""
 
     method: Union[str, list[str]] = "jas"
+
+    #: validated as a part of the recipe (errors name their path there), not by LocateSettings'
+    #: constructor, which words its own errors for Python callers
+    __init__ = Strict.__init__
 
     @field_validator("method")
     @classmethod
@@ -167,7 +186,8 @@ class ExportSection(Strict):
 
 
 class RuntimeSection(Strict):
-    seed: int = 0
+    #: seeds Python, NumPy and PyTorch (NumPy takes 0 … 2**32 - 1)
+    seed: int = Field(default=0, ge=0, le=2**32 - 1)
     device: Literal["auto", "cpu", "cuda"] = "auto"
     dtype: Literal["float32", "float64", "bfloat16"] = "float32"
 
@@ -197,6 +217,7 @@ def parse_recipe(data: Any, source: str = "recipe") -> Recipe:
         data = {}
     if not isinstance(data, dict):
         raise RecipeError(f"{source}: a recipe must be a YAML mapping, got {type(data).__name__}")
+    _check_size(data, source)
     if "version" not in data:
         raise RecipeError(f"{source}: version: missing (this jas-prune reads version: 1)")
     try:
@@ -205,10 +226,27 @@ def parse_recipe(data: Any, source: str = "recipe") -> Recipe:
         raise RecipeError(first_error(exc, Recipe)) from None
 
 
+def _check_size(data: Any, source: str) -> None:
+    """Refuse a document with more than :data:`VALUES_MAX` values or deeper than :data:`DEPTH_MAX`
+    (counted as if every alias were expanded; the walk stops at the limit)."""
+    count, stack = 0, [(data, 0)]
+    while stack:
+        node, depth = stack.pop()
+        if depth > DEPTH_MAX:
+            raise RecipeError(f"{source}: nested deeper than {DEPTH_MAX} levels; a recipe is a few dozen settings")
+        items = list(node.keys()) + list(node.values()) if isinstance(node, dict) else node \
+            if isinstance(node, list) else ()
+        count += 1 + len(items)
+        if count > VALUES_MAX:
+            raise RecipeError(f"{source}: more than {VALUES_MAX} values once its YAML aliases are expanded; "
+                              "a recipe is a few dozen settings")
+        stack.extend((x, depth + 1) for x in items if isinstance(x, (dict, list)))
+
+
 def _parse_value(text: str) -> Any:
     try:
         return yaml.safe_load(text) if text.strip() else None
-    except yaml.YAMLError:
+    except (yaml.YAMLError, RecursionError):
         return text
 
 
@@ -251,12 +289,17 @@ def load_recipe(path: str | Path, overrides: list[str] | tuple[str, ...] = ()) -
     if not path.is_file():
         raise RecipeError(f"{path}: recipe file not found")
     try:
+        size = path.stat().st_size
+        if size > RECIPE_MAX_BYTES:
+            raise RecipeError(f"{path}: {size} bytes; a recipe file is at most {RECIPE_MAX_BYTES} bytes")
         data = yaml.safe_load(path.read_text(encoding="utf-8"))
     except yaml.YAMLError as exc:
         mark = getattr(exc, "problem_mark", None)
         where = f" at line {mark.line + 1}, column {mark.column + 1}" if mark else ""
         problem = getattr(exc, "problem", None) or str(exc).splitlines()[0]
         raise RecipeError(f"{path}: malformed YAML{where}: {problem}") from None
+    except RecursionError:
+        raise RecipeError(f"{path}: nested deeper than {DEPTH_MAX} levels; a recipe is a few dozen settings") from None
     except (OSError, UnicodeDecodeError) as exc:
         raise RecipeError(f"{path}: cannot read recipe: {exc}") from None
     if data is not None and not isinstance(data, dict):

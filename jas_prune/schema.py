@@ -17,16 +17,19 @@ from typing import Any
 
 from pydantic import BaseModel, ConfigDict, ValidationError
 
-__all__ = ["Strict", "ECHO_LIMIT", "short", "first_error", "finite"]
+__all__ = ["Strict", "ECHO_LIMIT", "STR_MAX", "short", "first_error", "finite"]
 
 #: the most characters of a user's value an error message echoes
 ECHO_LIMIT = 80
+#: the longest string setting (a path: Linux's PATH_MAX)
+STR_MAX = 4096
 
 
 class Strict(BaseModel):
-    """A settings section: unknown keys are an error, aliases (``lambda``) and names both accepted."""
+    """A settings section: unknown keys are an error, aliases (``lambda``) and names both accepted,
+    no string longer than :data:`STR_MAX`."""
 
-    model_config = ConfigDict(extra="forbid", populate_by_name=True)
+    model_config = ConfigDict(extra="forbid", populate_by_name=True, str_max_length=STR_MAX)
 
 
 _repr = reprlib.Repr()
@@ -90,8 +93,6 @@ def _friendly(err: dict, root: type[BaseModel], prefix: tuple) -> str:
         return f"{path}: must be a mapping of keys to values (got {got})"
     if kind == "literal_error":
         return f"{path}: must be one of {ctx.get('expected')} (got {got})"
-    if kind == "finite_number":
-        return f"{path}: must be a finite number (got {got})"
     if kind == "value_error":
         msg = str(err["msg"]).removeprefix("Value error, ")
         key, sep, rest = msg.partition(": ")

@@ -91,6 +91,13 @@ class LocateSettings(Strict):
                 raise ValueError(f"must be one of {', '.join(map(repr, names))} (got {short(m)})")
         return v
 
+    @field_validator("steps", "topk", "internal_batch_size", mode="before")
+    @classmethod
+    def _not_bool(cls, v: Any) -> Any:
+        if isinstance(v, bool):  # pydantic would read true as 1
+            raise ValueError(f"must be an integer, got {v!r}")
+        return v
+
     @field_validator("layers", mode="before")
     @classmethod
     def _layers_before(cls, v: Any) -> Any:

@@ -76,6 +76,13 @@ def create_model(name: str, *, num_classes: int | None = None, **overrides: Any)
         if not str(exc).startswith("Unknown model"):
             raise
         raise UnsupportedModelError(f"model.name: unknown timm model '{name}'{_name_hint(name)}") from None
+    except ValueError as exc:  # timm: "... looks like a Hugging Face Hub repo id or a local path"
+        if "no source prefix" not in str(exc):
+            raise
+        what = "a directory" if Path(name).is_dir() else "a path"
+        raise UnsupportedModelError(
+            f"model.name: '{name}' is {what}, not a timm model name; a Hugging Face model folder is "
+            f"'hf:{name}', a weights file goes in model.checkpoint") from None
     return model
 
 

@@ -1,9 +1,9 @@
-"""The names of the reconstruction choices, importable without torch (the recipe schema and the
+"""The names of the reconstruction choices and the bounds of prune settings, importable without torch (the recipe schema and the
 CLI read them; :mod:`jas_prune.pruning.reconstruct` implements them)."""
 
 from __future__ import annotations
 
-__all__ = ["RECONSTRUCTIONS", "TARGETS", "DEFAULT_DAMPING", "DEFAULT_TARGET", "RECONSTRUCTION_SUFFIX"]
+__all__ = ["RECONSTRUCTIONS", "TARGETS", "DEFAULT_DAMPING", "DEFAULT_TARGET", "RECONSTRUCTION_SUFFIX", "EPOCHS_MAX"]
 
 #: none < bias < lsq: what is refit after pruning (nothing, fc2.bias, fc2 weight and bias).
 RECONSTRUCTIONS = ("none", "bias", "lsq")
@@ -17,3 +17,6 @@ DEFAULT_TARGET = "residual"
 #: checkpoint-name suffix of each reconstruction (``pruned-jas-r50-bc``: bias refit, the name bias
 #: compensation always had)
 RECONSTRUCTION_SUFFIX = {"none": None, "bias": "bc", "lsq": "lsq"}
+#: the most training epochs a setting accepts (``prune.finetune.epochs``, ``prune.vit_slim.epochs``):
+#: passes over the probe images, where more never ends
+EPOCHS_MAX = 1000.0

@@ -22,7 +22,7 @@ from pydantic import BaseModel, Field, create_model, field_validator, model_vali
 
 from ..errors import InvalidArgumentError, PruneSettingError, RecipeError
 from ..schema import Strict, finite
-from .choices import DEFAULT_DAMPING, DEFAULT_TARGET, RECONSTRUCTIONS, TARGETS as RECONSTRUCTION_TARGETS
+from .choices import DEFAULT_DAMPING, DEFAULT_TARGET, EPOCHS_MAX, RECONSTRUCTIONS, TARGETS as RECONSTRUCTION_TARGETS
 from .criteria import CRITERIA
 
 if TYPE_CHECKING:  # pragma: no cover
@@ -38,8 +38,6 @@ PRUNE_METHODS = CRITERIA.names()
 _PruneMethod = Literal[PRUNE_METHODS]  # type: ignore[valid-type]
 _Reconstruction = Literal[RECONSTRUCTIONS]  # type: ignore[valid-type]
 _Mode = Literal["uniform", "global"]
-#: the most training epochs a setting accepts (passes over the probe images: more never ends)
-EPOCHS_MAX = 1000.0
 
 
 def _check_ratios(v: list[float]) -> list[float]:

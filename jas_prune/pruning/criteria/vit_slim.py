@@ -11,24 +11,24 @@ import math
 from typing import Any, Iterable, Sequence
 
 import torch
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import Field
 from torch import nn
 
 from ...errors import InvalidArgumentError
+from ...schema import Strict
+from ..choices import EPOCHS_MAX
 from . import CRITERIA, Criterion, CriterionScores, ScoringInputs
 
 
-class VitSlimOptions(BaseModel):
+class VitSlimOptions(Strict):
     """``prune.vit_slim``: the soft-mask training."""
 
-    model_config = ConfigDict(extra="forbid", populate_by_name=True)
-
     #: weight of the L1 penalty on the scales (recipe key ``lambda``)
-    lambda_: float = Field(default=1e-4, ge=0.0, alias="lambda")
+    lambda_: float = Field(default=1e-4, ge=0.0, alias="lambda", allow_inf_nan=False)
     #: passes over the probe data (fractional allowed)
-    epochs: float = Field(default=3.0, gt=0.0)
+    epochs: float = Field(default=3.0, gt=0.0, le=EPOCHS_MAX, allow_inf_nan=False)
     #: Adam learning rate of the scales
-    lr: float = Field(default=1e-2, gt=0.0)
+    lr: float = Field(default=1e-2, gt=0.0, allow_inf_nan=False)
 
 
 def vit_slim_scores(model: nn.Module, loader: Iterable, *, lam: float = 1e-4, epochs: float = 3.0,
