@@ -29,6 +29,7 @@ validation, in time and memory bounded by those limits.
 
 from __future__ import annotations
 
+import re
 from pathlib import Path
 from typing import Any, Literal, Union
 
@@ -243,8 +244,26 @@ def _check_size(data: Any, source: str) -> None:
         stack.extend((x, depth + 1) for x in items if isinstance(x, (dict, list)))
 
 
+_FLOW = re.compile(r"""'[^'\n]*'|"(?:[^"\\\n]|\\.)*"|#[^\n]*|[\[\]{}]""")
+
+
+def _check_flow_depth(text: str, source: str) -> None:
+    """Refuse ``[[[[…`` nested deeper than :data:`DEPTH_MAX` before the YAML parser sees it (its
+    time grows with the square of the depth). Quoted strings and comments are skipped."""
+    depth = 0
+    for m in _FLOW.finditer(text):
+        c = m.group()
+        if c in "[{":
+            depth += 1
+            if depth > DEPTH_MAX:
+                raise RecipeError(f"{source}: nested deeper than {DEPTH_MAX} levels; a recipe is a few dozen settings")
+        elif c in "]}":
+            depth = max(depth - 1, 0)
+
+
 def _parse_value(text: str) -> Any:
     try:
+        _check_flow_depth(text, "--set")
         return yaml.safe_load(text) if text.strip() else None
     except (yaml.YAMLError, RecursionError):
         return text
@@ -292,7 +311,9 @@ def load_recipe(path: str | Path, overrides: list[str] | tuple[str, ...] = ()) -
         size = path.stat().st_size
         if size > RECIPE_MAX_BYTES:
             raise RecipeError(f"{path}: {size} bytes; a recipe file is at most {RECIPE_MAX_BYTES} bytes")
-        data = yaml.safe_load(path.read_text(encoding="utf-8"))
+        text = path.read_text(encoding="utf-8")
+        _check_flow_depth(text, str(path))
+        data = yaml.safe_load(text)
     except yaml.YAMLError as exc:
         mark = getattr(exc, "problem_mark", None)
         where = f" at line {mark.line + 1}, column {mark.column + 1}" if mark else ""

@@ -149,6 +149,52 @@ class Case:
     needle: str  # ``{tmp}`` is replaced by the case's tmp_path
 
 
+def _laughs(use: str) -> str:
+    """A "billion laughs" recipe: nine levels of nine aliases each (9**9 strings once expanded)."""
+    lines = ["version: 1", 'a: &a ["lol", "lol", "lol", "lol", "lol", "lol", "lol", "lol", "lol"]']
+    for prev, name in zip("abcdefgh", "bcdefghi"):
+        lines.append(f"{name}: &{name} [" + ", ".join([f"*{prev}"] * 9) + "]")
+    return "\n".join(lines + [use]) + "\n"
+
+
+#: issue 18: recipes accepted by validation before, then a crash (or a run that never ends);
+#: refused before the run directory exists
+RECIPE_CASES = [
+    Case("billion-laughs", lambda t, m: _run(t, _laughs("model: {name: *i}")),
+         "r.yaml: more than 100000 values once its YAML aliases are expanded"),
+    Case("billion-laughs-section", lambda t, m: _run(t, _laughs("model: *i")),
+         "r.yaml: more than 100000 values once its YAML aliases are expanded"),
+    Case("recipe-too-big", lambda t, m: _run(t, "version: 1\nprune: {classes: [" + "1, " * 400_000 + "1]}\n"),
+         "bytes; a recipe file is at most 1048576 bytes"),
+    Case("name-huge", lambda t, m: _run(t, "version: 1\nmodel: {name: " + "x" * 500_000 + "}\n"),
+         "model.name: string should have at most 4096 characters (got 'xxx"),
+    Case("seed-negative", lambda t, m: _run(t, "version: 1\n", "runtime.seed=-1"),
+         "runtime.seed: must be ≥ 0 (got -1)"),
+    Case("seed-huge", lambda t, m: _run(t, "version: 1\n", "runtime.seed=100000000000000000000000"),
+         "runtime.seed: must be ≤ 4294967295 (got 100000000000000000000000)"),
+    Case("model-name-a-directory", lambda t, m: _run(t, "version: 1\n", f"model.name={_empty_dir(t)}"),
+         "model.name: '{tmp}/empty' is a directory, not a timm model name"),
+    Case("vit_slim-epochs-inf", lambda t, m: _run(t, "version: 1\nprune: {methods: [vit_slim]}\n",
+                                                  "prune.vit_slim.epochs=.inf"),
+         "prune.vit_slim.epochs: input should be a finite number (got inf)"),
+    Case("finetune-epochs-inf", lambda t, m: _run(t, "version: 1\nprune: {methods: [random]}\n",
+                                                  "prune.finetune.epochs=.inf"),
+         "prune.finetune.epochs: input should be a finite number (got inf)"),
+    Case("finetune-epochs-huge", lambda t, m: _run(t, "version: 1\nprune: {methods: [random]}\n",
+                                                   "prune.finetune.epochs=1000000000.0"),
+         "prune.finetune.epochs: must be ≤ 1000.0 (got 1000000000.0)"),
+    Case("finetune-lr-inf", lambda t, m: _run(t, "version: 1\nprune: {methods: [random]}\n",
+                                              "prune.finetune.lr=.inf"),
+         "prune.finetune.lr: input should be a finite number (got inf)"),
+    Case("images_per_class-huge", lambda t, m: _run(t, "version: 1\n", "data.images_per_class=1000000000000"),
+         "data.images_per_class: must be ≤ 10000 (got 1000000000000)"),
+    Case("attribution-steps-huge", lambda t, m: _run(t, "version: 1\nattribution: {}\n",
+                                                     "attribution.steps=1000000000"),
+         "attribution.steps: must be ≤ 10000 (got 1000000000)"),
+    Case("ratios-duplicate", lambda t, m: _run(t, "version: 1\nprune: {methods: [random], ratios: [0.5, 0.5]}\n"),
+         "prune.ratios: 0.5 is listed twice: list each ratio once"),
+]
+
 CASES = [
     # -- the recipe file ------------------------------------------------------------------------
     Case("recipe-missing", lambda t, m: ["recipe", "run", str(t / "nope.yaml")],
@@ -328,6 +374,7 @@ CASES = [
          "--set attribution..steps=3: empty key segment"),
     Case("set-wrong-type", lambda t, m: _run(t, "version: 1\n", "attribution.steps=many"),
          "attribution.steps: input should be a valid integer"),
+    *RECIPE_CASES,
 ]
 
 
@@ -367,11 +414,13 @@ def test_bad_input_exits_2_with_one_line(case: Case, tmp_path, tiny_builtin, cap
     if case.id == "cuda-without-cuda" and torch.cuda.is_available():
         pytest.skip("CUDA present")
     args = case.args(tmp_path, tiny_builtin)
-    check_user_error(capsys, args, case.needle, tmp_path, case.id)
+    line = check_user_error(capsys, args, case.needle, tmp_path, case.id)
     assert not (tmp_path / "run" / "metrics.json").exists()  # refused before any stage finished
     if args[:2] == ["recipe", "run"] and "--resume" not in args and case.id not in STARTED:
         # refused before any work: nothing marks the directory as a run, the fixed recipe re-runs there
         assert not (tmp_path / "run" / "recipe.yaml").exists()
+    if case in RECIPE_CASES:  # no run directory, lock or log left behind; the value never echoed whole
+        assert not (tmp_path / "run").exists() and len(line) < 300, line
 
 
 def test_bare_group_prints_its_help(capsys):

@@ -92,3 +92,37 @@ def test_shipped_recipes_validate():
     assert recipes
     for path in recipes:
         load_recipe(path)
+
+
+def test_billion_laughs_is_refused_in_bounded_time_and_memory(tmp_path):
+    """Issue 18: nine levels of nine aliases (9**9 strings once expanded) under model.name, under a
+    --set, or deeply nested: refused in well under 2 s and 200 MB (the document is never expanded)."""
+    import time
+    import tracemalloc
+
+    from test_bad_input import _laughs
+
+    path = tmp_path / "laughs.yaml"
+    deep = tmp_path / "deep.yaml"
+    path.write_text(_laughs("model: {name: *i}"))
+    deep.write_text("version: 1\nmodel: " + "[" * 5000 + "]" * 5000 + "\n")
+    tracemalloc.start()
+    t0 = time.perf_counter()
+    for p, sets, msg in [(path, [], "more than 100000 values"), (deep, [], "nested deeper than 32"),
+                         (path, ["model.name=" + _laughs("x: *i").replace("\n", ", ")], "more than 100000 values")]:
+        with pytest.raises(RecipeError, match=msg) as info:
+            load_recipe(p, sets)
+        assert len(str(info.value)) < 300
+    seconds = time.perf_counter() - t0
+    peak = tracemalloc.get_traced_memory()[1]
+    tracemalloc.stop()
+    assert seconds < 2.0 and peak < 200e6, (seconds, peak)
+
+
+def test_errors_echo_a_short_value():
+    """A huge value is named by its key, echoed at most a few dozen characters (issue 18)."""
+    for data in ({"runtime": {"seed": "9" * 100_000}}, {"prune": {"ratios": [0.5] * 50_000 + [2.0]}},
+                 {"data": {"kind": "x" * 100_000}}, {"x" * 100_000: 1}):
+        with pytest.raises(RecipeError) as info:
+            parse_recipe({"version": 1, **data})
+        assert len(str(info.value)) < 300, str(info.value)[:400]
