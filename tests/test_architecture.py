@@ -18,14 +18,15 @@ def _module_name(path: Path) -> str:
     return ".".join(parts)
 
 
-def _imports(path: Path, modules: set[str]) -> set[str]:
-    """The package modules ``path`` imports (absolute or relative, at any depth of the code)."""
+def _imports(path: Path, modules: set[str], typing: bool = False) -> set[str]:
+    """The package modules ``path`` imports (absolute or relative, at any depth of the code;
+    with ``typing``, those under ``if TYPE_CHECKING:`` too)."""
     name = _module_name(path)
     package = name if path.name == "__init__.py" else name.rpartition(".")[0]
     out: set[str] = set()
     tree = ast.parse(path.read_text(encoding="utf-8"))
     typing_only = {id(n) for block in ast.walk(tree) if isinstance(block, ast.If) and _is_type_checking(block.test)
-                   for stmt in block.body for n in ast.walk(stmt)}
+                   for stmt in block.body for n in ast.walk(stmt)} if not typing else set()
     for node in ast.walk(tree):
         if id(node) in typing_only:
             continue
@@ -54,10 +55,10 @@ def _is_type_checking(test: ast.expr) -> bool:
         isinstance(test, ast.Attribute) and test.attr == "TYPE_CHECKING")
 
 
-def _graph() -> dict[str, set[str]]:
+def _graph(typing: bool = False) -> dict[str, set[str]]:
     files = sorted(PKG.rglob("*.py"))
     modules = {_module_name(f) for f in files}
-    graph = {_module_name(f): _imports(f, modules) for f in files}
+    graph = {_module_name(f): _imports(f, modules, typing) for f in files}
     # a submodule imports its packages' __init__ anyway; edges *to* a package __init__ that
     # only re-exports would close trivial loops, so they point at what the __init__ imports
     for mod in graph:
@@ -101,3 +102,21 @@ def test_no_import_cycle_in_the_package():
 
 def test_the_cycle_finder_finds_a_cycle():
     assert _cycles({"a": {"b"}, "b": {"c"}, "c": {"a"}, "d": {"a"}}) == [["a", "b", "c"]]
+
+
+def test_attribution_has_no_circle_even_for_type_checkers():
+    """Issue 19: settings <- methods (the registry) <- engine <- builtin (the registered methods),
+    one way, with no ``if TYPE_CHECKING:`` import closing a circle."""
+    graph = {m: {t for t in ts if t.startswith("jas_prune.attribution")}
+             for m, ts in _graph(typing=True).items() if m.startswith("jas_prune.attribution")}
+    assert _cycles(graph) == []
+
+
+def test_no_module_imports_another_modules_private_names():
+    offenders = []
+    for path in sorted(PKG.rglob("*.py")):
+        for node in ast.walk(ast.parse(path.read_text(encoding="utf-8"))):
+            if isinstance(node, ast.ImportFrom) and (node.level or (node.module or "").startswith("jas_prune")):
+                offenders += [f"{_module_name(path)}: {a.name}" for a in node.names
+                              if a.name.startswith("_") and not a.name.startswith("__")]
+    assert offenders == []
