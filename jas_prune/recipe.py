@@ -39,7 +39,7 @@ from pydantic import Field, ValidationError, field_validator, model_validator
 from .attribution import METHODS, LocateSettings
 from .errors import RecipeError
 from .pruning.settings import PRUNE_METHODS, PruneSettings
-from .schema import Strict, first_error
+from .schema import Strict, each_once, first_error
 
 __all__ = [
     "SECTIONS",
@@ -106,9 +106,7 @@ class AttributionSection(LocateSettings):
     @field_validator("method")
     @classmethod
     def _each_once(cls, v):
-        if isinstance(v, list) and (not v or len(set(v)) != len(v)):
-            raise ValueError("must name at least one method, each once")
-        return v
+        return each_once(v, "must name at least one method, each once")
 
     @property
     def methods(self) -> list[str]:

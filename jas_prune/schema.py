@@ -17,7 +17,7 @@ from typing import Any
 
 from pydantic import BaseModel, ConfigDict, ValidationError
 
-__all__ = ["Strict", "ECHO_LIMIT", "STR_MAX", "short", "first_error", "finite"]
+__all__ = ["Strict", "ECHO_LIMIT", "STR_MAX", "short", "first_error", "finite", "each_once"]
 
 #: the most characters of a user's value an error message echoes
 ECHO_LIMIT = 80
@@ -49,6 +49,13 @@ def finite(v: float, rule: str = "") -> float:
     """For a field validator: refuse NaN and ±inf, saying the field's ``rule`` (e.g. ``" ≥ 0"``)."""
     if v != v or v in (float("inf"), float("-inf")):
         raise ValueError(f"must be a finite number{rule} (got {v!r})")
+    return v
+
+
+def each_once(v: Any, message: str) -> Any:
+    """For a field validator: a list must be non-empty with each item once (else ``message``)."""
+    if isinstance(v, list) and (not v or len(set(v)) != len(v)):
+        raise ValueError(message)
     return v
 
 

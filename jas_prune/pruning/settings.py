@@ -21,7 +21,7 @@ from typing import TYPE_CHECKING, Any, Literal, Union
 from pydantic import BaseModel, Field, create_model, field_validator, model_validator
 
 from ..errors import InvalidArgumentError, PruneSettingError, RecipeError
-from ..schema import Strict, finite
+from ..schema import Strict, each_once, finite
 from .choices import DEFAULT_DAMPING, DEFAULT_TARGET, EPOCHS_MAX, RECONSTRUCTIONS, TARGETS as RECONSTRUCTION_TARGETS
 from .criteria import CRITERIA
 
@@ -52,10 +52,7 @@ def _check_ratios(v: list[float]) -> list[float]:
     return v
 
 
-def _each_once(v: Any, what: str) -> Any:
-    if isinstance(v, list) and (not v or len(set(v)) != len(v)):
-        raise ValueError(f"must list at least one of {what}, each once")
-    return v
+_RECONSTRUCTIONS_ONCE = f"must list at least one of {', '.join(RECONSTRUCTIONS)}, each once"
 
 
 class FinetuneSettings(Strict):
@@ -105,7 +102,7 @@ class ClassSubsetsSettings(Strict):
     @field_validator("reconstruction")
     @classmethod
     def _reconstruction(cls, v):
-        return [v] if isinstance(v, str) else _each_once(v, "none, bias, lsq")
+        return [v] if isinstance(v, str) else each_once(v, _RECONSTRUCTIONS_ONCE)
 
 
 class BudgetSettings(Strict):
@@ -202,14 +199,12 @@ class _PruneFields(Strict):
     @field_validator("reconstruction")
     @classmethod
     def _reconstruction(cls, v):
-        return _each_once(v, "none, bias, lsq")
+        return each_once(v, _RECONSTRUCTIONS_ONCE)
 
     @field_validator("bias_compensation")
     @classmethod
     def _bias_compensation(cls, v):
-        if isinstance(v, list) and (not v or len(set(v)) != len(v)):
-            raise ValueError("must be true, false or a list of them, each once")
-        return v
+        return each_once(v, "must be true, false or a list of them, each once")
 
     @model_validator(mode="after")
     def _alias(self) -> "_PruneFields":
