@@ -11,7 +11,7 @@ import numpy as np
 import torch
 from torch import nn
 
-from ..attribution import LocateSettings, ResolvedSettings
+from ..attribution import ResolvedSettings
 from ..data import DataSource, ImageDataset, make_loader
 from ..distributed import Dist
 from ..io import atomic_write_json
@@ -128,8 +128,3 @@ class RunContext:
         if self.dist.is_root:
             atomic_write_json(self.run.metrics, self.metrics.to_dict())
 
-
-def settings_from_recipe(recipe: Recipe) -> LocateSettings | None:
-    """The recipe's attribution section as one :class:`LocateSettings` (first located method)."""
-    a = recipe.attribution
-    return None if a is None else LocateSettings.from_section(a)

@@ -336,7 +336,7 @@ class Selection:
 class ResolvedPrune:
     """:class:`PruneSettings` checked against one model and data set (see the module docstring)."""
 
-    settings: Any  # PruneSettings
+    settings: _PruneFields  # a PruneSettings
     selections: tuple[Selection, ...]
     #: ``prune.round_to`` as used (None: no rounding)
     round_to: int | None
