@@ -22,6 +22,7 @@ eval mode.
 from __future__ import annotations
 
 import json
+import logging
 import os
 from pathlib import Path
 from typing import Any, Mapping, Sequence
@@ -32,6 +33,8 @@ from torch import nn
 from .errors import CheckpointError, InvalidArgumentError
 from .io import atomic_write
 from .models import FAMILIES, create_model, discover_ffn, load_error_reason, model_spec, split_fused_glu
+
+log = logging.getLogger("jas_prune")
 
 __all__ = ["FORMAT", "FORMAT_VERSION", "save_pruned", "load_pruned", "read_pruned_meta", "vit_arch_kwargs",
            "GEOMETRY_ATTRS"]
@@ -47,6 +50,11 @@ _BUFFER_PREFIX = "jas_prune.buffers."
 GEOMETRY_ATTRS = ("num_heads", "head_dim", "attn_dim", "scale", "kv_dim", "num_kv_heads", "num_kv_groups",
                   "num_attention_heads", "attention_head_size", "all_head_size", "scaling",
                   "embed_dim", "num_features", "head_hidden_size", "num_classes")
+#: attention modules whose geometry must fit their projection: (projection, heads attribute, head
+#: size attribute, total attribute or None, projections fused in it). Torch-Pruning's own ViT
+#: example sets ``num_heads`` and ``head_dim`` after pruning heads but not timm's ``attn_dim``.
+_ATTENTION = (("qkv", "num_heads", "head_dim", "attn_dim", 3),
+              ("q_proj", "num_attention_heads", "head_dim", None, 1))
 #: structural transforms a model may carry (``model.jas_transforms``) and how to redo them
 _TRANSFORMS = {"split_fused_glu": split_fused_glu}
 
@@ -66,6 +74,45 @@ def _geometry(model: nn.Module) -> dict[str, dict[str, int | float]]:
                  if isinstance(v := module.__dict__.get(a), (int, float)) and not isinstance(v, bool)}
         if attrs:
             out[name] = attrs
+    return out
+
+
+def _shapes(state: Mapping[str, torch.Tensor]) -> dict[str, tuple[int, ...]]:
+    return {k: tuple(v.shape) for k, v in state.items()}
+
+
+def _fit_attention(geometry: Mapping[str, Mapping[str, Any]], shapes: Mapping[str, tuple[int, ...]], where: str,
+                   model: nn.Module | None = None) -> dict[str, dict[str, Any]]:
+    """The attention geometry checked against the projection weights.
+
+    A total that disagrees with heads x head size (timm's ``attn_dim`` after Torch-Pruning's own
+    head loop) is repaired from the weights, in ``model`` too when given, with a warning;
+    heads x head size that does not fit the projection cannot be repaired.
+
+    Raises:
+        CheckpointError: naming the block, the attributes and the projection's size.
+    """
+    out = {name: dict(attrs) for name, attrs in geometry.items()}
+    repairs = []
+    for name, attrs in out.items():
+        for proj, heads_key, dim_key, total_key, fused in _ATTENTION:
+            shape = shapes.get(f"{name}.{proj}.weight" if name else f"{proj}.weight")
+            heads, dim = attrs.get(heads_key), attrs.get(dim_key)
+            if shape is None or not isinstance(heads, int) or not isinstance(dim, int) or "num_kv_heads" in attrs:
+                continue
+            if heads < 1 or fused * heads * dim != shape[0]:
+                raise CheckpointError(
+                    f"{where}: {name}: {heads_key} {heads} x {dim_key} {dim} does not fit its {proj} weight "
+                    f"({shape[0]} outputs{f' = {fused} x heads x head size' if fused > 1 else ''}); set both "
+                    "from the pruned weights (jas_prune.pruning.graph.update_attention_geometry) and save again")
+            if total_key is not None and isinstance(attrs.get(total_key), int) and attrs[total_key] != heads * dim:
+                repairs.append((name, total_key, attrs[total_key], heads_key, dim_key, heads * dim, proj))
+                attrs[total_key] = heads * dim
+    for name, total_key, was, heads_key, dim_key, now, proj in repairs:  # all checked: nothing refused
+        log.warning("%s: %s.%s was %d, not %s x %s = %d (Torch-Pruning's head loop sets only those two); "
+                    "repaired from the %s weight", where, name, total_key, was, heads_key, dim_key, now, proj)
+        if model is not None:
+            setattr(model.get_submodule(name), total_key, now)
     return out
 
 
@@ -112,7 +159,7 @@ def _payload(model: nn.Module, extra: Mapping[str, Any] | None, class_names: Seq
         "ffn_kinds": spec["ffn_kinds"],
         "data_config": spec["data_config"],
         "arch": spec["arch"],
-        "geometry": _geometry(model),
+        "geometry": _fit_attention(_geometry(model), _shapes(model.state_dict()), "save_pruned", model),
         "transforms": list(getattr(model, "jas_transforms", []) or []),
         "dtype": str(first_float).removeprefix("torch."),
         "class_names": _class_names(model, extra, class_names),
@@ -295,7 +342,8 @@ def load_pruned(path: str | os.PathLike[str], *, device: torch.device | str = "c
         raise CheckpointError(f"checkpoint: {path} stores {len(widths)} FFN widths for a model with {depth} blocks")
     _resize(model, {**{k: tuple(v.shape) for k, v in state.items()},
                     **{k: tuple(v.shape) for k, v in buffers.items()}}, path)
-    _restore_geometry(model, payload.get("geometry") or {}, path)
+    geometry = _fit_attention(payload.get("geometry") or {}, _shapes(state), f"checkpoint: {path}")
+    _restore_geometry(model, geometry, path)
     dtype = getattr(torch, str(payload.get("dtype", "float32")), torch.float32)
     if isinstance(dtype, torch.dtype) and dtype.is_floating_point:
         model.to(dtype)

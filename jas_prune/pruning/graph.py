@@ -18,7 +18,7 @@ from typing import TYPE_CHECKING, Any, Iterator, Mapping, Sequence
 import torch
 from torch import nn
 
-from ..errors import UnsupportedModelError
+from ..errors import PruneSettingError, UnsupportedModelError
 from ..models import FFNInfo, FFNLayer, discover_ffn, family_of, input_size
 from ..torchutil import frozen_eval
 
@@ -154,13 +154,17 @@ def update_attention_geometry(model: nn.Module, num_heads: Mapping[nn.Module, in
     timm ViT example does by hand after pruning. A Hugging Face ViT attention (separate
     ``q_proj``/``k_proj``/``v_proj``) gets ``num_attention_heads`` and ``head_dim`` the same way.
     Modules that already agree are left alone. Returns the names of the modules changed.
+
+    Raises:
+        PruneSettingError: a block with no head left (Torch-Pruning's iterative head pruning can
+            reach 0), naming the block.
     """
     num_heads = num_heads or {}
     changed = []
     for name, m in model.named_modules():
         qkv = getattr(m, "qkv", None)
         if isinstance(qkv, nn.Linear) and isinstance(getattr(m, "num_heads", None), int) and hasattr(m, "head_dim"):
-            heads = int(num_heads.get(qkv, m.num_heads))
+            heads = _heads_left(name, num_heads.get(qkv, m.num_heads), qkv)
             head_dim = qkv.out_features // (3 * heads)
             if (heads, head_dim) != (m.num_heads, m.head_dim):
                 m.num_heads, m.head_dim = heads, head_dim
@@ -171,9 +175,20 @@ def update_attention_geometry(model: nn.Module, num_heads: Mapping[nn.Module, in
         q = getattr(m, "q_proj", None)
         if isinstance(q, nn.Linear) and isinstance(getattr(m, "head_dim", None), int) \
                 and isinstance(getattr(m, "num_attention_heads", None), int):
-            heads = int(num_heads.get(q, m.num_attention_heads))
+            heads = _heads_left(name, num_heads.get(q, m.num_attention_heads), q)
             head_dim = q.out_features // heads
             if (heads, head_dim) != (m.num_attention_heads, m.head_dim):
                 m.num_attention_heads, m.head_dim = heads, head_dim
                 changed.append(name)
     return changed
+
+
+def _heads_left(name: str, heads: Any, proj: nn.Linear) -> int:
+    """The head count of attention module ``name``, refused when no head is left (a block
+    without attention heads cannot reshape its projections)."""
+    heads = int(heads)
+    if heads < 1:
+        raise PruneSettingError(f"{name or 'model'}: no attention head left after pruning ({proj.out_features} "
+                                "query/key/value outputs); keep at least one head per block (lower "
+                                "head_pruning_ratio, or prune heads in fewer iterative_steps)")
+    return heads

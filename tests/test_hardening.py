@@ -1,0 +1,95 @@
+"""What users hit with odd recipes, damaged run directories and Torch-Pruning's own head loop
+(issue 18): every case refused in one line (exit 2 on the command line) with nothing left behind,
+or repaired with nothing already computed lost."""
+
+from __future__ import annotations
+
+import warnings
+
+import pytest
+import torch
+
+from jas_prune.cli import main
+
+
+def _one_error(capsys, code: int) -> str:
+    """The single stderr line of a refused command (exit 2, no traceback)."""
+    err = [line for line in capsys.readouterr().err.strip().splitlines() if line.strip()]
+    assert code == 2 and len(err) == 1 and "Traceback" not in err[0], err
+    return err[0]
+
+
+# -- 8, 9: attention geometry after Torch-Pruning's own head loop ----------------------------------
+
+
+def _tp_head_loop(tiny_vit):
+    """Heads pruned as in Torch-Pruning's ViT example: it sets num_heads and head_dim, not attn_dim."""
+    import torch_pruning as tp
+
+    model = tiny_vit(num_classes=48, depth=2, embed_dim=64, num_heads=4)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        pruner = tp.pruner.MetaPruner(model, torch.randn(1, 3, 32, 32),
+                                      importance=tp.importance.GroupMagnitudeImportance(), pruning_ratio=0.25,
+                                      num_heads={b.attn.qkv: b.attn.num_heads for b in model.blocks},
+                                      prune_num_heads=True, head_pruning_ratio=0.5, ignored_layers=[model.head])
+        pruner.step()
+    for b in model.blocks:  # Torch-Pruning's examples/transformers/prune_timm_vit.py
+        b.attn.num_heads = pruner.num_heads[b.attn.qkv]
+        b.attn.head_dim = b.attn.qkv.out_features // (3 * b.attn.num_heads)
+    a = model.blocks[0].attn
+    assert a.num_heads == 2 and a.attn_dim != a.num_heads * a.head_dim  # stale
+    return model
+
+
+def test_stale_attn_dim_is_repaired_on_save_and_load(tiny_vit, tmp_path, capsys):
+    from safetensors import safe_open
+
+    from jas_prune import load_pruned, save_pruned
+    from jas_prune.checkpoint import save_pruned as _save  # noqa: F401 - the public one is the same
+
+    model = _tp_head_loop(tiny_vit)
+    x = torch.randn(2, 3, 32, 32)
+    path = save_pruned(model, tmp_path / "heads.safetensors")
+    a = model.blocks[0].attn
+    assert a.attn_dim == a.num_heads * a.head_dim  # the model saved works again
+    with torch.no_grad():
+        expected = model(x)
+    loaded = load_pruned(path)
+    with torch.no_grad():
+        assert torch.allclose(loaded(x), expected, atol=1e-6)
+    # a file written before the check (stale attn_dim stored): repaired when loading
+    import json
+
+    from safetensors.torch import save_file
+
+    with safe_open(str(path), framework="pt") as f:
+        meta = json.loads(f.metadata()["jas_prune"])
+        state = {k: f.get_tensor(k) for k in f.keys()}
+    meta["geometry"]["blocks.0.attn"]["attn_dim"] = 64  # the dense width
+    old = tmp_path / "old.safetensors"
+    save_file(state, str(old), metadata={"jas_prune": json.dumps(meta)})
+    with torch.no_grad():
+        assert torch.allclose(load_pruned(old)(x), expected, atol=1e-6)
+    # ... and exported by the CLI without a traceback
+    code = main(["export", "onnx", str(old), "--out", str(tmp_path / "old.onnx"), "--no-benchmark"])
+    err = capsys.readouterr().err
+    assert code == 0 and "Traceback" not in err and "attn_dim was 64, not num_heads x head_dim" in err, err
+    # heads x head_dim that cannot fit qkv: refused in one line naming the block, nothing written
+    meta["geometry"]["blocks.1.attn"]["head_dim"] = 7
+    bad = tmp_path / "bad.safetensors"
+    save_file(state, str(bad), metadata={"jas_prune": json.dumps(meta)})
+    out = tmp_path / "bad" / "bad.onnx"
+    line = _one_error(capsys, main(["export", "onnx", str(bad), "--out", str(out), "--no-benchmark"]))
+    qkv = model.blocks[1].attn.qkv.out_features
+    assert f"blocks.1.attn: num_heads 2 x head_dim 7 does not fit its qkv weight ({qkv} outputs" in line
+    assert not out.parent.exists()
+
+
+def test_no_head_left_is_refused_naming_the_block(tiny_vit):
+    from jas_prune.errors import PruneSettingError
+    from jas_prune.pruning.graph import update_attention_geometry
+
+    model = tiny_vit(num_classes=6, depth=2)
+    with pytest.raises(PruneSettingError, match=r"^blocks\.1\.attn: no attention head left after pruning"):
+        update_attention_geometry(model, {model.blocks[1].attn.qkv: 0})
