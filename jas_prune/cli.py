@@ -98,8 +98,9 @@ def data_shapes(split: str, out: Path, seed: int, probe_fraction: float, images_
     images_per_class uses.
     """
     from .data import write_shapes_split
-    from .io import writable_dir
+    from .io import refuse_system_dir, writable_dir
 
+    refuse_system_dir(out, f"--out {out}")
     writable_dir(out, f"--out {out}")
     n = write_shapes_split(split, out, seed=seed, probe_fraction=probe_fraction, images_per_class=images_per_class)
     click.echo(f"wrote {n} images to {out}")

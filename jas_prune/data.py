@@ -110,17 +110,31 @@ def partition(labels: Sequence[int], probe_fraction: float, seed: int,
     return sorted(probe), sorted(test)
 
 
+def _first_classes(count: int | None, available: int) -> int:
+    """``data.classes``: how many classes (the first ones, in label order) the run uses."""
+    if count is None:
+        return available
+    if isinstance(count, bool) or int(count) < 1:
+        raise DataError(f"data.classes: must be ≥ 1 (got {count!r})")
+    if int(count) > available:
+        raise DataError(f"data.classes: {count} exceeds the data set's {available} classes")
+    return int(count)
+
+
 def _shapes_source(seed: int, probe_fraction: float, images_per_class: int | None,
-                   probe_cap: int | None = None) -> DataSource:
+                   probe_cap: int | None = None, classes: int | None = None) -> DataSource:
     per_class = shapes.EVAL_PER_CLASS if images_per_class is None else int(images_per_class)
     n = per_class * shapes.NUM_CLASSES
-    samples = [Sample(id=f"shapes:eval:{i}", label=shapes.label_of(i), ref=i) for i in range(n)]
+    keep = _first_classes(classes, shapes.NUM_CLASSES)
+    samples = [Sample(id=f"shapes:eval:{i}", label=shapes.label_of(i), ref=i) for i in range(n)
+               if shapes.label_of(i) < keep]
     probe, test = partition([s.label for s in samples], probe_fraction, seed, probe_cap)
-    return DataSource("shapes", list(shapes.CLASS_NAMES), samples, probe, test, seed=seed, probe_cap=probe_cap)
+    return DataSource("shapes", list(shapes.CLASS_NAMES[:keep]), samples, probe, test, seed=seed, probe_cap=probe_cap)
 
 
 def _imagefolder_source(root: str | None, seed: int, probe_fraction: float,
-                        images_per_class: int | None, probe_cap: int | None = None) -> DataSource:
+                        images_per_class: int | None, probe_cap: int | None = None,
+                        first: int | None = None) -> DataSource:
     if not root:
         raise DataError("data.root: required when data.kind is 'imagefolder'")
     path = Path(root).expanduser()
@@ -132,6 +146,8 @@ def _imagefolder_source(root: str | None, seed: int, probe_fraction: float,
     classes = sorted(d.name for d in path.iterdir() if d.is_dir() and not _hidden(d.name))
     if not classes:
         raise DataError(f"data.root: no class folders in {path}")
+    classes = classes[:_first_classes(first, len(classes))]
+    _refuse_looping_links(path, classes)
     samples: list[Sample] = []
     listed: list[tuple[int, str, list[Path]]] = []
     for label, name in enumerate(classes):
@@ -152,6 +168,36 @@ def _imagefolder_source(root: str | None, seed: int, probe_fraction: float,
     probe, test = partition([s.label for s in samples], probe_fraction, seed, probe_cap)
     names = [n.split("-", 1)[1] if n[:2].isdigit() and "-" in n else n for n in classes]
     return DataSource("imagefolder", names, samples, probe, test, seed=seed, root=str(path), probe_cap=probe_cap)
+
+
+def _refuse_looping_links(root: Path, classes: Sequence[str]) -> None:
+    """Refuse a class folder that is a link to the data root or a folder above it (``x -> .``):
+    it would become a class holding every image of the data set."""
+    top = root.resolve()
+    for name in classes:
+        folder = root / name
+        if folder.is_symlink():
+            target = folder.resolve()
+            if target == top or target in top.parents:
+                raise DataError(f"data.root: class folder '{name}' in {root} is a link to {target}, which holds the "
+                                "data root itself (every image would be in that class); remove the link")
+
+
+def _notice_single_images(source: DataSource) -> None:
+    """Say which classes have a single image: it cannot be in both partitions, so the class gets
+    no test image (or, with a small probe_fraction, no probe image)."""
+    counts = np.bincount([s.label for s in source.samples], minlength=source.num_classes)
+    single = [c for c in range(source.num_classes) if counts[c] == 1]
+    if not single:
+        return
+    in_probe = {source.samples[i].label for i in source.probe}
+    for side, what in (("probe", "no test image: its accuracy is not measured"),
+                       ("test", "no probe image: it has no paths, masks or class-specific scores")):
+        these = [c for c in single if (c in in_probe) == (side == "probe")]
+        if these:
+            log.warning("jas-prune: notice: %d class%s with a single image (e.g. '%s') %s only: %s",
+                        len(these), "" if len(these) == 1 else "es", source.class_names[these[0]],
+                        f"in the {side} partition", what)
 
 
 def _hidden(name: str) -> bool:
@@ -178,20 +224,24 @@ def _class_images(folder: Path) -> tuple[list[Path], list[str]]:
 
 
 def build_source(kind: str, *, root: str | None = None, seed: int = 0, probe_fraction: float = 0.8,
-                 images_per_class: int | None = None, probe_images_per_class: int | None = None) -> DataSource:
+                 images_per_class: int | None = None, probe_images_per_class: int | None = None,
+                 classes: int | None = None) -> DataSource:
     """Build the evaluation collection of a recipe's ``data`` section.
 
     ``probe_images_per_class`` caps the probe partition (attribution, masks, criteria,
-    calibration) without changing the test partition (see :func:`partition`).
+    calibration) without changing the test partition (see :func:`partition`). ``classes`` keeps
+    the first N classes in label order (a model with an N-class head on the built-in data).
     """
     if probe_images_per_class is not None and (isinstance(probe_images_per_class, bool)
                                                or int(probe_images_per_class) < 1):
         raise DataError(f"data.probe_images_per_class: must be ≥ 1 (got {probe_images_per_class!r})")
     cap = None if probe_images_per_class is None else int(probe_images_per_class)
     if kind == "shapes":
-        return _shapes_source(seed, probe_fraction, images_per_class, cap)
+        return _shapes_source(seed, probe_fraction, images_per_class, cap, classes)
     if kind == "imagefolder":
-        return _imagefolder_source(root, seed, probe_fraction, images_per_class, cap)
+        source = _imagefolder_source(root, seed, probe_fraction, images_per_class, cap, classes)
+        _notice_single_images(source)
+        return source
     raise DataError(f"data.kind: unknown kind {kind!r} (expected 'shapes' or 'imagefolder')")
 
 
@@ -200,7 +250,7 @@ def source_for(data: Any, seed: int, *, cap_probe: bool = True) -> DataSource:
     place the section's keys become :func:`build_source` arguments. ``cap_probe=False`` ignores
     ``data.probe_images_per_class`` (the whole probe partition, as ``bench_select`` needs)."""
     return build_source(data.kind, root=data.root, seed=seed, probe_fraction=data.probe_fraction,
-                        images_per_class=data.images_per_class,
+                        images_per_class=data.images_per_class, classes=getattr(data, "classes", None),
                         probe_images_per_class=data.probe_images_per_class if cap_probe else None)
 
 

@@ -36,10 +36,25 @@ __all__ = [
     "storage_advice",
     "storage_error",
     "make_dir",
+    "refuse_system_dir",
     "sha256_file",
     "file_record",
     "check_file_record",
 ]
+
+def refuse_system_dir(directory: str | os.PathLike[str], label: str) -> None:
+    """Refuse the file-system root and the home directory as an output directory (a run or a
+    data set written there spreads its files among the user's own).
+
+    Raises:
+        OutputDirError: naming ``label`` and what the directory is.
+    """
+    path = Path(directory).expanduser().resolve()
+    what = ("the file-system root" if path == Path(path.anchor) else
+            "your home directory" if path == Path.home().resolve() else None)
+    if what is not None:
+        raise OutputDirError(f"{label}: is {what}; choose a new directory for the output")
+
 
 def make_dir(directory: str | os.PathLike[str], label: str) -> Path:
     """Create ``directory`` (and its parents) if needed; nothing else is written.

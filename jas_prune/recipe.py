@@ -82,6 +82,7 @@ class DataSection(Strict):
     #: probe images kept per class for attribution, masks, criteria and calibration; the test
     #: partition is the same with or without it (the images left out are used nowhere)
     probe_images_per_class: int | None = Field(default=None, ge=1, le=IMAGES_PER_CLASS_MAX)
+    classes: int | None = Field(default=None, ge=1)  # the data set's first N classes (label order)
     batch_size: int = Field(default=64, ge=1)
     workers: int = Field(default=0, ge=0)
 

@@ -139,6 +139,28 @@ class RunDir:
         """Whether a run has already written its results here."""
         return self.metrics.exists() or self.recipe.exists()
 
+    def is_run_dir(self) -> bool:
+        """Whether the directory is (the start of) a jas-prune run: anything a run writes first."""
+        return any(p.exists() for p in (self.lock, self.recipe, self.metrics, self.log(), self.root / self.PATHS))
+
+    def check_target(self) -> None:
+        """Refuse an ``--out`` a run must not write into, before anything is created: the file-system
+        root, the home directory, or a directory that holds other things than a jas-prune run.
+
+        Raises:
+            OutputDirError: naming ``--out`` and what it is.
+        """
+        from .errors import OutputDirError
+        from .io import refuse_system_dir
+
+        refuse_system_dir(self.root, f"--out {self.root}")
+        if self.root.is_dir() and not self.is_run_dir():
+            entries = sorted(os.listdir(self.root))
+            if entries:
+                raise OutputDirError(f"--out {self.root}: not empty and not a jas-prune run directory (it holds "
+                                     f"{entries[0]!r}{f' and {len(entries) - 1} more' if len(entries) > 1 else ''}); "
+                                     "choose a new or empty directory")
+
     def prepare(self, *, resume: bool, what: str = "recipe run") -> RunDirLock:
         """Create the directory (or reuse it, with ``--resume``) and take its lock.
 
@@ -146,14 +168,15 @@ class RunDir:
         lock for the whole run (one writer per run directory).
 
         Raises:
-            OutputDirError: the directory cannot be created, or a previous run is there without
-                ``--resume``.
+            OutputDirError: the directory cannot be created, is one a run must not write into
+                (:meth:`check_target`), or a previous run is there without ``--resume``.
             RunDirLockedError: another process holds the directory (naming it).
             StorageError: the lock file cannot be written (read-only, no space).
         """
         from .errors import OutputDirError
         from .io import make_dir
 
+        self.check_target()
         make_dir(self.root, f"--out {self.root}")
         lock = RunDirLock(self).acquire(what)
         if not resume and self.holds_run():

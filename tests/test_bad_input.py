@@ -36,6 +36,8 @@ from jas_prune.cli import main
 
 BASE = "version: 1\ndata: {images_per_class: 2, batch_size: 96}\n"
 LOCATE = BASE + "attribution: {steps: 2}\n"
+#: a random-init model with one output per class of the two-class folders of :func:`_folder`
+TWO_CLASS_MODEL = "model: {name: vit_tiny_patch16_224, num_classes: 2}\n"
 
 
 def _write(path: Path, text: str | bytes) -> Path:
@@ -260,7 +262,7 @@ CASES = [
     Case("ratio-0", lambda t, m: _run(t, "version: 1\nprune: {methods: [random], ratios: [0]}\n"),
          "prune.ratios: 0.0 is outside (0, 1)"),
     Case("class-without-test-images", lambda t, m: _run(
-        t, f"version: 1\ndata: {{kind: imagefolder, root: {_folder(t, 'single')}}}\n"
+        t, f"version: 1\ndata: {{kind: imagefolder, root: {_folder(t, 'single')}}}\n" + TWO_CLASS_MODEL +
            "prune: {methods: [random], classes: [a]}\n"),
         "prune.classes: class 'a' has no test images (data.probe_fraction 0.8, 1 image(s) in the data set)"),
     Case("class-unknown-name", lambda t, m: _run(t, BASE + "prune: {methods: [random], classes: [purple-hexagon]}\n"),
@@ -304,7 +306,7 @@ CASES = [
         t, f"version: 1\ndata: {{kind: imagefolder, root: {_folder(t, 'garbage')}}}\n"),
         "data.root: cannot read image {tmp}/images/a/1.png"),
     Case("image-truncated-in-a-worker", lambda t, m: _run(
-        t, f"version: 1\ndata: {{kind: imagefolder, root: {_folder(t, 'truncated')}, workers: 1}}\n"),
+        t, f"version: 1\ndata: {{kind: imagefolder, root: {_folder(t, 'truncated')}, workers: 1}}\n" + TWO_CLASS_MODEL),
         "data.root: cannot read image {tmp}/images/a/"),
     # -- models -----------------------------------------------------------------------------------
     Case("model-resnet18", lambda t, m: _run(t, "version: 1\nmodel: {name: resnet18}\n"),

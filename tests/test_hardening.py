@@ -93,3 +93,88 @@ def test_no_head_left_is_refused_naming_the_block(tiny_vit):
     model = tiny_vit(num_classes=6, depth=2)
     with pytest.raises(PruneSettingError, match=r"^blocks\.1\.attn: no attention head left after pruning"):
         update_attention_geometry(model, {model.blocks[1].attn.qkv: 0})
+
+
+# -- 3: --out targets a run must not write into ----------------------------------------------------
+
+
+def _recipe(tmp_path, text: str = "version: 1\ndata: {images_per_class: 2, batch_size: 96}\n"):
+    path = tmp_path / "r.yaml"
+    path.write_text(text)
+    return path
+
+
+def test_out_root_and_home_are_refused(tmp_path, monkeypatch):
+    from jas_prune.errors import OutputDirError
+    from jas_prune.io import refuse_system_dir
+
+    with pytest.raises(OutputDirError, match=r"^--out /: is the file-system root; choose a new directory"):
+        refuse_system_dir("/", "--out /")
+    home = tmp_path / "home"
+    home.mkdir()
+    monkeypatch.setenv("HOME", str(home))
+    with pytest.raises(OutputDirError, match="is your home directory"):
+        refuse_system_dir("~", "--out ~")
+
+
+@pytest.mark.parametrize("target", ["home", "other-files"])
+def test_recipe_run_refuses_home_and_a_foreign_directory(target, tmp_path, tiny_builtin, monkeypatch, capsys):
+    out = tmp_path / target
+    out.mkdir()
+    (out / "notes.txt").write_text("mine")
+    if target == "home":
+        monkeypatch.setenv("HOME", str(out))
+    line = _one_error(capsys, main(["recipe", "run", str(_recipe(tmp_path)), "--out", str(out)]))
+    expected = "is your home directory" if target == "home" else \
+        "not empty and not a jas-prune run directory (it holds 'notes.txt')"
+    assert line.startswith(f"jas-prune: error: --out {out}: ") and expected in line
+    assert sorted(p.name for p in out.iterdir()) == ["notes.txt"]  # nothing written, no lock file
+
+
+def test_data_shapes_refuses_the_home_directory(tmp_path, monkeypatch, capsys):
+    monkeypatch.setenv("HOME", str(tmp_path))
+    line = _one_error(capsys, main(["data", "shapes", "--split", "test", "--out", str(tmp_path)]))
+    assert "is your home directory" in line and list(tmp_path.iterdir()) == []
+
+
+# -- 4: class count vs the head, a model without a classifier --------------------------------------
+
+
+def _png_folder(root, classes: int):
+    import numpy as np
+    from PIL import Image
+
+    for c in range(classes):
+        for i in range(2):
+            (root / f"c{c}").mkdir(parents=True, exist_ok=True)
+            arr = np.random.default_rng(10 * c + i).integers(0, 255, (32, 32, 3), dtype=np.uint8)
+            Image.fromarray(arr).save(root / f"c{c}" / f"{i}.png")
+    return root
+
+
+def test_class_count_not_matching_the_head_is_refused_before_any_stage(tmp_path, tiny_builtin, capsys):
+    root = _png_folder(tmp_path / "images", 4)
+    recipe = _recipe(tmp_path, f"version: 1\ndata: {{kind: imagefolder, root: {root}}}\n"
+                               "attribution: {steps: 2}\nexport: {onnx: {benchmark: false}}\n")
+    out = tmp_path / "run"
+    line = _one_error(capsys, main(["recipe", "run", str(recipe), "--out", str(out)]))
+    assert f"data: 4 classes (data.root {root}) but model 'builtin:shapes-vit' has 48 outputs" in line
+    assert "model.num_classes: 4" in line and not out.exists()
+
+
+def test_a_model_without_classifier_is_refused_up_front(tmp_path, capsys):
+    # a self-supervised timm backbone: num_classes 0 by default
+    recipe = _recipe(tmp_path, "version: 1\nmodel: {name: vit_small_patch16_224.dino}\ndata: {images_per_class: 2}\n")
+    out = tmp_path / "run"
+    line = _one_error(capsys, main(["recipe", "run", str(recipe), "--out", str(out)]))
+    assert "model 'vit_small_patch16_224' has no classifier (num_classes 0)" in line
+    assert "model.num_classes: 48" in line and not out.exists()
+
+
+def test_locate_refuses_a_model_without_classifier(tiny_vit):
+    import jas_prune
+    from jas_prune.errors import UnsupportedModelError
+
+    model = tiny_vit(num_classes=0)
+    with pytest.raises(UnsupportedModelError, match=r"has no classifier \(num_classes 0\)"):
+        jas_prune.locate(model, torch.randn(1, 3, 32, 32), torch.tensor([30]), steps=2)

@@ -64,7 +64,7 @@ from torch import Tensor, nn
 from torch.nn.attention import SDPBackend, sdpa_kernel
 
 from ..errors import AttributionSettingError, InvalidArgumentError
-from ..models import FFNInfo, discover_ffn
+from ..models import FFNInfo, discover_ffn, num_outputs
 from ..neurons import write_scope
 from ..torchutil import frozen_eval, model_device, model_dtype
 from .methods import METHODS
@@ -260,6 +260,7 @@ class JointAttribution:
             raise InvalidArgumentError(f"path_mode: must be one of {', '.join(PATH_MODES)}, got {path_mode!r}")
         self.model = model
         self.info = discover_ffn(model)
+        num_outputs(model)  # a model without a classifier has no class probability to attribute
         self.path_mode = path_mode
 
     # ------------------------------------------------------------------ public

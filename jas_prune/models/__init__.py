@@ -21,7 +21,7 @@ from . import beit as _beit  # noqa: F401
 from . import relpos as _relpos  # noqa: F401
 from . import hf as _hf  # noqa: F401
 from .builtin import BUILTIN_MODELS, BUILTIN_PREFIX
-from .families import FAMILIES, Family, discover_ffn, family_of, model_label
+from .families import FAMILIES, Family, discover_ffn, family_of, model_label, num_outputs
 from .ffn import FFN_KINDS, FFNInfo, FFNLayer, split_fused_glu
 from .hf import HF_PREFIX
 from .loading import (
@@ -48,6 +48,7 @@ __all__ = [
     "discover_ffn",
     "family_of",
     "model_label",
+    "num_outputs",
     "split_fused_glu",
     "builtin_weights_path",
     "load_state_dict_file",

@@ -16,7 +16,7 @@ from ..errors import UnsupportedModelError
 from ..registry import Registry
 from .ffn import FFNInfo, check_distinct_sites
 
-__all__ = ["Family", "FAMILIES", "family_of", "discover_ffn", "model_label", "supported_text"]
+__all__ = ["Family", "FAMILIES", "family_of", "discover_ffn", "model_label", "supported_text", "num_outputs"]
 
 
 @dataclass(frozen=True)
@@ -56,6 +56,23 @@ def model_label(model: nn.Module) -> str:
     cfg = getattr(model, "pretrained_cfg", None) or {}
     name = cfg.get("architecture") if isinstance(cfg, Mapping) else None
     return str(name or type(model).__name__)
+
+
+def num_outputs(model: nn.Module, *, fix: str = "load_model(name, num_classes=N)") -> int:
+    """The classifier outputs of ``model``; a model without a classifier is refused, since its
+    output is features, not class scores (every probability and label check would be wrong).
+
+    Args:
+        fix: how the caller's user gives the model a head, for the message.
+
+    Raises:
+        UnsupportedModelError: ``num_classes`` is 0, naming the model and ``fix``.
+    """
+    n_out = getattr(model, "num_classes", None)
+    if isinstance(n_out, int) and n_out <= 0:
+        raise UnsupportedModelError(f"model '{model_label(model)}' has no classifier (num_classes {n_out}): its "
+                                    f"output is features, not class scores; give it a head with {fix}")
+    return int(n_out) if isinstance(n_out, int) else 0
 
 
 def supported_text() -> str:

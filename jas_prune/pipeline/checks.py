@@ -9,14 +9,14 @@ from torch import nn
 
 from ..attribution import LocateSettings, ResolvedSettings
 from ..data import DataSource
-from ..errors import RecipeError
-from ..models import discover_ffn
+from ..errors import DataError, RecipeError
+from ..models import discover_ffn, num_outputs
 from ..recipe import Recipe
 from .stages import STAGES
 from ..pruning.settings import ResolvedPrune
 from .prune_plan import check_prune_images
 
-__all__ = ["check_stages", "check_against_model", "Resolved"]
+__all__ = ["check_stages", "check_head", "check_against_model", "Resolved"]
 
 
 @dataclass(frozen=True)
@@ -37,6 +37,26 @@ def check_stages(recipe: Recipe) -> None:
     """
     for stage in STAGES:
         stage.check(recipe)
+
+
+def check_head(recipe: Recipe, model: nn.Module, source: DataSource) -> None:
+    """Refuse, before any stage, a model whose classifier does not have one output per class of
+    the data set: labels are positions in the sorted class list, so any other count scores
+    images against the wrong outputs (and the export could not name them).
+
+    Raises:
+        UnsupportedModelError: a model without a classifier (``num_classes`` 0), naming the fix.
+        DataError: the counts differ, naming both and the settings that make them agree.
+    """
+    name, count = recipe.model.name, source.num_classes
+    n_out = num_outputs(model, fix=f"model.num_classes: {count} (a new, untrained head)")
+    if n_out == count:
+        return
+    what = f"data.root {source.root}" if source.root else f"data.kind {source.kind}"
+    fixes = [f"data.classes: {n_out} (its first {n_out} classes)"] if count > n_out else []
+    fixes.append(f"model.num_classes: {count} (a new, untrained head)")
+    raise DataError(f"data: {count} classes ({what}) but model '{name}' has {n_out} outputs; use a data set "
+                    f"with the model's {n_out} classes in label order, or set {' or '.join(fixes)}")
 
 
 def check_against_model(recipe: Recipe, model: nn.Module, source: DataSource) -> Resolved:

@@ -23,13 +23,13 @@ import torch
 
 from ..data import model_transform, source_for
 from ..distributed import Dist, Interrupted, init_from_env, sigterm_raises
-from ..errors import DataError, JasPruneError, StorageError
+from ..errors import JasPruneError, StorageError
 from ..io import atomic_write_text, storage_error
 from ..metrics import DataInfo, Metrics, RunInfo, read_metrics
 from ..models import load_model
 from ..recipe import Recipe, dump_recipe
 from ..rundir import RunDir
-from .checks import check_against_model, check_stages
+from .checks import check_against_model, check_head, check_stages
 from .context import RunContext, resolve_device, seed_everything
 from .integrity import refuse_changed_files, remove_stale_temporaries
 from .stages import STAGES
@@ -66,9 +66,7 @@ def _load(recipe: Recipe, run: RunDir, device: torch.device, dist: Dist, resume:
     model = load_model(m.name, checkpoint=m.checkpoint, pretrained=m.pretrained, num_classes=m.num_classes)
     model = model.to(device=device, dtype=getattr(torch, rt.dtype))
     source = source_for(d, rt.seed)
-    n_out = int(getattr(model, "num_classes", 0))
-    if n_out and n_out < source.num_classes:
-        raise DataError(f"data: {source.num_classes} classes but model '{m.name}' has only {n_out} outputs")
+    check_head(recipe, model, source)
     resolved = check_against_model(recipe, model, source)
     resumed = dist.is_root and resume and run.metrics.exists()
     metrics = read_metrics(run.metrics) if resumed else Metrics()
@@ -173,8 +171,6 @@ def _run(recipe: Recipe, run: RunDir, device: torch.device, dist: Dist, *, resum
     try:
         t0 = time.perf_counter()
         seed_everything(recipe.runtime.seed)
-        log.info("run %s on %s (torch %s)%s", run.root, device, torch.__version__,
-                 f", rank {dist.rank} of {dist.world}" if dist.enabled else "")
         stages = [s for s in STAGES if s.enabled(recipe)]
         if not any(s.shared for s in stages):  # the other ranks have nothing to do
             if not dist.is_root:
@@ -184,6 +180,9 @@ def _run(recipe: Recipe, run: RunDir, device: torch.device, dist: Dist, *, resum
             ctx = _load(recipe, run, device, dist, resume)
         accepted = True
         run_log.open()
+        # said once the run is accepted: a refused run prints its one error line and nothing else
+        log.info("run %s on %s (torch %s)%s", run.root, device, torch.__version__,
+                 f", rank {dist.rank} of {dist.world}" if dist.enabled else "")
         if resume and dist.is_root:  # under the lock: whatever a killed run left half-written is its own
             remove_stale_temporaries(run)
         # the work the ranks share comes first, with nothing of rank 0 alone in between (the
