@@ -217,6 +217,7 @@ def report(run_dirs: tuple[Path, ...], combine: bool, out: Path | None) -> None:
     jas-prune report --combine RUN_DIR1 RUN_DIR2 ... --out DIR
     """
     from .errors import OutputDirError
+    from .io import storage_advice
     from .lock import RunDirLock
     from .reporting import combine_reports, write_report
     from .rundir import RunDir
@@ -224,17 +225,25 @@ def report(run_dirs: tuple[Path, ...], combine: bool, out: Path | None) -> None:
     if combine:
         if out is None:
             raise OutputDirError("--combine: give --out DIR for the combined report")
-        click.echo(f"wrote {combine_reports(run_dirs, out)}")
+        with storage_advice("choose a writable --out and combine again"):
+            click.echo(f"wrote {combine_reports(run_dirs, out)}")
         return
     if len(run_dirs) != 1 or out is not None:
         raise OutputDirError("report: give one RUN_DIR (or --combine RUN_DIR... --out DIR to combine runs)")
     run = RunDir(run_dirs[0])
-    if not run.root.is_dir():
+    if not run.metrics.is_file():  # before the lock: a directory that is no run gets no lock file
         raise OutputDirError(f"{run.root}: no metrics.json (not a jas-prune run directory)")
-    with RunDirLock(run).acquire("report"):  # a run still writing it, or another report: refused at once
-        if not run.metrics.is_file():
-            raise OutputDirError(f"{run.root}: no metrics.json (not a jas-prune run directory)")
-        click.echo(f"wrote {write_report(run.root)}")
+    had_lock = run.lock.exists()
+    try:
+        with RunDirLock(run).acquire("report"):  # a run still writing it, or another report: refused at once
+            if not run.metrics.is_file():
+                raise OutputDirError(f"{run.root}: no metrics.json (not a jas-prune run directory)")
+            with storage_advice(f"make {run.root} writable and run jas-prune report again"):
+                click.echo(f"wrote {write_report(run.root)}")
+    except JasPruneError:
+        if not had_lock:  # refused: leave the directory as it was
+            run.lock.unlink(missing_ok=True)
+        raise
 
 
 class _ConsoleHandler(logging.Handler):

@@ -178,3 +178,60 @@ def test_locate_refuses_a_model_without_classifier(tiny_vit):
     model = tiny_vit(num_classes=0)
     with pytest.raises(UnsupportedModelError, match=r"has no classifier \(num_classes 0\)"):
         jas_prune.locate(model, torch.randn(1, 3, 32, 32), torch.tensor([30]), steps=2)
+
+
+# -- 6: jas-prune report on what is not a (finished) run -------------------------------------------
+
+
+@pytest.mark.parametrize("content", ["empty", "another-tool"])
+def test_report_refusal_leaves_no_lock_file(content, tmp_path, capsys):
+    run = tmp_path / "d"
+    run.mkdir()
+    if content == "another-tool":
+        (run / "events.out").write_text("x")
+    before = sorted(p.name for p in run.iterdir())
+    line = _one_error(capsys, main(["report", str(run)]))
+    assert "no metrics.json (not a jas-prune run directory)" in line
+    assert sorted(p.name for p in run.iterdir()) == before
+
+
+@pytest.fixture
+def dense_run(tmp_path, tiny_builtin, capsys):
+    out = tmp_path / "run"
+    assert main(["recipe", "run", str(_recipe(tmp_path)), "--out", str(out)]) == 0
+    capsys.readouterr()
+    return out
+
+
+def test_report_of_an_unfinished_run_says_so(dense_run, capsys):
+    import json
+
+    metrics = json.loads((dense_run / "metrics.json").read_text())
+    del metrics["run"]  # as a run killed after its dense stage leaves it
+    (dense_run / "metrics.json").write_text(json.dumps(metrics))
+    assert main(["report", str(dense_run)]) == 0
+    err = capsys.readouterr().err
+    assert f"jas-prune: warning: {dense_run}: this run did not finish (stopped or killed after: dense)" in err
+    assert "--resume" in err
+    assert "## Warning: unfinished run" in (dense_run / "report.md").read_text()
+    # a finished run has no such warning
+    metrics["run"] = {"seconds": 1.0}
+    (dense_run / "metrics.json").write_text(json.dumps(metrics))
+    assert main(["report", str(dense_run)]) == 0
+    assert "warning" not in capsys.readouterr().err
+    assert "unfinished" not in (dense_run / "report.md").read_text()
+
+
+def test_report_storage_advice_names_no_flag_report_lacks(dense_run, capsys, monkeypatch):
+    import errno
+
+    from jas_prune import io
+    from jas_prune.reporting import single
+
+    def refused(tmp):
+        raise PermissionError(errno.EACCES, "Permission denied", tmp)
+
+    monkeypatch.setattr(single, "atomic_write_text", lambda path, text, **kw: io.atomic_write(path, refused, **kw))
+    line = _one_error(capsys, main(["report", str(dense_run)]))
+    assert "permission denied (EACCES)" in line and "jas-prune report again" in line
+    assert "--resume" not in line and "--out" not in line

@@ -20,17 +20,19 @@ from .summary import summary_section
 from .tables import (dense_section, export_section, figures_section, locate_section, paired_section, paper_section,
                      pruned_section, semantic_section)
 
-__all__ = ["write_report", "render_report"]
+__all__ = ["write_report", "render_report", "unfinished_reason"]
 
 log = logging.getLogger("jas_prune")
 
 
 def render_report(metrics: Metrics | Mapping[str, Any], recipe_text: str, figures: Sequence[tuple[str, str]] = (),
                   *, class_names: Sequence[str] | None = None, semantic: SemanticCheck | None = None,
-                  recipe_problem: str | None = None, changed_files: Sequence[str] = ()) -> str:
+                  recipe_problem: str | None = None, changed_files: Sequence[str] = (),
+                  unfinished: str | None = None) -> str:
     """The report as markdown: summary, figures (relative path, caption), tables, settings.
 
     Args:
+        unfinished: why the run is unfinished (:func:`unfinished_reason`; shown first).
         recipe_problem: why ``recipe.yaml`` could not be parsed (shown above the settings).
         changed_files: one line per recorded file that changed or went missing since the run
             wrote it (shown first).
@@ -40,6 +42,8 @@ def render_report(metrics: Metrics | Mapping[str, Any], recipe_text: str, figure
     if semantic is None and metrics.paper is not None:
         semantic = metrics.paper.semantic
     lines = ["# jas-prune run report", ""]
+    if unfinished:
+        lines += ["## Warning: unfinished run", "", f"This run {unfinished}.", ""]
     if changed_files:
         lines += ["## Warning: files changed since the run wrote them", "",
                   "The figures below describe these files as the run wrote them (size and SHA-256 in "
@@ -60,6 +64,21 @@ def render_report(metrics: Metrics | Mapping[str, Any], recipe_text: str, figure
     return "\n".join(lines)
 
 
+#: the metrics sections of the stages, in run order, as the report names them
+_STAGE_SECTIONS = (("locate", "locate"), ("locate_test", "locate (test)"), ("dense", "dense"), ("masks", "masks"),
+                   ("paper", "paper protocols"), ("pruned", "prune"), ("export", "export"))
+
+
+def unfinished_reason(metrics: Metrics) -> str | None:
+    """Why a run did not finish (``metrics.json`` without its ``run`` record, which a run writes
+    last), naming the stages whose results it holds; None for a finished run."""
+    if metrics.run is not None:
+        return None
+    done = [label for key, label in _STAGE_SECTIONS if getattr(metrics, key) is not None]
+    return (f"did not finish (stopped or killed after: {', '.join(done) or 'no stage'}); it shows only those "
+            "results; continue the run with `jas-prune recipe run RECIPE --out DIR --resume`")
+
+
 def write_report(run_dir: str | os.PathLike[str], *, metrics: Metrics | None = None) -> Path:
     """(Re)build ``report.md`` and ``figures/*.png`` in a run directory, without running a model.
 
@@ -72,6 +91,9 @@ def write_report(run_dir: str | os.PathLike[str], *, metrics: Metrics | None = N
     from ..pipeline.integrity import check_recorded_files
 
     data = load_run(run_dir, metrics)
+    unfinished = unfinished_reason(data.metrics)
+    if unfinished:
+        log.warning("jas-prune: warning: %s: this run %s", data.run.root, unfinished)
     changed = [p.message for p in check_recorded_files(data.run, data.metrics)]
     for line in changed:
         log.warning("report: %s", line)
@@ -82,5 +104,6 @@ def write_report(run_dir: str | os.PathLike[str], *, metrics: Metrics | None = N
     table1_and_deployment_figures(figs, data.metrics)
     problem = data.recipe_problem if data.recipe_text else None
     text = render_report(data.metrics, data.recipe_text, figs.items, class_names=data.class_names,
-                         semantic=data.semantic, recipe_problem=problem, changed_files=changed)
+                         semantic=data.semantic, recipe_problem=problem, changed_files=changed,
+                         unfinished=unfinished)
     return atomic_write_text(data.run.report, text)
