@@ -13,7 +13,7 @@ import hashlib
 import json
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Iterable, Iterator
+from typing import Any, Callable, Iterable, Iterator
 
 import torch
 from torch import nn
@@ -61,12 +61,13 @@ class PathStore:
         """Store the fingerprint, or on resume compare it part by part.
 
         Raises:
-            FingerprintMismatchError: naming the part (model, data, attribution) that differs.
+            FingerprintMismatchError: naming the part (model, data, attribution) that differs, or
+                a damaged ``fingerprint.json`` (naming it and how to continue).
         """
         path = self.root / "fingerprint.json"
         fingerprint = json.loads(json.dumps(fingerprint))  # normalise tuples etc.
         if path.exists():
-            old = read_json(path)
+            old = self._read_fingerprint(path)
             differing = [k for k in sorted(set(old) | set(fingerprint)) if old.get(k) != fingerprint.get(k)]
             if differing:
                 if not resume:
@@ -86,6 +87,22 @@ class PathStore:
             return
         atomic_write_json(path, fingerprint)
 
+    def _read_fingerprint(self, path: Path) -> dict[str, Any]:
+        """The stored fingerprint; a damaged one is refused: the finished chunks beside it can no
+        longer be checked against the run, and only the user knows whether they still fit."""
+        try:
+            old = read_json(path)
+            if not isinstance(old, dict):
+                raise ValueError(f"a JSON {type(old).__name__}, not an object")
+            return old
+        except (OSError, ValueError) as exc:  # JSONDecodeError and UnicodeDecodeError are ValueErrors
+            reason = " ".join(str(exc).split())[:120]
+            n = len(list(self.root.glob("chunk-*.safetensors")))
+            raise FingerprintMismatchError(
+                f"{path}: damaged ({reason}), so the {n} finished chunk(s) beside it cannot be checked against "
+                f"this run; if model, data and attribution settings are unchanged, delete that file and rerun "
+                f"with --resume (the chunks are kept), else delete {self.root} to locate its images again") from None
+
     # -- chunks ----------------------------------------------------------------------------
     def chunk_path(self, i: int) -> Path:
         return self.root / f"chunk-{i:05d}.safetensors"
@@ -102,6 +119,35 @@ class PathStore:
     def pending(self, n_images: int) -> list[int]:
         """Chunks not written yet, in order (ranks under torchrun share them out)."""
         return [i for i in range(self.n_chunks(n_images)) if not self.done(i)]
+
+    def damaged(self, i: int, ids: list[str]) -> str | None:
+        """Why finished chunk ``i`` cannot be used (unreadable: truncated or overwritten; or it
+        holds other images than ``ids``), or None when it can."""
+        from safetensors import safe_open
+
+        try:
+            with safe_open(str(self.chunk_path(i)), framework="pt") as f:
+                meta = json.loads((f.metadata() or {})["meta"])
+                keys = set(f.keys())
+        except Exception as exc:  # noqa: BLE001 - SafetensorError, KeyError, JSONDecodeError, OSError
+            return " ".join(str(exc).split())[:160] or type(exc).__name__
+        if not isinstance(meta, dict) or meta.get("ids") != list(ids):
+            return "it holds other images than this chunk's"
+        if not {"positions", "labels"} <= keys:
+            return "tensors missing"
+        return None
+
+    def remove_damaged(self, ids_of: Callable[[int], list[str]], n_images: int) -> list[tuple[Path, str]]:
+        """Delete finished chunks that cannot be used (see :meth:`damaged`), so that they are
+        computed again; returns ``(path, reason)`` of each. The other chunks stay as they are.
+        Call only while nothing writes here."""
+        removed = []
+        for i in range(self.n_chunks(n_images)):
+            why = self.damaged(i, ids_of(i)) if self.done(i) else None
+            if why is not None:
+                self.chunk_path(i).unlink()
+                removed.append((self.chunk_path(i), why))
+        return removed
 
     def remove_partial(self) -> list[Path]:
         """Delete the temporary files of writes that never finished (a run killed mid-write).

@@ -235,3 +235,46 @@ def test_report_storage_advice_names_no_flag_report_lacks(dense_run, capsys, mon
     line = _one_error(capsys, main(["report", str(dense_run)]))
     assert "permission denied (EACCES)" in line and "jas-prune report again" in line
     assert "--resume" not in line and "--out" not in line
+
+
+# -- 5: damaged paths/ chunks and fingerprint on --resume ------------------------------------------
+
+LOCATE = "version: 1\ndata: {images_per_class: 2, batch_size: 96}\nattribution: {steps: 2}\n"
+
+
+def _tensors(path):
+    from safetensors.torch import load_file
+
+    return {k: v.clone() for k, v in load_file(str(path)).items()}  # not the file's memory map
+
+
+def test_resume_recomputes_a_damaged_chunk_and_refuses_a_damaged_fingerprint(tmp_path, tiny_builtin, capsys):
+    out = tmp_path / "run"
+    args = ["recipe", "run", str(_recipe(tmp_path, LOCATE)), "--out", str(out)]
+    assert main(args) == 0
+    capsys.readouterr()
+    probe = out / "paths" / "probe"
+    chunks = sorted(probe.glob("chunk-*.safetensors"))
+    assert len(chunks) == 2
+    clean = [_tensors(c) for c in chunks]
+    kept = chunks[0].stat().st_mtime_ns
+    chunks[1].write_bytes(chunks[1].read_bytes()[:1000])  # truncated
+    assert main(args + ["--resume"]) == 0
+    err = capsys.readouterr().err
+    assert f"locate probe: {chunks[1]} is damaged (" in err and "locating its images again" in err
+    assert chunks[0].stat().st_mtime_ns == kept  # nothing already computed is redone
+    for a, b in zip(clean, (_tensors(c) for c in chunks)):
+        assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+    # garbage in the fingerprint: refused naming the file and the way on, nothing changed
+    fingerprint = probe / "fingerprint.json"
+    fingerprint.write_text("{not json")
+    state = lambda: {p: p.stat().st_mtime_ns for p in out.rglob("*") if p.name != ".jas-prune.lock"}  # noqa: E731
+    before = state()
+    line = _one_error(capsys, main(args + ["--resume"]))
+    assert f"{fingerprint}: damaged (" in line and "the 2 finished chunk(s)" in line
+    assert "delete that file and rerun with --resume" in line
+    assert state() == before
+    # ... and the way on works, the chunks kept
+    fingerprint.unlink()
+    assert main(args + ["--resume"]) == 0
+    assert chunks[0].stat().st_mtime_ns == kept

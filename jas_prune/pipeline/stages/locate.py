@@ -96,6 +96,9 @@ def locate_part(ctx, part: str, *, resume: bool) -> None:
             removed = store.remove_partial()
             if removed:
                 log.info("locate %s: removed %d unfinished write(s) of an interrupted run", part, len(removed))
+            for path, why in store.remove_damaged(lambda i: [samples[j].id for j in store.chunk_range(i, len(samples))],
+                                                  len(samples)):
+                log.warning("locate %s: %s is damaged (%s); locating its images again", part, path, why)
             plan.value = store.pending(len(samples))
     pending: list[int] = plan.values[0]
     mine = pending[dist.rank::dist.world]  # a fresh run: chunk i on rank i % world
