@@ -11,7 +11,21 @@ from collections.abc import Sequence
 
 from .errors import ClassSelectionError
 
-__all__ = ["resolve_classes"]
+__all__ = ["resolve_classes", "output_class_names"]
+
+
+def output_class_names(model, data_names: Sequence[str] | None = None) -> list[str] | None:
+    """The one rule naming a model's outputs (checkpoints, ONNX sidecars, ``jas-prune export
+    onnx``): the model's own names when it has them and they fit its head (a Hugging Face
+    ``id2label``, the names a checkpoint carries: ``model.jas_class_names``), else the data set's
+    (``data_names``: folder names without their ``NN-`` prefix, or the built-in class names).
+    Recipe keys that name classes (``prune.classes``) and the report use the data set's names."""
+    head = getattr(model, "jas_head_classes", None)
+    count = int(getattr(model, "num_classes", 0) or 0)
+    for names in (getattr(model, "jas_class_names", None), data_names):
+        if names is not None and (len(names) > max(head) if head else len(names) == count):
+            return [str(n) for n in names]
+    return None
 
 
 def resolve_classes(classes: Sequence[int | str] | int | str, class_names: Sequence[str] | int, *,

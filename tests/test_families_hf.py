@@ -94,10 +94,14 @@ def test_cli_refuses_a_bad_hf_directory_with_exit_code_2(tmp_path, capsys):
 
 def test_recipe_runs_on_an_hf_directory(tmp_path, capsys):
     """The whole pipeline (locate, masks, JAS pruning, export) on a 48-class HF ViT for the
-    built-in shapes data; the exported file keeps the pixel_values/logits names."""
+    built-in shapes data; the exported file keeps the pixel_values/logits names, and the model's
+    id2label names its outputs in the checkpoint, the run's sidecars and ``jas-prune export onnx``
+    alike (docs/class-names.md)."""
+    from jas_prune.checkpoint import read_pruned_meta
     from jas_prune.cli import main
 
-    _, path = _save(tmp_path, num_labels=48)
+    id2label = {i: f"hf-{i}" for i in range(48)}
+    _, path = _save(tmp_path, num_labels=48, id2label=id2label, label2id={v: k for k, v in id2label.items()})
     recipe = tmp_path / "r.yaml"
     recipe.write_text(
         f"version: 1\nmodel: {{name: 'hf:{path}'}}\ndata: {{images_per_class: 2, batch_size: 96}}\n"
@@ -113,3 +117,40 @@ def test_recipe_runs_on_an_hf_directory(tmp_path, capsys):
     for e in metrics["export"]:
         g = onnx.load(str(out / e["path"]) if not e["path"].startswith("/") else e["path"]).graph
         assert [i.name for i in g.input] == ["pixel_values"] and [o.name for o in g.output] == ["logits"]
+        side = json.loads((out / e["path"]).with_suffix(".json").read_text())
+        assert side["class_names"] == list(id2label.values()), e["path"]
+    ckpt = out / metrics["pruned"][0]["checkpoint"]
+    assert read_pruned_meta(ckpt)["class_names"] == list(id2label.values())
+    assert main(["export", "onnx", str(ckpt), "--out", str(tmp_path / "cli.onnx"), "--no-benchmark"]) == 0
+    assert json.loads((tmp_path / "cli.json").read_text())["class_names"] == list(id2label.values())
+
+
+@pytest.mark.parametrize("mode", ["uniform", "global"])
+def test_pruned_model_save_pretrained_reloads_with_from_pretrained(tmp_path, mode):
+    """Hugging Face users' own save/load path: uniform widths are written into the config
+    (the wrapper's save_pretrained and the transformers model's own); widths that differ per
+    layer are refused in one line pointing to save_pruned/load_pruned, nothing written."""
+    from jas_prune.models import load_model
+    from jas_prune.pruning import prune_ffn
+
+    _, path = _save(tmp_path)
+    model = load_model(f"hf:{path}")
+    g = torch.Generator().manual_seed(0)
+    scores = {0: torch.rand(64, generator=g), 1: torch.rand(64, generator=g) * 10}
+    prune_ffn(model, scores, ratio=0.5, mode=mode, normalizer="none" if mode == "global" else "mean", min_keep=1)
+    x = torch.randn(2, 3, 32, 32)
+    with torch.no_grad():
+        expected = model(x)
+    if mode == "global":
+        with pytest.raises(JasPruneError, match=r"^save_pretrained: FFN widths differ per layer .*jas_prune\.load_pruned"):
+            model.save_pretrained(tmp_path / "pruned")
+        assert not (tmp_path / "pruned").exists()
+        return
+    model.save_pretrained(tmp_path / "pruned")
+    model.model.save_pretrained(tmp_path / "inner")  # the transformers model's own, after prune_ffn
+    for d in ("pruned", "inner"):
+        back = transformers.ViTForImageClassification.from_pretrained(str(tmp_path / d)).eval()
+        with torch.no_grad():
+            assert torch.allclose(back(pixel_values=x).logits, expected, atol=1e-6)
+    with torch.no_grad():
+        assert torch.allclose(load_model(f"hf:{tmp_path / 'pruned'}")(x), expected, atol=1e-6)

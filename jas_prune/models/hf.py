@@ -21,7 +21,7 @@ from typing import Any, Mapping
 import torch
 from torch import Tensor, nn
 
-from ..errors import CheckpointError, PretrainedUnavailableError, UnsupportedModelError
+from ..errors import CheckpointError, InvalidArgumentError, PretrainedUnavailableError, UnsupportedModelError
 from .families import FAMILIES, Family
 from .ffn import FFNInfo, FFNLayer
 
@@ -80,6 +80,49 @@ class HFImageClassifier(nn.Module):
             if getattr(cfg, "id2label", None) else []
         if names and not all(n == f"LABEL_{i}" for i, n in enumerate(names)):
             self.jas_class_names = names
+
+    def sync_config(self) -> list[str]:
+        """Write the pruned sizes into the transformers config, so that the model's own
+        ``save_pretrained`` -> ``from_pretrained`` rebuilds it: ``intermediate_size`` when every
+        FFN has the same width, ``num_attention_heads``/``head_dim`` when every layer keeps the
+        same heads, ``num_labels``/``id2label`` of a cut head. Returns what one config cannot
+        hold (widths that differ per layer), empty when the config now describes the model."""
+        cfg, problems = self.model.config, []
+        widths = sorted({layer.fc1.out_features for layer in _discover(self, "model").layers})
+        if len(widths) == 1:
+            cfg.intermediate_size = widths[0]
+        else:
+            problems.append(f"FFN widths differ per layer ({widths[0]}..{widths[-1]})")
+        geometry = {(m.q_proj.out_features // m.head_dim, m.head_dim) for m in self.model.modules()
+                    if isinstance(getattr(m, "q_proj", None), nn.Linear) and isinstance(getattr(m, "head_dim", None), int)}
+        if len(geometry) == 1:
+            cfg.num_attention_heads, cfg.head_dim = geometry.pop()
+        elif geometry:
+            problems.append("attention heads differ per layer")
+        head = self.head
+        if isinstance(head, nn.Linear) and head.out_features != int(cfg.num_labels):
+            names = getattr(self, "jas_head_class_names", None) or [f"LABEL_{i}" for i in range(head.out_features)]
+            cfg.num_labels = head.out_features
+            cfg.id2label = {i: str(n) for i, n in enumerate(names)}
+            cfg.label2id = {str(n): i for i, n in enumerate(names)}
+        return problems
+
+    def save_pretrained(self, save_directory: str | os.PathLike[str], **kwargs: Any) -> None:
+        """transformers' ``save_pretrained`` of the wrapped model, with the config brought up to
+        date first (:meth:`sync_config`), so ``from_pretrained`` (and ``load_model('hf:DIR')``)
+        rebuilds the pruned model.
+
+        Raises:
+            InvalidArgumentError: a pruned shape one config cannot describe (FFN widths that
+                differ per layer); nothing is written.
+        """
+        problems = self.sync_config()
+        if problems:
+            raise InvalidArgumentError(
+                f"save_pretrained: {'; '.join(problems)}, which one transformers config cannot describe "
+                "(from_pretrained would build the dense sizes); save with jas_prune.save_pruned(model, "
+                "'FILE.safetensors') and load with jas_prune.load_pruned('FILE.safetensors')")
+        self.model.save_pretrained(save_directory, **kwargs)
 
     def forward(self, pixel_values: Tensor) -> Tensor:
         out = self.model(pixel_values=pixel_values)

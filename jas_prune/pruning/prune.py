@@ -396,6 +396,8 @@ def prune_ffn(model: nn.Module, scores: Mapping[int, Any] | JASImportance, *, ra
     head_kept: list[int] | None = None
     if head_classes is not None:
         head_kept = cut_head(model, head_classes, class_names=class_names, dg=dg)
+    if callable(sync := getattr(vit, "sync_config", None)):  # a Hugging Face config follows the new sizes
+        sync()
     new_widths = discover_widths(vit)
     return PruneSummary(
         ratio=ratio,

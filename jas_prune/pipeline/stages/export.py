@@ -14,6 +14,7 @@ from __future__ import annotations
 import logging
 from typing import Any
 
+from ...classes import output_class_names
 from ...errors import ExportVerificationError, TamperedFileError
 from ...io import check_file_record, file_record, sha256_file
 from ...metrics import ExportRecord
@@ -86,7 +87,7 @@ def run_export(ctx) -> None:
     o = ctx.recipe.export.onnx
     test_loader, _ = ctx.loader("test", batch_size=32)
     batch = next(iter(test_loader))[0]
-    sidecar = {"class_names": ctx.source.class_names}
+    sidecar = {"class_names": output_class_names(ctx.model, ctx.source.class_names)}  # as the checkpoints
     jobs = [("dense", None)] + [(e.stem, e) for e in ctx.metrics.pruned or []]
     before = {r.model: r for r in ctx.metrics.export or []} if ctx.resume else {}
     records, failed, kept = [], [], []
