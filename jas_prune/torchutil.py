@@ -4,12 +4,31 @@ manager that puts a model in eval mode with chosen parameters trainable and rest
 from __future__ import annotations
 
 import contextlib
+import functools
 from collections.abc import Iterable, Iterator
 
 import torch
 from torch import nn
 
-__all__ = ["frozen_eval", "model_device", "model_dtype"]
+__all__ = ["frozen_eval", "model_device", "model_dtype", "forward_ad_ready"]
+
+
+@functools.cache
+def forward_ad_ready() -> None:
+    """Load PyTorch's forward-mode AD decompositions once, without their warning.
+
+    The first ``torch.autograd.forward_ad.make_dual`` of a process imports them, and that import
+    scripts a few functions with ``torch.jit.script``, which PyTorch >= 2.9 reports with a
+    FutureWarning that is about PyTorch's own code: it was the first line a new user saw.
+    """
+    import warnings
+
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message=r".*torch\.jit\.script.* is deprecated", category=FutureWarning)
+        try:
+            from torch._decomp import decompositions_for_jvp  # noqa: F401
+        except ImportError:  # another PyTorch layout: the warning, if any, stays PyTorch's
+            pass
 
 
 @contextlib.contextmanager

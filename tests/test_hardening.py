@@ -278,3 +278,88 @@ def test_resume_recomputes_a_damaged_chunk_and_refuses_a_damaged_fingerprint(tmp
     fingerprint.unlink()
     assert main(args + ["--resume"]) == 0
     assert chunks[0].stat().st_mtime_ns == kept
+
+
+# -- shipped recipes run as shipped ---------------------------------------------------------------
+
+
+def _shipped():
+    from pathlib import Path
+
+    return sorted((Path(__file__).resolve().parents[1] / "recipes").glob("*.yaml"))
+
+
+@pytest.mark.parametrize("path", _shipped(), ids=lambda p: p.stem)
+def test_shipped_recipe_validates_and_its_data_step_runs(path, capsys):
+    """Every recipe in recipes/ validates and finds its data with nothing made by hand, one class
+    per output of its model's head."""
+    from jas_prune.data import source_for
+    from jas_prune.recipe import load_recipe
+
+    assert main(["recipe", "validate", str(path)]) == 0, capsys.readouterr().err
+    recipe = load_recipe(path)
+    source = source_for(recipe.data, recipe.runtime.seed)
+    outputs = recipe.model.num_classes or (48 if recipe.model.name == "builtin:shapes-vit" else None)
+    assert source.num_classes == outputs and source.probe and source.test
+
+
+# -- cosmetics --------------------------------------------------------------------------------------
+
+
+def test_single_image_class_gets_a_notice(tmp_path, caplog):
+    import logging
+
+    from jas_prune.data import build_source
+
+    root = _png_folder(tmp_path / "images", 2)
+    (root / "c1" / "1.png").unlink()
+    with caplog.at_level(logging.INFO, logger="jas_prune"):
+        build_source("imagefolder", root=str(root))
+    assert "1 class with a single image (e.g. 'c1') in the probe partition only: no test image" in caplog.text
+
+
+def test_a_link_to_the_data_root_is_not_a_class(tmp_path, capsys):
+    import os
+
+    from jas_prune.data import build_source
+    from jas_prune.errors import DataError
+
+    root = _png_folder(tmp_path / "images", 2)
+    os.symlink(".", root / "x")
+    with pytest.raises(DataError, match=r"class folder 'x' in .* is a link to .*which holds the data root itself"):
+        build_source("imagefolder", root=str(root))
+
+
+def test_a_newline_in_a_class_name_keeps_report_tables_whole():
+    from jas_prune.reporting.format import table
+    from jas_prune.reporting.tables import classes_label
+
+    assert classes_label([0, 1], ["red\ncircle", "a|b"]) == "red circle, a\\|b"
+    assert table(["class", "n"], [["red\ncircle", "1"]])[2] == "| red circle | 1 |"
+
+
+def test_a_refused_run_prints_only_its_error(tmp_path, tiny_builtin, capsys):
+    """Refused after the lock (a class the data set lacks): no "run DIR on cpu" line first."""
+    recipe = _recipe(tmp_path, "version: 1\ndata: {images_per_class: 2}\n"
+                               "prune: {methods: [random], classes: [purple-hexagon]}\n")
+    line = _one_error(capsys, main(["recipe", "run", str(recipe), "--out", str(tmp_path / "run")]))
+    assert "prune.classes: 'purple-hexagon' is not a class of the data set" in line
+    recipe = _recipe(tmp_path, "version: 1\ndata: {images_per_class: 2, classes: 5}\n")
+    line = _one_error(capsys, main(["recipe", "run", str(recipe), "--out", str(tmp_path / "run")]))
+    assert "data: 5 classes (data.kind shapes) but model 'builtin:shapes-vit' has 48 outputs" in line
+    assert "data.classes: 48" not in line and "model.num_classes: 5" in line
+
+
+def test_locating_prints_no_pytorch_future_warning(tmp_path):
+    """The first make_dual of a process used to print PyTorch's torch.jit.script FutureWarning."""
+    import os
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    code = ("import torch, jas_prune\nfrom tests.conftest import make_tiny_vit\n"
+            "jas_prune.locate(make_tiny_vit(), torch.randn(1, 3, 32, 32), torch.tensor([0]), steps=2)\n")
+    root = Path(__file__).resolve().parents[1]
+    proc = subprocess.run([sys.executable, "-W", "error::FutureWarning", "-c", code], cwd=root, capture_output=True,
+                          text=True, env={**os.environ, "PYTHONPATH": str(root), "OMP_NUM_THREADS": "1"}, timeout=300)
+    assert proc.returncode == 0 and "FutureWarning" not in proc.stderr, proc.stderr[-2000:]

@@ -66,7 +66,7 @@ from torch.nn.attention import SDPBackend, sdpa_kernel
 from ..errors import AttributionSettingError, InvalidArgumentError
 from ..models import FFNInfo, discover_ffn, num_outputs
 from ..neurons import write_scope
-from ..torchutil import frozen_eval, model_device, model_dtype
+from ..torchutil import forward_ad_ready, frozen_eval, model_device, model_dtype
 from .methods import METHODS
 from .quadrature import quadrature_rule
 from .settings import LocateSettings, ResolvedSettings
@@ -262,6 +262,7 @@ class JointAttribution:
         self.info = discover_ffn(model)
         num_outputs(model)  # a model without a classifier has no class probability to attribute
         self.path_mode = path_mode
+        forward_ad_ready()
 
     # ------------------------------------------------------------------ public
     def attribute(self, inputs: Tensor, target: Tensor | int | Sequence[int] | None = None, *,

@@ -2,11 +2,22 @@
 
 from __future__ import annotations
 
+import re
 from typing import Any, Iterable, Sequence
 
 import numpy as np
 
-__all__ = ["pct", "pct_pm", "num", "millions", "table", "mean_std"]
+__all__ = ["pct", "pct_pm", "num", "millions", "table", "mean_std", "md_text"]
+
+
+def md_text(text: Any) -> str:
+    """Text from the data (a class folder's name) made safe in one markdown line or table cell:
+    line breaks become spaces, ``|`` is escaped."""
+    return _one_line(text).replace("|", "\\|")
+
+
+def _one_line(text: Any) -> str:
+    return re.sub(r"[\r\n\t\v\f]+", " ", str(text))
 
 
 def pct(x: Any) -> str:
@@ -32,7 +43,8 @@ def millions(x: Any) -> str:
 def table(header: Sequence[str], rows: Iterable[Sequence[str]], align: str | None = None) -> list[str]:
     """A markdown table (first column left-aligned, the others right-aligned by default)."""
     align = align or "|".join(["---"] + ["---:"] * (len(header) - 1))
-    return ["| " + " | ".join(header) + " |", f"|{align}|", *("| " + " | ".join(r) + " |" for r in rows), ""]
+    return ["| " + " | ".join(header) + " |", f"|{align}|",
+            *("| " + " | ".join(_one_line(c) for c in r) + " |" for r in rows), ""]
 
 
 def mean_std(values: Sequence[float | None]) -> tuple[float | None, float | None]:

@@ -6,7 +6,7 @@ from __future__ import annotations
 from typing import Sequence
 
 from ..metrics import Metrics, SemanticCheck
-from .format import mean_std, millions, num, pct, pct_pm, table
+from .format import md_text, mean_std, millions, num, pct, pct_pm, table
 from .latency import latency_notes, shape_groups, speedups
 from .stats import RECONSTRUCTION_ORDER, PairedDifference, PruneStat
 
@@ -19,7 +19,7 @@ def classes_label(classes: Sequence[int] | None, names: Sequence[str] | None, li
     """``all``, or the classes' names (the first ``limit``, then a count)."""
     if classes is None:
         return "all"
-    shown = [names[c] if names and c < len(names) else str(c) for c in classes]
+    shown = [md_text(names[c]) if names and c < len(names) else str(c) for c in classes]
     more = f", … ({len(shown)} classes)" if len(shown) > limit else ""
     return ", ".join(shown[:limit]) + more
 
