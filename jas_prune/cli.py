@@ -217,7 +217,7 @@ def report(run_dirs: tuple[Path, ...], combine: bool, out: Path | None) -> None:
     jas-prune report --combine RUN_DIR1 RUN_DIR2 ... --out DIR
     """
     from .errors import OutputDirError
-    from .io import storage_advice
+    from .io import refuse_system_dir, storage_advice
     from .lock import RunDirLock
     from .reporting import combine_reports, write_report
     from .rundir import RunDir
@@ -225,6 +225,7 @@ def report(run_dirs: tuple[Path, ...], combine: bool, out: Path | None) -> None:
     if combine:
         if out is None:
             raise OutputDirError("--combine: give --out DIR for the combined report")
+        refuse_system_dir(out, f"--out {out}")
         with storage_advice("choose a writable --out and combine again"):
             click.echo(f"wrote {combine_reports(run_dirs, out)}")
         return
