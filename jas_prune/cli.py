@@ -247,6 +247,24 @@ def report(run_dirs: tuple[Path, ...], combine: bool, out: Path | None) -> None:
         raise
 
 
+@cli.command("atlas")
+@click.argument("run_dir", metavar="RUN_DIR", type=click.Path(path_type=Path))
+@click.option("--classes", "classes", multiple=True, metavar="CLASS[,CLASS...]",
+              help="Classes to show, by name or index (repeatable; default: every class, see report.atlas).")
+@click.option("--neurons", "neurons", multiple=True, metavar="BLOCK:INDEX[,...]",
+              help="Extra neurons to show, e.g. --neurons 0:17,3:5 (repeatable). Alone, only these are shown.")
+@click.option("--images", type=click.IntRange(1, 64), default=None,
+              help="Top-activating probe images per neuron (default: report.atlas.images, 6).")
+def atlas(run_dir: Path, classes: tuple[str, ...], neurons: tuple[str, ...], images: int | None) -> None:
+    """What each path neuron of a finished run sees: top probe images with patch heatmaps, its
+    activation per class and its share of each class's paths -> RUN_DIR/atlas/atlas.html."""
+    from .atlas.command import atlas_command, split_list
+
+    info = atlas_command(run_dir, classes=split_list(classes), neurons=neurons, images=images)
+    click.echo(f"wrote {Path(run_dir) / info.page} ({len(info.classes)} classes, {len(info.neurons)} neurons, "
+               f"{info.seconds:.1f} s, peak RSS {info.peak_rss_mb:.0f} MB)")
+
+
 class _ConsoleHandler(logging.Handler):
     """Writes to whatever ``sys.stderr`` is at the time (tqdm-friendly, capture-friendly)."""
 

@@ -63,6 +63,7 @@ __all__ = [
     "SpeedupRecord",
     "Fp16Record",
     "RunInfo",
+    "AtlasInfo",
     "read_metrics",
     "schema_version_of",
 ]
@@ -546,6 +547,33 @@ class RunInfo(Section):
 
 
 @dataclass(kw_only=True)
+class AtlasInfo(Section):
+    """``atlas``: the neuron atlas (``report.atlas``, ``jas-prune atlas``) and what it cost.
+
+    ``colour_check``: per class its block-0 path neuron's mean activation on images of the
+    class's colour vs the other colours (``*_ratio`` = same / other), on the test and the probe
+    partition. ``shared``: path neurons shared by many classes vs class-specific ones.
+    """
+
+    page: str
+    method: str
+    scope: str
+    classes: list[int]
+    neurons: list[str]
+    images: int
+    k: int
+    figures: list[str] = field(default_factory=list)
+    colour_check: list[dict[str, Any]] | None = None
+    shared: dict[str, Any] | None = None
+    seconds: float | None = None
+    seconds_without_page: float | None = None
+    peak_rss_mb: float | None = None
+    rss_growth_mb: float | None = None
+    state_mb: float | None = None
+    cuda_peak_mb: float | None = None
+
+
+@dataclass(kw_only=True)
 class Metrics(Section):
     """The whole ``metrics.json`` (sections the run did not reach are None)."""
 
@@ -560,6 +588,7 @@ class Metrics(Section):
     pruned: list[PrunedEntry] | None = _opt()
     export: list[ExportRecord] | None = _opt()
     run: RunInfo | None = _opt()
+    atlas: AtlasInfo | None = _opt()
 
     @classmethod
     def from_dict(cls, data: Any, where: str | None = None) -> "Metrics":

@@ -36,6 +36,7 @@ from typing import Any, Literal, Union
 import yaml
 from pydantic import Field, ValidationError, field_validator, model_validator
 
+from .atlas.settings import ReportSettings
 from .attribution import METHODS, LocateSettings
 from .errors import RecipeError
 from .pruning.settings import PRUNE_METHODS, PruneSettings
@@ -62,7 +63,7 @@ DEPTH_MAX = 32
 #: (48 classes × 10 000 images is already a long run on a GPU)
 IMAGES_PER_CLASS_MAX = 10_000
 
-SECTIONS = ("model", "data", "attribution", "masks", "prune", "evaluate", "export", "runtime")
+SECTIONS = ("model", "data", "attribution", "masks", "prune", "evaluate", "export", "report", "runtime")
 #: attribution.method values: the registered attribution methods
 LOCATE_METHODS = METHODS.names()
 
@@ -204,6 +205,7 @@ class Recipe(Strict):
     prune: PruneSettings | None = None
     evaluate: EvaluateSection = EvaluateSection()
     export: ExportSection | None = None
+    report: ReportSettings = ReportSettings()
     runtime: RuntimeSection = RuntimeSection()
 
 

@@ -13,6 +13,7 @@ instead of joining names itself::
       masks.safetensors      per-class utilisation, similarity, TopK masks, dense importance
       pruned-*.safetensors   pruned checkpoints (``load_pruned``)
       *.onnx + *.json        exported models and their sidecars
+      atlas/                 the neuron atlas: atlas.html, atlas.json, class-*.png
 """
 
 from __future__ import annotations
@@ -49,6 +50,7 @@ class RunDir:
     LOG = "run.log"
     MASKS = "masks.safetensors"
     PATHS = "paths"
+    ATLAS = "atlas"
     LOCK = LOCK_FILE
 
     def __init__(self, root: str | os.PathLike[str]) -> None:
@@ -84,6 +86,11 @@ class RunDir:
     @property
     def masks(self) -> Path:
         return self.root / self.MASKS
+
+    @property
+    def atlas(self) -> Path:
+        """``atlas/``: the neuron atlas (``atlas.html``, ``atlas.json``, one figure per class)."""
+        return self.root / self.ATLAS
 
     @property
     def lock(self) -> Path:

@@ -13,6 +13,7 @@ from typing import Any, Mapping, Sequence
 
 from ..io import atomic_write_text
 from ..metrics import Metrics, SemanticCheck
+from .atlas_section import atlas_section
 from .figset import FigureList, cls_mask_figures, path_figures, pruning_figures, table1_and_deployment_figures
 from .rundata import class_names_of, load_run
 from .stats import as_metrics, paired_differences, prune_stats
@@ -50,7 +51,7 @@ def render_report(metrics: Metrics | Mapping[str, Any], recipe_text: str, figure
                   "`metrics.json`); the files now on disk differ:", ""]
         lines += [f"- {line}" for line in changed_files] + [""]
     lines += summary_section([metrics], names, semantic)
-    lines += figures_section(figures)
+    lines += figures_section(figures) + atlas_section(metrics)
     lines += dense_section(metrics) + locate_section(metrics) + semantic_section(semantic) + paper_section(metrics)
     lines += pruned_section(prune_stats([metrics]), names, combined=False)
     lines += paired_section(paired_differences([metrics]), 1) + export_section(metrics)

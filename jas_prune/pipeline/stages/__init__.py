@@ -10,6 +10,6 @@ from __future__ import annotations
 from .base import STAGES, Stage
 
 # registration order is run order
-from . import locate, dense, masks, intervention, cls_mask, prune, export  # noqa: E402,F401,I001
+from . import locate, dense, masks, atlas, intervention, cls_mask, prune, export  # noqa: E402,F401,I001
 
 __all__ = ["STAGES", "Stage"]
