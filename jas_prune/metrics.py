@@ -550,9 +550,9 @@ class RunInfo(Section):
 class AtlasInfo(Section):
     """``atlas``: the neuron atlas (``report.atlas``, ``jas-prune atlas``) and what it cost.
 
-    ``colour_check``: per class its block-0 path neuron's mean activation on images of the
-    class's colour vs the other colours (``*_ratio`` = same / other), on the test and the probe
-    partition. ``shared``: path neurons shared by many classes vs class-specific ones.
+    ``colour_check``: per class its first located block's path neuron's mean activation on images
+    of the class's colour vs the other colours (``*_ratio`` = same / other), on the test and the
+    probe partition; ``colour_by_block`` summarises the same check for every block. ``shared``: path neurons shared by many classes vs class-specific ones.
     """
 
     page: str
@@ -564,6 +564,7 @@ class AtlasInfo(Section):
     k: int
     figures: list[str] = field(default_factory=list)
     colour_check: list[dict[str, Any]] | None = None
+    colour_by_block: dict[str, dict[str, Any]] | None = None
     shared: dict[str, Any] | None = None
     seconds: float | None = None
     seconds_without_page: float | None = None

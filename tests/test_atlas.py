@@ -13,7 +13,7 @@ import pytest
 import torch
 
 from jas_prune.atlas.activations import neuron_activations, scoped
-from jas_prune.atlas.build import colour_check
+from jas_prune.atlas.colour import colour_check
 from jas_prune.atlas.select import Neuron, class_path_neurons, neuron_use, parse_neurons
 from jas_prune.cli import main
 from jas_prune.data import build_source, model_transform
@@ -96,10 +96,13 @@ def test_colour_check_ratio_is_same_colour_over_other_colours():
     names = ["red-circle", "red-ring", "blue-circle", "blue-ring"]
     acts = SimpleNamespace(neurons=[Neuron(0, 4)], count=torch.tensor([2, 2, 1, 3]),
                            mean=torch.tensor([[3.0], [1.0], [1.0], [0.5]]))
-    rows = colour_check(names, [0], {0: 0}, acts, acts)
-    assert rows[0]["colour"] == "red" and rows[0]["neuron"] == "0:4"
+    rows = colour_check(names, [(0, 0), (3, 0)], acts, acts)
+    assert rows[0]["colour"] == "red" and rows[0]["neuron"] == "0:4" and rows[0]["block"] == 0
     assert rows[0]["test_ratio"] == pytest.approx(2.0 / ((1.0 + 1.5) / 4))
-    assert colour_check(["cat", "dog"], [0], {0: 0}, acts, acts) is None
+    assert rows[1]["colour"] == "blue" and rows[1]["test_diff"] == pytest.approx((1.0 + 1.5) / 4 - 2.0)
+    acts.mean[2:] = -1.0  # a negative mean of the other colours: no ratio, still a difference
+    assert colour_check(names, [(0, 0)], acts, acts)[0]["test_ratio"] is None
+    assert colour_check(["cat", "dog"], [(0, 0)], acts, acts) is None
 
 
 class _Parsed(HTMLParser):
@@ -136,6 +139,7 @@ def test_recipe_run_builds_the_atlas_and_the_cli_refuses_bad_input(tmp_path, tin
     assert atlas["classes"] == [0, 5, 21] and atlas["k"] == 3 and atlas["images"] == 96
     assert atlas["seconds"] > 0 and atlas["peak_rss_mb"] > 0 and len(atlas["figures"]) == 3
     assert {r["class"] for r in atlas["colour_check"]} == {"red-circle", "red-star", "blue-star"}
+    assert set(atlas["colour_by_block"]) == {"0", "1"}
     page = (out / "atlas" / "atlas.html").read_text()
     parsed = _Parsed()
     parsed.feed(page)

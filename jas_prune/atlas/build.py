@@ -1,11 +1,7 @@
 """The whole atlas of a run directory: choose the neurons, stream the paths and the probe images,
 draw, write ``atlas/`` (``atlas.html``, one figure per class, ``atlas.json``) and return the
 ``metrics.json`` section with the cost and the colour check.
-
-Colour check (paper Finding 4 made visible; shapes classes only): for every chosen class, the
-activation of its block-0 path neuron averaged over the images of the class's colour, divided by
-the average over the images of the other colours — on the test partition (held out from the
-choice of the neuron) and on the probe partition.
+The colour check (:mod:`.colour`) runs on shapes classes.
 """
 
 from __future__ import annotations
@@ -30,11 +26,12 @@ from ..models import discover_ffn
 from ..rundir import RunDir
 from ..semantic import parse_attributes
 from .activations import NeuronActivations, neuron_activations
+from .colour import colour_check, colour_summary
 from .figures import PathColumn, class_path_figure, input_images, overlay
 from .select import Neuron, NeuronUse, class_path_neurons, neuron_use
 from .settings import AtlasSettings
 
-__all__ = ["Atlas", "build_atlas", "choose_atlas_classes", "colour_check"]
+__all__ = ["Atlas", "build_atlas", "choose_atlas_classes"]
 
 log = logging.getLogger("jas_prune")
 
@@ -60,7 +57,7 @@ class Atlas:
     ids: dict[int, str]  # sample position -> sample id, for the top images
     labels: dict[int, int]  # sample position -> class, for the top images
     tiles: dict[tuple[int, int], np.ndarray]  # (neuron, rank) -> overlay tile
-    colour: list[dict[str, Any]] | None
+    colour: list[dict[str, Any]] | None  # every (class, block) row of the colour check
 
     def users(self, m: int) -> list[int]:
         """Chosen classes whose path neuron at its block is neuron ``m``."""
@@ -85,43 +82,6 @@ def choose_atlas_classes(source: DataSource, settings: AtlasSettings, classes: S
 
     counts = np.bincount([s.label for s in source.subset("probe")], minlength=source.num_classes)
     return sorted(choose_classes(counts, None, k=settings.max_classes))
-
-
-def _mean_over(acts: NeuronActivations, m: int, classes: Sequence[int]) -> float | None:
-    """Image-weighted mean activation of neuron ``m`` over the images of ``classes``."""
-    cnt = acts.count[list(classes)].double()
-    if cnt.sum() == 0:
-        return None
-    mean = torch.nan_to_num(acts.mean[list(classes), m].double())
-    return float((mean * cnt).sum() / cnt.sum())
-
-
-def colour_check(class_names: Sequence[str], classes: Sequence[int], block0: dict[int, int],
-                 held_out: NeuronActivations, probe: NeuronActivations) -> list[dict[str, Any]] | None:
-    """Per class with a block-0 path neuron: mean activation on its colour's images vs the other
-    colours' (None unless every class name is a shapes ``colour-shape`` name).
-
-    Args:
-        block0: class -> row of its block-0 neuron in ``held_out.neurons`` / ``probe.neurons``.
-    """
-    attrs = parse_attributes(class_names)
-    if attrs is None:
-        return None
-    rows = []
-    for c in classes:
-        if c not in block0:
-            continue
-        m = block0[c]
-        colour = attrs[c][0]
-        same = [i for i, a in enumerate(attrs) if a[0] == colour]
-        other = [i for i, a in enumerate(attrs) if a[0] != colour]
-        row: dict[str, Any] = {"class": class_names[c], "neuron": str(held_out.neurons[m]), "colour": colour}
-        for part, acts in (("test", held_out), ("probe", probe)):
-            a, b = _mean_over(acts, m, same), _mean_over(acts, m, other)
-            row[f"{part}_same"], row[f"{part}_other"] = a, b
-            row[f"{part}_ratio"] = a / b if a is not None and b is not None and b > 0 else None
-        rows.append(row)
-    return rows
 
 
 def _peak_rss_mb() -> float:
@@ -167,18 +127,16 @@ def build_atlas(run: RunDir, model: nn.Module, source: DataSource, *, method: st
     bs = settings.batch_size or batch_size
     acts = neuron_activations(model, probe, transform, all_neurons, scope=scope, num_classes=source.num_classes,
                               k=settings.images, batch_size=bs, seed=seed)
-    colour = None
-    if chosen and layers[0] == 0 and parse_attributes(source.class_names) is not None:
-        first = sorted({Neuron(0, int(top[q, 0])) for q in range(len(chosen)) if int(top[q, 0]) >= 0})
-        held = neuron_activations(model, source.subset("test"), transform, first, scope=scope,
+    colour = colour_by_block = colour_all = None
+    if path_neurons and parse_attributes(source.class_names) is not None:
+        held = neuron_activations(model, source.subset("test"), transform, all_neurons, scope=scope,
                                   num_classes=source.num_classes, k=1, batch_size=bs, seed=seed)
-        rows_probe = [all_neurons.index(n) for n in first]
-        probe_sub = NeuronActivations(first, scope, acts.top_values[rows_probe], acts.top_positions[rows_probe],
-                                      acts.top_maps[rows_probe], acts.count, acts.mean[:, rows_probe],
-                                      acts.std[:, rows_probe], acts.min[:, rows_probe], acts.max[:, rows_probe],
-                                      acts.grid, acts.images)
-        block0 = {c: first.index(Neuron(0, int(top[q, 0]))) for q, c in enumerate(chosen) if int(top[q, 0]) >= 0}
-        colour = colour_check(source.class_names, chosen, block0, held, probe_sub)
+        pairs = [(c, all_neurons.index(Neuron(b, int(top[q, j])))) for j, b in enumerate(layers)
+                 for q, c in enumerate(chosen) if int(top[q, j]) >= 0]
+        rows = colour_check(source.class_names, pairs, held, acts) or []
+        colour_by_block = colour_summary(rows)
+        colour = [r for r in rows if r["block"] == layers[0]]
+        colour_all = rows
     # re-read only the top images, draw their tiles (one colour scale per neuron)
     positions = [int(p) for p in acts.top_positions.flatten() if p >= 0]
     images = input_images(model, probe, positions, transform, seed=seed)
@@ -192,7 +150,8 @@ def build_atlas(run: RunDir, model: nn.Module, source: DataSource, *, method: st
                 tiles[(m, r)] = overlay(im, acts.top_maps[m, r].numpy(), lo, hi, size=min(TILE, max(im.shape[:2])))
     atlas = Atlas(classes=chosen, class_names=list(source.class_names), layers=layers, path_top=top,
                   path_freq=freq, neurons=all_neurons, extra=[n for n in neurons], use=use, acts=acts,
-                  ids={p: probe[p].id for p in positions}, labels={p: probe[p].label for p in positions}, tiles=tiles, colour=colour)
+                  ids={p: probe[p].id for p in positions}, labels={p: probe[p].label for p in positions}, tiles=tiles,
+                  colour=colour_all)
     out = run.atlas
     make_dir(out, f"atlas: {out}")
     figures = [_class_figure(atlas, q, out) for q in range(len(chosen))]
@@ -205,7 +164,8 @@ def build_atlas(run: RunDir, model: nn.Module, source: DataSource, *, method: st
     info_out = AtlasInfo(
         page=page.relative_to(run.root).as_posix(), method=method, scope=scope, classes=chosen,
         neurons=[str(n) for n in all_neurons], images=acts.images, k=settings.images,
-        figures=[f.relative_to(run.root).as_posix() for f in figures], colour_check=colour, shared=shared,
+        figures=[f.relative_to(run.root).as_posix() for f in figures], colour_check=colour, colour_by_block=colour_by_block,
+        shared=shared,
         seconds=time.perf_counter() - t0, seconds_without_page=seconds_before_page,
         peak_rss_mb=_peak_rss_mb(), rss_growth_mb=max(0.0, _peak_rss_mb() - rss0),
         state_mb=_bytes(acts.state_bytes(), top, freq, use.frequency, use.jas_share, use.images) / 2**20,

@@ -17,6 +17,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from ..io import atomic_write_text
+from .colour import colour_summary
 from .figures import png_bytes
 
 if TYPE_CHECKING:  # pragma: no cover
@@ -144,14 +145,21 @@ def _home(atlas: "Atlas", shared: dict[str, Any] | None) -> str:
              f"{'the class token' if a.scope == 'cls' else 'mean over tokens'} (attribution scope {a.scope}). "
              "Pick a class or a neuron on the left.</p>"]
     if atlas.colour:
-        parts.append("<h3>Colour check (paper Finding 4)</h3><p class=note>Each class's block-0 path neuron: mean "
-                     "activation on images of the class's colour / on the other colours (test partition; probe in "
+        first = [r for r in atlas.colour if r["block"] == atlas.layers[0]]
+        parts.append(f"<h3>Colour check (paper Finding 4)</h3><p class=note>Each class's block-{atlas.layers[0]} "
+                     "path neuron: mean activation on test images of the class's colour vs the other colours; "
+                     "ratio = same / other where the other colours' mean is positive (probe partition in "
                      "brackets).</p><table><tr><th>class</th><th>neuron</th><th>same colour</th>"
                      "<th>other colours</th><th>ratio</th></tr>")
-        for r in atlas.colour:
+        for r in first:
             parts.append(f"<tr><td>{html.escape(r['class'])}</td><td>{r['neuron']}</td><td>{_fmt(r['test_same'])}</td>"
                          f"<td>{_fmt(r['test_other'])}</td><td>{_fmt(r['test_ratio'])} "
                          f"({_fmt(r['probe_ratio'])})</td></tr>")
+        parts.append("</table><p class=note>The same check for every block's path neuron:</p><table><tr>"
+                     "<th>block</th><th>classes</th><th>same colour above other</th><th>median ratio</th></tr>")
+        for b, v in colour_summary(atlas.colour).items():
+            parts.append(f"<tr><td>{b}</td><td>{v['classes']}</td><td>{v['same_above_other']}</td>"
+                         f"<td>{_fmt(v['median_ratio'])} (of {v['ratios']})</td></tr>")
         parts.append("</table>")
     if shared:
         parts.append(f"<h3>Shared vs class-specific path neurons</h3><p>{shared['shared']} neurons are the path "

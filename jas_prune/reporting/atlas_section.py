@@ -30,12 +30,18 @@ def atlas_section(metrics: Metrics) -> list[str]:
            "its activation per class and its share of each class's paths and path JAS.", ""]
     if a.colour_check:
         rows = _ratio_rows(a)
-        ratios = [r["test_ratio"] for r in a.colour_check if r.get("test_ratio") is not None]
-        above = sum(1 for x in ratios if x > 1)
-        out += ["Colour check (paper Finding 4): each class's block-0 path neuron, mean activation on test images of "
-                f"the class's colour vs the other colours; ratio > 1 for {above} of {len(ratios)} classes "
-                f"(median {num(sorted(ratios)[len(ratios) // 2]) if ratios else '–'}).", ""]
-        out += table(["class", "block-0 neuron", "same colour", "other colours", "ratio (test)", "ratio (probe)"], rows)
+        by = a.colour_by_block or {}
+        first = next(iter(by.values()), None)
+        out += ["Colour check (paper Finding 4): each class's first-block path neuron, mean activation on test images "
+                "of the class's colour vs the other colours (ratio = same / other, where the other colours' mean is "
+                "positive)" + (f"; the colour's mean is higher for {first['same_above_other']} of "
+                               f"{first['classes']} classes." if first else "."), ""]
+        out += table(["class", "neuron", "same colour", "other colours", "ratio (test)", "ratio (probe)"], rows)
+        if by:
+            out += ["The same check on every block's path neuron (test partition):", ""]
+            out += table(["block", "classes", "same colour above other", "median ratio (of defined)"],
+                         [[b, str(v["classes"]), str(v["same_above_other"]),
+                           f"{num(v['median_ratio'])} (of {v['ratios']})"] for b, v in by.items()])
     if a.shared:
         s = a.shared
         out += [f"Shared vs class-specific: {s['shared']} path neurons are shared by several of the classes, "
