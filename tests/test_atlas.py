@@ -4,6 +4,7 @@ direct count, the page and the CLI's refusals."""
 from __future__ import annotations
 
 import json
+import re
 import shutil
 import subprocess
 from html.parser import HTMLParser
@@ -108,17 +109,15 @@ def test_colour_check_ratio_is_same_colour_over_other_colours():
 class _Parsed(HTMLParser):
     def __init__(self):
         super().__init__()
-        self.ids, self.imgs, self.external = set(), 0, []
+        self.ids, self.tiles, self.external = set(), set(), []
 
     def handle_starttag(self, tag, attrs):
         a = dict(attrs)
         if "id" in a:
             self.ids.add(a["id"])
-        if tag == "img":
-            self.imgs += 1
-            if not a.get("src", "").startswith("data:image/png;base64,"):
-                self.external.append(a.get("src"))
-        if tag in ("script", "link") and (a.get("src") or a.get("href")):
+        if "tile" in a.get("class", "").split():
+            self.tiles.add(a["class"].split()[-1])
+        if tag in ("img", "script", "link", "iframe") and (a.get("src") or a.get("href")):
             self.external.append(a.get("src") or a.get("href"))
 
 
@@ -143,7 +142,10 @@ def test_recipe_run_builds_the_atlas_and_the_cli_refuses_bad_input(tmp_path, tin
     page = (out / "atlas" / "atlas.html").read_text()
     parsed = _Parsed()
     parsed.feed(page)
-    assert parsed.external == [] and parsed.imgs > 0  # self-contained
+    # self-contained: nothing loaded from elsewhere, every picture a data: URI defined in the page
+    urls = re.findall(r"url\(([^)]{0,40})", page)
+    assert parsed.external == [] and urls and all(u.startswith("data:image/png;base64,") for u in urls)
+    assert parsed.tiles and all(f".{t}{{background-image:url(data:" in page for t in parsed.tiles)
     assert {f"class-{c}" for c in (0, 5, 21)} <= parsed.ids
     assert {f"neuron-{n.replace(':', '-')}" for n in atlas["neurons"]} <= parsed.ids
     for name in ("red-circle", "red-star", "blue-star"):

@@ -59,6 +59,11 @@ class Atlas:
     tiles: dict[tuple[int, int], np.ndarray]  # (neuron, rank) -> overlay tile
     colour: list[dict[str, Any]] | None  # every (class, block) row of the colour check
 
+    def path(self, q: int) -> list[int]:
+        """Rows (in ``neurons``) of chosen class ``q``'s path neuron per block, block order."""
+        return [self.neurons.index(Neuron(b, int(self.path_top[q, j]))) for j, b in enumerate(self.layers)
+                if int(self.path_top[q, j]) >= 0]
+
     def users(self, m: int) -> list[int]:
         """Chosen classes whose path neuron at its block is neuron ``m``."""
         n = self.neurons[m]
@@ -194,14 +199,8 @@ def neuron_lines(atlas: Atlas, m: int, q: int | None = None) -> list[str]:
 
 def _class_figure(atlas: Atlas, q: int, out) -> Any:
     c = atlas.classes[q]
-    cols = []
-    for j, b in enumerate(atlas.layers):
-        idx = int(atlas.path_top[q, j])
-        if idx < 0:
-            continue
-        m = atlas.neurons.index(Neuron(b, idx))
-        cols.append(PathColumn(str(atlas.neurons[m]), [atlas.tiles[(m, r)] for r in range(3) if (m, r) in atlas.tiles],
-                               neuron_lines(atlas, m, q)))
+    cols = [PathColumn(str(atlas.neurons[m]), [atlas.tiles[(m, r)] for r in range(3) if (m, r) in atlas.tiles],
+                       neuron_lines(atlas, m, q)) for m in atlas.path(q)]
     name = atlas.class_names[c]
     title = f"{name}: path neuron per block, top probe images"
     safe = "".join(ch if ch.isalnum() or ch in "-_" else "_" for ch in name)

@@ -21,6 +21,7 @@ __all__ = ["input_images", "overlay", "png_bytes", "PathColumn", "class_path_fig
 
 #: heatmap colour map and opacity over the image
 CMAP, ALPHA = "inferno", 0.6
+LEGEND = "heatmap: the neuron's activation per patch, dark = low, yellow = high (one scale per neuron)"
 
 
 def _norm_stats(model: nn.Module) -> tuple[np.ndarray, np.ndarray]:
@@ -107,7 +108,7 @@ def class_path_figure(path: str | Path, title: str, columns: Sequence[PathColumn
     if not columns:
         return None
     cell, head, gap, line = tile + 28, 58, 8, 15
-    text_h = line * max(len(c.lines) for c in columns) + 10
+    text_h = line * (max(len(c.lines) for c in columns) + 1) + 14
     width, height = cell * len(columns) + 16, head + rows * (tile + gap) + text_h
     canvas = Image.new("RGB", (width, height), "white")
     draw = ImageDraw.Draw(canvas)
@@ -124,4 +125,5 @@ def class_path_figure(path: str | Path, title: str, columns: Sequence[PathColumn
         for i, text in enumerate(col.lines):
             draw.text((x0 + cell // 2, head + rows * (tile + gap) + 4 + i * line), text, fill="#222", font=small,
                       anchor="ma")
+    draw.text((width // 2, height - 6), LEGEND, fill="#555", font=small, anchor="md")
     return atomic_write(path, lambda tmp: canvas.save(tmp, format="PNG"))

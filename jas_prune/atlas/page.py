@@ -38,8 +38,8 @@ main{flex:1;padding:12px 20px;min-width:0}
 .card{border:1px solid #ccd;border-radius:6px;padding:6px;min-width:128px;background:#fff}
 .card h4{margin:0 0 4px;font-size:14px}
 .card small,.note{color:#555}
-img.tile{width:112px;height:112px;image-rendering:pixelated;display:block;margin:2px 0}
-.tiles{display:flex;flex-wrap:wrap;gap:6px}.tiles figure{margin:0;text-align:center;font-size:11px}
+.tile{width:112px;height:112px;image-rendering:pixelated;background-size:cover;margin:2px auto}
+.tiles{display:flex;flex-wrap:wrap;gap:6px}figure{margin:0;text-align:center;font-size:11px}
 table{border-collapse:collapse;margin:6px 0}td,th{border:1px solid #ddd;padding:2px 6px;text-align:right}
 td:first-child,th:first-child{text-align:left}
 .bar{height:10px;background:#4c72b0;display:inline-block;vertical-align:middle}
@@ -56,9 +56,10 @@ def neuron_anchor(neuron: Any) -> str:
     return f"neuron-{neuron.block}-{neuron.index}"
 
 
-def _img(data: bytes, alt: str, cls: str = "tile") -> str:
-    return (f'<img class="{cls}" alt="{html.escape(alt)}" '
-            f'src="data:image/png;base64,{base64.b64encode(data).decode()}">')
+def _tile_css(atlas: "Atlas") -> str:
+    """Every tile once, as a CSS class (a tile shows on several views: its bytes are not repeated)."""
+    return "".join(f".t{m}-{r}{{background-image:url(data:image/png;base64,"
+                   f"{base64.b64encode(png_bytes(t)).decode()})}}" for (m, r), t in sorted(atlas.tiles.items()))
 
 
 def _pct(x: float) -> str:
@@ -77,7 +78,7 @@ def _tiles(atlas: "Atlas", m: int, limit: int | None = None) -> list[str]:
             continue
         sid = atlas.ids[p]
         label = atlas.class_names[atlas.labels[p]]
-        out.append(f"<figure>{_img(png_bytes(atlas.tiles[(m, r)]), sid)}"
+        out.append(f'<figure><div class="tile t{m}-{r}" role="img" aria-label="{html.escape(sid)}"></div>'
                    f"<figcaption>{html.escape(label)}<br>{_fmt(v)}</figcaption></figure>")
     return out
 
@@ -85,11 +86,7 @@ def _tiles(atlas: "Atlas", m: int, limit: int | None = None) -> list[str]:
 def _class_view(atlas: "Atlas", q: int) -> str:
     c = atlas.classes[q]
     cards = []
-    for j, b in enumerate(atlas.layers):
-        idx = int(atlas.path_top[q, j])
-        if idx < 0:
-            continue
-        m = next(i for i, n in enumerate(atlas.neurons) if n.block == b and n.index == idx)
+    for m in atlas.path(q):
         n = atlas.neurons[m]
         users = atlas.top_classes(m)
         cards.append(
@@ -123,13 +120,14 @@ def _neuron_view(atlas: "Atlas", m: int) -> str:
                     f"<td style=\"text-align:left\"><span class=\"bar{' hi' if c in users else ''}\" "
                     f"style=\"width:{w:.0f}px\"></span></td>"
                     f"<td>{_pct(float(atlas.use.frequency[c, m]))}</td><td>{_pct(float(atlas.use.jas_share[c, m]))}</td></tr>")
+    tiles = _tiles(atlas, m)
     scope = "class-token activation" if a.scope == "cls" else "activation averaged over tokens"
     who = ", ".join(html.escape(atlas.class_names[c]) for c in atlas.users(m)) or "none of the chosen classes"
     return (f'<section class="view" id="{neuron_anchor(n)}"><h2>Neuron {n}</h2>'
             f"<p>Block {n.block}, FFN neuron {n.index}. Path neuron of: {who}.</p>"
-            f"<h3>Top {len(_tiles(atlas, m))} probe images</h3><p class=note>{scope} below each image; the heatmap "
+            f"<h3>Top {len(tiles)} probe images</h3><p class=note>{scope} below each image; the heatmap "
             f"is the neuron's activation at every patch (one colour scale for the neuron).</p>"
-            f'<div class="tiles">{"".join(_tiles(atlas, m))}</div>'
+            f'<div class="tiles">{"".join(tiles)}</div>'
             f"<h3>Activation per class</h3><p class=note>Mean ({scope}) over each class's probe images ± std, "
             f"highest first; red bars: classes whose path neuron at block {n.block} it is. 'on paths': share of "
             f"the class's images whose path goes through it; 'JAS share': share of the class's total |path JAS| "
@@ -192,7 +190,7 @@ def render_page(atlas: "Atlas", shared: dict[str, Any] | None = None) -> str:
     views = [_class_view(atlas, q) for q in range(len(atlas.classes))]
     views += [_neuron_view(atlas, m) for m in range(len(atlas.neurons))]
     return ("<!DOCTYPE html><html lang=en><head><meta charset=utf-8><title>jas-prune neuron atlas</title>"
-            f"<style>{_CSS}</style><script>{_JS}</script></head><body>" + "".join(nav)
+            f"<style>{_CSS}{_tile_css(atlas)}</style><script>{_JS}</script></head><body>" + "".join(nav)
             + "<main>" + _home(atlas, shared) + "".join(views) + "</main></body></html>\n")
 
 
