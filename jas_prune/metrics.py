@@ -567,7 +567,6 @@ class AtlasInfo(Section):
     colour_by_block: dict[str, dict[str, Any]] | None = None
     shared: dict[str, Any] | None = None
     seconds: float | None = None
-    seconds_without_page: float | None = None
     peak_rss_mb: float | None = None
     rss_growth_mb: float | None = None
     state_mb: float | None = None

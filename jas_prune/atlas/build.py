@@ -50,8 +50,7 @@ class Atlas:
     layers: list[int]
     path_top: torch.Tensor  # [Q, L] each chosen class's path neuron per block (-1: no images)
     path_freq: torch.Tensor  # [Q, L]
-    neurons: list[Neuron]
-    extra: list[Neuron]  # asked for with --neurons
+    neurons: list[Neuron]  # the chosen classes' path neurons, then those asked for (--neurons)
     use: NeuronUse  # [C, M]
     acts: NeuronActivations  # [M, ...]
     ids: dict[int, str]  # sample position -> sample id, for the top images
@@ -132,52 +131,61 @@ def build_atlas(run: RunDir, model: nn.Module, source: DataSource, *, method: st
     bs = settings.batch_size or batch_size
     acts = neuron_activations(model, probe, transform, all_neurons, scope=scope, num_classes=source.num_classes,
                               k=settings.images, batch_size=bs, seed=seed)
-    colour = colour_by_block = colour_all = None
-    if path_neurons and parse_attributes(source.class_names) is not None:
-        held = neuron_activations(model, source.subset("test"), transform, all_neurons, scope=scope,
-                                  num_classes=source.num_classes, k=1, batch_size=bs, seed=seed)
-        pairs = [(c, all_neurons.index(Neuron(b, int(top[q, j])))) for j, b in enumerate(layers)
-                 for q, c in enumerate(chosen) if int(top[q, j]) >= 0]
-        rows = colour_check(source.class_names, pairs, held, acts) or []
-        colour_by_block = colour_summary(rows)
-        colour = [r for r in rows if r["block"] == layers[0]]
-        colour_all = rows
-    # re-read only the top images, draw their tiles (one colour scale per neuron)
+    rows = _colour_rows(model, source, transform, all_neurons, chosen, top, layers, acts, bs, seed) \
+        if path_neurons else None
     positions = [int(p) for p in acts.top_positions.flatten() if p >= 0]
-    images = input_images(model, probe, positions, transform, seed=seed)
-    tiles = {}
-    for m in range(len(all_neurons)):
-        maps = acts.top_maps[m][acts.top_positions[m] >= 0]
-        lo, hi = (float(maps.min()), float(maps.max())) if len(maps) else (0.0, 1.0)
-        for r, p in enumerate(acts.top_positions[m].tolist()):
-            if p >= 0:
-                im = images[p]
-                tiles[(m, r)] = overlay(im, acts.top_maps[m, r].numpy(), lo, hi, size=min(TILE, max(im.shape[:2])))
+    tiles = _tiles(acts, input_images(model, probe, positions, transform, seed=seed))
     atlas = Atlas(classes=chosen, class_names=list(source.class_names), layers=layers, path_top=top,
-                  path_freq=freq, neurons=all_neurons, extra=[n for n in neurons], use=use, acts=acts,
+                  path_freq=freq, neurons=all_neurons, use=use, acts=acts,
                   ids={p: probe[p].id for p in positions}, labels={p: probe[p].label for p in positions}, tiles=tiles,
-                  colour=colour_all)
+                  colour=rows)
     out = run.atlas
     make_dir(out, f"atlas: {out}")
     figures = [_class_figure(atlas, q, out) for q in range(len(chosen))]
     for stale in set(out.glob("class-*.png")) - set(figures):  # an earlier atlas's other classes
         stale.unlink()
     atomic_write_json(out / "atlas.json", atlas_json(atlas))
-    seconds_before_page = time.perf_counter() - t0
     shared = shared_table(atlas)
     page = write_page(atlas, out / "atlas.html", shared=shared)
     info_out = AtlasInfo(
         page=page.relative_to(run.root).as_posix(), method=method, scope=scope, classes=chosen,
         neurons=[str(n) for n in all_neurons], images=acts.images, k=settings.images,
-        figures=[f.relative_to(run.root).as_posix() for f in figures], colour_check=colour, colour_by_block=colour_by_block,
-        shared=shared,
-        seconds=time.perf_counter() - t0, seconds_without_page=seconds_before_page,
+        figures=[f.relative_to(run.root).as_posix() for f in figures],
+        colour_check=None if rows is None else [r for r in rows if r["block"] == layers[0]],
+        colour_by_block=None if rows is None else colour_summary(rows), shared=shared,
+        seconds=time.perf_counter() - t0,
         peak_rss_mb=_peak_rss_mb(), rss_growth_mb=max(0.0, _peak_rss_mb() - rss0),
         state_mb=_bytes(acts.state_bytes(), top, freq, use.frequency, use.jas_share, use.images) / 2**20,
         cuda_peak_mb=torch.cuda.max_memory_allocated() / 2**20 if cuda else None)
     log.info("atlas: %d classes, %d neurons, %d probe images in %.1f s -> %s", len(chosen), len(all_neurons),
              acts.images, info_out.seconds, info_out.page)
     return info_out
+
+
+def _colour_rows(model: nn.Module, source: DataSource, transform: Any, neurons: list[Neuron], chosen: list[int],
+                 top: torch.Tensor, layers: list[int], probe_acts: NeuronActivations, batch_size: int,
+                 seed: int) -> list[dict[str, Any]] | None:
+    """The colour check of every (chosen class, block): one more pass, over the test images."""
+    if parse_attributes(source.class_names) is None:
+        return None
+    held = neuron_activations(model, source.subset("test"), transform, neurons, scope=probe_acts.scope,
+                              num_classes=source.num_classes, k=1, batch_size=batch_size, seed=seed)
+    pairs = [(c, neurons.index(Neuron(b, int(top[q, j])))) for j, b in enumerate(layers)
+             for q, c in enumerate(chosen) if int(top[q, j]) >= 0]
+    return colour_check(source.class_names, pairs, held, probe_acts)
+
+
+def _tiles(acts: NeuronActivations, images: dict[int, np.ndarray]) -> dict[tuple[int, int], np.ndarray]:
+    """(neuron row, rank) -> its top image with the heatmap over it, one colour scale per neuron."""
+    tiles = {}
+    for m in range(len(acts.neurons)):
+        kept = acts.top_positions[m] >= 0
+        maps = acts.top_maps[m][kept]
+        lo, hi = (float(maps.min()), float(maps.max())) if len(maps) else (0.0, 1.0)
+        for r in kept.nonzero().flatten().tolist():
+            im = images[int(acts.top_positions[m, r])]
+            tiles[(m, r)] = overlay(im, acts.top_maps[m, r].numpy(), lo, hi, size=min(TILE, max(im.shape[:2])))
+    return tiles
 
 
 def _bytes(held: int, *tensors: torch.Tensor) -> int:
