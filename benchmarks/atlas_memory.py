@@ -4,11 +4,13 @@ Each measurement runs in a fresh process and reports the growth of the process's
 the atlas's own work (model loaded and warmed up first), so the figures are the atlas's cost:
 
 - ``activations N``: the streamed activation pass of 96 neurons (8 per block) over N shapes
-  images resized to 224 px (top-6 with patch maps, per-class moments);
+  images resized to 224 px (top-6 with patch maps, per-class moments), with the growth after
+  every batch of 8 (it levels off once the allocator has settled; it does not follow N);
 - ``paths N``: the two passes over N images' ``paths/`` chunks (synthetic, 12 x K=1 of 3072, 64
   classes, 32 images per chunk) that choose the neurons and count their use.
 
-Bounded memory means the growth does not follow N. Run (CPU, a few minutes)::
+Bounded memory means the growth does not follow N. Run (CPU; ViT-B at 2 s per image on a loaded
+2-core machine: about 10 minutes)::
 
     PYTHONPATH=. python benchmarks/atlas_memory.py
 """
@@ -30,7 +32,7 @@ def activations(n: int) -> dict:
     import timm
     import torch
 
-    from jas_prune.atlas.activations import neuron_activations
+    from jas_prune.atlas.activations import _RunningTopK, neuron_activations
     from jas_prune.atlas.select import Neuron
     from jas_prune.data import build_source, model_transform
 
@@ -44,9 +46,17 @@ def activations(n: int) -> dict:
     with torch.no_grad():
         model(torch.zeros(8, 3, 224, 224))  # warm up: the allocator's first batch is not the atlas's
     before, t0 = _rss_mb(), time.perf_counter()
+    trace = []  # peak RSS growth after each batch: flat once the allocator has settled
+    merge = _RunningTopK.add
+
+    def add(self, *args):
+        merge(self, *args)
+        trace.append(round(_rss_mb() - before, 1))
+
+    _RunningTopK.add = add
     acts = neuron_activations(model, samples, t, neurons, scope="all", num_classes=48, k=6, batch_size=8)
     return {"what": "activations", "images": n, "neurons": len(neurons), "seconds": time.perf_counter() - t0,
-            "rss_growth_mb": _rss_mb() - before, "state_mb": acts.state_bytes() / 2**20}
+            "rss_growth_mb": _rss_mb() - before, "state_mb": acts.state_bytes() / 2**20, "growth_per_batch": trace}
 
 
 def paths(n: int) -> dict:
@@ -76,7 +86,7 @@ if __name__ == "__main__":
     if len(sys.argv) == 3:
         print(json.dumps({"activations": activations, "paths": paths}[sys.argv[1]](int(sys.argv[2]))))
         sys.exit(0)
-    for what, sizes in (("paths", (3200, 12800)), ("activations", (16, 64))):
+    for what, sizes in (("paths", (3200, 12800)), ("activations", (160,))):
         for n in sizes:
             out = subprocess.run([sys.executable, __file__, what, str(n)], capture_output=True, text=True, check=True)
             print(out.stdout.strip().splitlines()[-1], flush=True)

@@ -159,7 +159,8 @@ def test_recipe_run_builds_the_atlas_and_the_cli_refuses_bad_input(tmp_path, tin
     assert not list((out / "atlas").glob("class-*.png"))  # the earlier atlas's figures are gone
     before = sorted(p.name for p in out.rglob("*"))
     capsys.readouterr()
-    for args in (["atlas", str(tmp_path / "nowhere")], ["atlas", str(tmp_path)], ["atlas", str(out), "--neurons", "1.3"],
+    for args in (["atlas", str(tmp_path / "nowhere")], ["atlas", str(tmp_path)],
+                 ["atlas", str(out), "--neurons", "1.3"],
                  ["atlas", str(out), "--neurons", "2:1"], ["atlas", str(out), "--neurons", "0:64"],
                  ["atlas", str(out), "--classes", "purple-blob"]):
         assert main(args) == 2, args

@@ -119,7 +119,8 @@ def _neuron_view(atlas: "Atlas", m: int) -> str:
                     f"<td>{_fmt(float(mean[c]))} <span class=err>± {_fmt(float(std[c]))}</span></td>"
                     f"<td style=\"text-align:left\"><span class=\"bar{' hi' if c in users else ''}\" "
                     f"style=\"width:{w:.0f}px\"></span></td>"
-                    f"<td>{_pct(float(atlas.use.frequency[c, m]))}</td><td>{_pct(float(atlas.use.jas_share[c, m]))}</td></tr>")
+                    f"<td>{_pct(float(atlas.use.frequency[c, m]))}</td>"
+                    f"<td>{_pct(float(atlas.use.jas_share[c, m]))}</td></tr>")
     tiles = _tiles(atlas, m)
     scope = "class-token activation" if a.scope == "cls" else "activation averaged over tokens"
     who = ", ".join(html.escape(atlas.class_names[c]) for c in atlas.users(m)) or "none of the chosen classes"
