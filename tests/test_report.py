@@ -202,7 +202,7 @@ def test_unparsable_recipe_is_said_in_one_line(tmp_path, caplog):
     report = (run / "report.md").read_text()
     line = next(ln for ln in report.splitlines() if ln.startswith("`recipe.yaml`"))
     assert line == "`recipe.yaml` cannot be parsed by this jas-prune (bogus: unknown key (valid keys: version, " \
-                   "model, data, attribution, masks, prune, evaluate, export, runtime)); shown as written."
+                   "model, data, attribution, masks, prune, evaluate, export, report, runtime)); shown as written."
     assert "bogus: 1" in report.split("## Settings", 1)[1]  # the settings as written
     assert any("cannot be parsed" in r.getMessage() for r in caplog.records)
     good = _write_run(tmp_path / "good", _metrics(), seed=1)
