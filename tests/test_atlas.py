@@ -104,6 +104,7 @@ def test_colour_check_ratio_is_same_colour_over_other_colours():
     acts.mean[2:] = -1.0  # a negative mean of the other colours: no ratio, still a difference
     assert colour_check(names, [(0, 0)], acts, acts)[0]["test_ratio"] is None
     assert colour_check(["cat", "dog"], [(0, 0)], acts, acts) is None
+    assert colour_check(["red-circle", "red-ring"], [(0, 0)], acts, acts) is None  # no other colour
 
 
 class _Parsed(HTMLParser):

@@ -24,9 +24,8 @@ from ..io import atomic_write_json, make_dir
 from ..metrics import AtlasInfo
 from ..models import discover_ffn
 from ..rundir import RunDir
-from ..semantic import parse_attributes
 from .activations import NeuronActivations, neuron_activations
-from .colour import colour_check, colour_summary
+from .colour import colour_check, colour_summary, colours_of
 from .figures import PathColumn, class_path_figure, input_images, overlay
 from .select import Neuron, NeuronUse, class_path_neurons, neuron_use
 from .settings import AtlasSettings
@@ -166,7 +165,7 @@ def _colour_rows(model: nn.Module, source: DataSource, transform: Any, neurons: 
                  top: torch.Tensor, layers: list[int], probe_acts: NeuronActivations, batch_size: int,
                  seed: int) -> list[dict[str, Any]] | None:
     """The colour check of every (chosen class, block): one more pass, over the test images."""
-    if parse_attributes(source.class_names) is None:
+    if colours_of(source.class_names) is None:
         return None
     held = neuron_activations(model, source.subset("test"), transform, neurons, scope=probe_acts.scope,
                               num_classes=source.num_classes, k=1, batch_size=batch_size, seed=seed)

@@ -13,7 +13,7 @@ import torch
 from ..semantic import parse_attributes
 from .activations import NeuronActivations
 
-__all__ = ["colour_check", "colour_summary"]
+__all__ = ["colours_of", "colour_check", "colour_summary"]
 
 
 def _mean_over(acts: NeuronActivations, m: int, classes: Sequence[int]) -> float | None:
@@ -25,10 +25,20 @@ def _mean_over(acts: NeuronActivations, m: int, classes: Sequence[int]) -> float
     return float((mean * cnt).sum() / cnt.sum())
 
 
+def colours_of(class_names: Sequence[str]) -> list[str] | None:
+    """Each class's colour, or None unless every name is a shapes ``colour-shape`` name and two
+    colours at least are there (the check compares a colour with the others)."""
+    attrs = parse_attributes(class_names)
+    if attrs is None or len({a[0] for a in attrs}) < 2:
+        return None
+    return [a[0] for a in attrs]
+
+
 def colour_check(class_names: Sequence[str], pairs: Sequence[tuple[int, int]], held_out: NeuronActivations,
                  probe: NeuronActivations) -> list[dict[str, Any]] | None:
     """Per (class, path neuron) pair: the neuron's mean activation on images of the class's colour
-    vs the other colours' (None unless every class name is a shapes ``colour-shape`` name).
+    vs the other colours' (None unless every class name is a shapes ``colour-shape`` name and
+    there are two colours at least).
 
     Args:
         pairs: (class, row of the neuron in ``held_out.neurons`` and ``probe.neurons``).
@@ -36,14 +46,14 @@ def colour_check(class_names: Sequence[str], pairs: Sequence[tuple[int, int]], h
     ``*_ratio`` = same / other, only where the other colours' mean is positive (a GELU neuron's
     mean can be negative, and a ratio of such means says nothing); ``*_diff`` = same - other.
     """
-    attrs = parse_attributes(class_names)
-    if attrs is None:
+    colours = colours_of(class_names)
+    if colours is None:
         return None
     rows = []
     for c, m in pairs:
-        colour = attrs[c][0]
-        same = [i for i, a in enumerate(attrs) if a[0] == colour]
-        other = [i for i, a in enumerate(attrs) if a[0] != colour]
+        colour = colours[c]
+        same = [i for i, a in enumerate(colours) if a == colour]
+        other = [i for i, a in enumerate(colours) if a != colour]
         n = held_out.neurons[m]
         row: dict[str, Any] = {"class": class_names[c], "neuron": str(n), "block": n.block, "colour": colour}
         for part, acts in (("test", held_out), ("probe", probe)):

@@ -99,7 +99,7 @@ def _class_view(atlas: "Atlas", q: int) -> str:
     name = html.escape(atlas.class_names[c])
     images = int(atlas.use.images[c])
     return (f'<section class="view" id="class-{c}"><h2>{name}</h2>'
-            f'<p class="note">{images} located probe images. Its most frequent path neuron per block '
+            f'<p class="note">{images} located probe image{"" if images == 1 else "s"}. Its most frequent path neuron per block '
             f'(block {atlas.layers[0]} → {atlas.layers[-1]}); click a neuron for its view.</p>'
             f'<div class="path">{"".join(cards)}</div></section>')
 
