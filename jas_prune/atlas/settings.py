@@ -11,7 +11,7 @@ from typing import Any, Union
 
 from pydantic import ConfigDict, Field, field_validator
 
-from ..schema import Strict
+from ..schema import Strict, each_once
 
 __all__ = ["AtlasSettings", "ReportSettings"]
 
@@ -21,8 +21,8 @@ class AtlasSettings(Strict):
 
     Attributes:
         images: top-activating probe images shown per neuron (k).
-        classes: class names or indices; None: every class with probe images, up to
-            ``max_classes`` (the best-populated, mutually most dissimilar ones beyond that).
+        classes: class names or indices, each once; None: every class with probe images, up
+            to ``max_classes`` (the best-populated ones beyond that).
         max_classes: the cap on classes when ``classes`` is None (one figure and one page
             section per class).
         batch_size: images per forward of the activation pass (None: the recipe's
@@ -33,8 +33,13 @@ class AtlasSettings(Strict):
 
     images: int = Field(default=6, ge=1, le=64)
     classes: list[Union[int, str]] | None = None
-    max_classes: int = Field(default=64, ge=1)
-    batch_size: int | None = Field(default=None, ge=1)
+    max_classes: int = Field(default=64, ge=1, le=1000)
+    batch_size: int | None = Field(default=None, ge=1, le=4096)
+
+    @field_validator("classes")
+    @classmethod
+    def _each_once(cls, v: Any) -> Any:
+        return each_once(v, "must name at least one class, each once (or be null for every class)")
 
 
 class ReportSettings(Strict):
