@@ -67,7 +67,7 @@ def render_report(metrics: Metrics | Mapping[str, Any], recipe_text: str, figure
 
 #: the metrics sections of the stages, in run order, as the report names them
 _STAGE_SECTIONS = (("locate", "locate"), ("locate_test", "locate (test)"), ("dense", "dense"), ("masks", "masks"),
-                   ("paper", "paper protocols"), ("pruned", "prune"), ("export", "export"))
+                   ("atlas", "atlas"), ("paper", "paper protocols"), ("pruned", "prune"), ("export", "export"))
 
 
 def unfinished_reason(metrics: Metrics) -> str | None:
