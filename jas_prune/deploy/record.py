@@ -157,6 +157,7 @@ def benchmark_exports(
     providers: Sequence[str] = ("cuda", "cpu"),
     threads: int | None = None,
     max_seconds: float | None = 120.0,
+    reference: str | None = None,
     **timing: Any,
 ) -> Sequence[dict[str, Any]]:
     """Time every successfully exported model of ``records`` together, interleaved
@@ -170,7 +171,10 @@ def benchmark_exports(
 
     Args:
         max_seconds: time budget per batch size (at least a few rounds run; see ``benchmark_many``).
-        timing: ``warmup``, ``repeats``, ``iters``, ``seed``, ``confidence`` of ``benchmark_many``.
+        reference: the label speed-ups are over (default: the dense model, the record without a
+            checkpoint).
+        timing: ``warmup``, ``repeats``, ``iters``, ``seed``, ``confidence``, ``min_rounds`` of
+            ``benchmark_many``.
 
     Returns:
         ``records`` (changed in place).
@@ -178,13 +182,15 @@ def benchmark_exports(
     ok = [r for r in records if not r.get("error") and r.get("path")]
     if not ok or not batch_sizes:
         return records
-    dense = next((r["model"] for r in ok if r.get("checkpoint") is None), None)
+    dense = reference or next((r["model"] for r in ok if r.get("checkpoint") is None), None)
     # the other precisions are timed in the same rounds as the float32 files: their speed-ups are
     # over the dense float32 model, measured moments apart
     paths = {r["model"]: r["path"] for r in ok}
     copies = {f"{r['model']}@{p['precision']}": p for r in ok for p in r.get("precisions") or []
               if not p.get("error") and p.get("tested") and p.get("path")}
     paths.update({label: p["path"] for label, p in copies.items()})
+    log.info("timing %d ONNX file(s) interleaved at batch size(s) %s%s", len(paths),
+             ", ".join(map(str, batch_sizes)), f" (about {max_seconds:.0f} s each)" if max_seconds else "")
     timed = benchmark_many(paths, reference=dense, batch_sizes=batch_sizes,
                            providers=providers, threads=threads, max_seconds=max_seconds, **timing)
     for r in ok:
