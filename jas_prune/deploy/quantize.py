@@ -243,7 +243,7 @@ def _top1(logits: np.ndarray, labels: np.ndarray) -> float:
 
 def choose_static(src: str | os.PathLike[str], dst: str | os.PathLike[str], calib: np.ndarray,
                   probe: np.ndarray, probe_labels: np.ndarray, settings: CalibrationSettings, *,
-                  threads: int | None = None) -> dict[str, Any]:
+                  threads: int | None = None, label: str | None = None) -> dict[str, Any]:
     """Quantise ``src`` statically into ``dst`` with the float groups the probe partition asks for.
 
     Walks :data:`FLOAT_LADDER` from the most quantised rung; the first rung whose probe top-1 is
@@ -262,7 +262,7 @@ def choose_static(src: str | os.PathLike[str], dst: str | os.PathLike[str], cali
             info = quantize_static_file(src, out, calib, method=settings.method, float_groups=rung)
             acc = _top1(onnx_logits(out, probe, threads=threads), probe_labels)
             tried.append({"float_groups": list(rung), "probe_top1": acc})
-            log.info("int8_static %s: float groups [%s]: probe top-1 %.2f %% (fp32 %.2f %%)", dst.name,
+            log.info("%s: float groups [%s]: probe top-1 %.2f %% (fp32 %.2f %%)", label or dst.name,
                      ", ".join(rung) or "none", 100 * acc, 100 * ref)
             if best is None or acc > best[0]:
                 best = (acc, out, info)

@@ -60,7 +60,8 @@ def _make(precision: str, model: nn.Module, fp32_path: Path, tmp: Path, *, calib
     if precision == "int8_static":
         if calib is None or not len(calib) or probe is None or probe_labels is None:
             raise ValueError("int8_static needs calibration and probe images")
-        info = choose_static(fp32_path, tmp, calib, probe, probe_labels, settings, threads=threads)
+        info = choose_static(fp32_path, tmp, calib, probe, probe_labels, settings, threads=threads,
+                             label=precision_path(fp32_path, precision).name)
         info["calibration"] = {"method": settings.method, "images": int(len(calib)),
                                "images_per_class": settings.images_per_class, "partition": "probe"}
         return info
