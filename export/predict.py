@@ -189,8 +189,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         return 2
     names = sidecar.get("class_names") or []
     mapping = sidecar.get("label_mapping")
-    precision = sidecar.get("precision", "fp32")
-    print(f"# {args.model.name} ({precision}) on {session.get_providers()[0]}")
+    precision = f" ({sidecar['precision']})" if sidecar.get("precision") else ""  # INT8 / float16 copies
+    print(f"# {args.model.name}{precision} on {session.get_providers()[0]}")
     for path, top in zip(args.images, results):
         print(path)
         for rank, (idx, p) in enumerate(top, 1):
