@@ -21,12 +21,14 @@ and the copy's own size and SHA-256, so the torch-free scripts in ``export/`` ru
 
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
 import os
 import shutil
 import tempfile
 import time
+import warnings
 from pathlib import Path
 from typing import Annotated, Any, Callable, Iterator, Literal, Sequence
 
@@ -175,23 +177,19 @@ def _clean_copy(src: Path, dst: Path) -> Any:
     return m.graph
 
 
-def _quiet_quantizer():
-    """The quantiser logs through the root logger (per-channel axis notices, pre-processing advice)."""
-    import contextlib
-    import warnings
-
-    @contextlib.contextmanager
-    def quiet():
-        root = logging.getLogger()
-        level = root.level
-        root.setLevel(logging.ERROR)
+@contextlib.contextmanager
+def _quiet_quantizer() -> Iterator[None]:
+    """The quantiser logs notices through the root logger (per-channel axes, pre-processing
+    advice) and warns: neither is the user's business here."""
+    root = logging.getLogger()
+    level = root.level
+    root.setLevel(logging.ERROR)
+    try:
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")
-            try:
-                yield
-            finally:
-                root.setLevel(level)
-    return quiet()
+            yield
+    finally:
+        root.setLevel(level)
 
 
 def quantize_dynamic_file(src: str | os.PathLike[str], dst: str | os.PathLike[str]) -> dict[str, Any]:
