@@ -107,6 +107,10 @@ def _record_files(ctx, rec: dict[str, Any], source: str) -> dict[str, Any]:
     return rec
 
 
+#: Test images every exported file is scored on through ONNX Runtime, at most (held in memory).
+TEST_IMAGES_MAX = 1024
+
+
 class _Images:
     """The partitions' images as arrays, read once: the test partition (top-1 of every file) and,
     for INT8 static, the probe partition's calibration images and float-group check images."""
@@ -115,7 +119,10 @@ class _Images:
         from ...deploy.quantize import per_class
 
         o = ctx.recipe.export.onnx
-        x, y = ctx.images(ctx.source.subset("test"))
+        test = ctx.source.subset("test")
+        if len(test) > TEST_IMAGES_MAX:  # held in memory for every file: an even share of every class
+            test = per_class(test, max(1, TEST_IMAGES_MAX // max(1, ctx.source.num_classes)))
+        x, y = ctx.images(test)
         self.test, self.test_labels = x.numpy(), y.numpy()
         self.calib = self.probe = self.probe_labels = None
         if "int8_static" in o.precision:
