@@ -63,7 +63,8 @@ def benchmark(model: Path, *, batch_sizes: Sequence[int] = (1, 32), warmup: int 
         ms = np.asarray(times) * 1e3
         p50 = float(np.percentile(ms, 50))
         records.append({
-            "batch_size": bs, "provider": provider, "threads": threads, "warmup": warmup,
+            "batch_size": bs, "provider": provider, "precision": (side or {}).get("precision", "fp32"),
+            "threads": threads, "warmup": warmup,
             "iters": max(1, iters), "latency_ms_p50": p50, "latency_ms_p90": float(np.percentile(ms, 90)),
             "images_per_second": bs * 1e3 / p50 if p50 > 0 else float("inf"),
         })
@@ -96,7 +97,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         print(json.dumps(records, indent=2))
         return 0
     threads = args.threads if args.threads is not None else "onnxruntime default"
-    print(f"model: {args.model}")
+    print(f"model: {args.model} ({records[0]['precision']})")
     print(f"provider: {records[0]['provider']}  threads: {threads}  warm-up: {args.warmup}  iters: {args.iters}")
     print(f"{'batch':>6} {'p50 ms':>10} {'p90 ms':>10} {'images/s':>11}")
     for r in records:

@@ -14,7 +14,8 @@ is the original label (``label_mapping``).
 Nothing runs on a model that does not match its sidecar: a sidecar that is not valid JSON or
 lacks a field, an ONNX file whose size or SHA-256 differs from the one the sidecar records, a
 file onnxruntime cannot load, or a model whose input/output does not fit the sidecar is refused
-with one line on stderr and exit code 2.
+with one line on stderr and exit code 2; so is a model whose output is not finite (NaN or Inf).
+INT8 and float16 copies (``MODEL.int8_static.onnx`` ...) run the same way with their own sidecar.
 
 This file imports nothing from jas-prune or torch, so it can be copied next to a model.
 """
@@ -149,6 +150,10 @@ def predict(session: ort.InferenceSession, sidecar: dict[str, Any], images: Sequ
                 reason = " ".join(str(exc).split()) or type(exc).__name__
                 raise DeployError(f"cannot read image {path}: {reason[:300]}") from None
         logits = session.run([output_name], {input_name: np.stack(arrays)})[0]
+        if not np.isfinite(logits).all():
+            bad = [str(p) for p, row in zip(chunk, logits) if not np.isfinite(row).all()]
+            raise DeployError(f"the model's output is not finite (NaN or Inf) for {len(bad)} image(s), e.g. "
+                              f"{bad[0]}: the model's weights are damaged; re-export it")
         probs = softmax(logits)
         k = min(top, probs.shape[1])
         for row in probs:
@@ -184,7 +189,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         return 2
     names = sidecar.get("class_names") or []
     mapping = sidecar.get("label_mapping")
-    print(f"# {args.model.name} on {session.get_providers()[0]}")
+    precision = f" ({sidecar['precision']})" if sidecar.get("precision") else ""  # INT8 / float16 copies
+    print(f"# {args.model.name}{precision} on {session.get_providers()[0]}")
     for path, top in zip(args.images, results):
         print(path)
         for rank, (idx, p) in enumerate(top, 1):

@@ -114,6 +114,29 @@ def _prepare(dense: nn.Module, v: Variant, out: Path, example: torch.Tensor, ops
             "parity_max_abs": check["parity_max_abs"], "top1_agreement": check["top1_agreement"]}
 
 
+def _quantized(models: list[dict[str, Any]], precisions: Sequence[str], example: torch.Tensor,
+               seed: int) -> list[dict[str, Any]]:
+    """``--precision``: INT8 copies of every model, timed with them (labels ``LABEL@PRECISION``).
+    Static calibration reads 16 random images (weights are random too: only the time counts) and
+    quantises every matrix product (the ladder's first rung)."""
+    from .deploy.quantize import precision_path, quantize_dynamic_file, quantize_static_file
+
+    calib = torch.randn(16, *example.shape[1:], generator=torch.Generator().manual_seed(seed)).numpy()
+    out = []
+    for m in models:
+        for p in [p for p in precisions if p != "fp32"]:
+            t = time.perf_counter()
+            path = precision_path(m["path"], p)
+            if p == "int8_static":
+                quantize_static_file(m["path"], path, calib)
+            else:
+                quantize_dynamic_file(m["path"], path)
+            out.append({**m, "label": f"{m['label']}@{p}", "precision": p, "path": str(path),
+                        "onnx_bytes": path.stat().st_size, "export_seconds": round(time.perf_counter() - t, 2)})
+            print(f"{out[-1]['label']}: quantised in {out[-1]['export_seconds']:.1f}s", flush=True)
+    return out
+
+
 def _per_batch(values: Sequence[int], batch_sizes: Sequence[int], name: str) -> list[int]:
     if len(values) == 1:
         return list(values) * len(batch_sizes)
@@ -143,6 +166,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
         models.append(_prepare(dense, v, out, example, args.opset))
         print(f"{v.label}: width {models[-1]['width']}, {models[-1]['macs'] / 1e9:.3f} GMACs, exported and "
               f"verified in {time.perf_counter() - t:.1f}s", flush=True)
+    models += _quantized(models, args.precision, example, args.seed)
     dense_macs = models[0]["macs"]
     for m in models:
         m["macs_ratio"] = dense_macs / m["macs"]
@@ -163,7 +187,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
             timings[m["label"]].append(rec)
             sp = rec.get("speedup")
             rows.append({
-                "label": m["label"], "ratio": m["ratio"], "round_to": m["round_to"], "width": m["width"],
+                "label": m["label"], "precision": m.get("precision", "fp32"), "ratio": m["ratio"], "round_to": m["round_to"], "width": m["width"],
                 "batch_size": bs, "macs_ratio": m["macs_ratio"], "latency_ms_p50": rec["latency_ms_p50"],
                 "latency_ms_p25": rec["latency_ms_p25"], "latency_ms_p75": rec["latency_ms_p75"],
                 "repeats": rec["repeats"], "iters": it,
@@ -174,7 +198,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
                 "efficiency_high": (sp["high"] if sp else 1.0) / m["macs_ratio"],
             })
     big = max(args.batch_sizes)
-    pruned_big = [r for r in rows if r["batch_size"] == big and r["ratio"] is not None]
+    pruned_big = [r for r in rows if r["batch_size"] == big and r["ratio"] is not None and r["precision"] == "fp32"]
     import onnxruntime
 
     return {
@@ -182,6 +206,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
                      "round_to": list(args.round_to), "round_ratios": list(args.round_ratios),
                      "batch_sizes": list(args.batch_sizes), "repeats": repeats, "iters": iters,
                      "warmup": args.warmup, "seed": args.seed, "opset": args.opset, "scores": "magnitude",
+                     "precision": list(args.precision),
                      "mode": "uniform", "confidence": 0.95},
         "machine": {"cpus": os.cpu_count(), "threads": threads, "platform": platform.platform(),
                     "processor": platform.processor() or platform.machine(), "torch": torch.__version__,
@@ -211,7 +236,7 @@ def markdown(result: dict[str, Any]) -> str:
         cells = [m["label"], m["width"], f"{m['macs_ratio']:.3f}×"]
         for b in bss:
             r = by[(m["label"], b)]
-            if m["ratio"] is None:
+            if m["label"] == "dense":
                 cells += [f"1 (p50 {r['latency_ms_p50']:.1f} ms)", "—"]
             else:
                 cells += [f"{r['speedup']:.3f}× ({r['speedup_low']:.3f}–{r['speedup_high']:.3f})",
@@ -243,6 +268,8 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--warmup", type=int, default=1)
     ap.add_argument("--threads", type=int, default=None, help="intra-op threads (default: torch's)")
     ap.add_argument("--opset", type=int, default=18)
+    ap.add_argument("--precision", nargs="+", default=["fp32"], choices=["fp32", "int8_static", "int8_dynamic"],
+                    help="also time INT8 copies of every model (jas_prune.deploy.quantize)")
     ap.add_argument("--seed", type=int, default=0)
     args = ap.parse_args(argv)
     result = run(args)

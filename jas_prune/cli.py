@@ -137,42 +137,140 @@ def export_group() -> None:
 @click.option("--data-root", type=click.Path(file_okay=False, path_type=Path), default=None,
               help="ImageFolder to verify on (default: the shapes test partition).")
 @click.option("--seed", type=int, default=0, show_default=True, help="Seed of the verification partition.")
+@click.option("--precision", "precisions", multiple=True, metavar="NAME[,NAME]",
+              help="Also write these precisions beside the float32 file: int8_static, int8_dynamic, fp16 "
+                   "(repeatable or comma-separated; FILE.<precision>.onnx).")
+@click.option("--calibration-data", type=click.Path(path_type=Path), default=None,
+              help="ImageFolder whose probe partition calibrates int8_static (default: --data-root, else the "
+                   "built-in shapes data).")
+@click.option("--calibration-method", type=click.Choice(["minmax", "entropy", "percentile"]), default="minmax",
+              show_default=True)
+@click.option("--images-per-class", type=int, default=4, show_default=True,
+              help="Calibration images per class (int8_static).")
 @click.option("--benchmark/--no-benchmark", default=True, show_default=True)
+@click.option("--max-seconds", type=float, default=60.0, show_default=True,
+              help="Time budget of the ONNX Runtime timing, all batch sizes together (at least one round each).")
+@click.option("--full-timing", is_flag=True,
+              help="The full timing instead: 15 interleaved rounds per batch size, and PyTorch too.")
 @click.option("--providers", default="cuda,cpu", show_default=True, help="ONNX Runtime providers, in order.")
-def export_onnx_cmd(checkpoint: Path, out: Path, opset: int, data_root: Path | None, seed: int, benchmark: bool,
+def export_onnx_cmd(checkpoint: Path, out: Path, opset: int, data_root: Path | None, seed: int,
+                    precisions: tuple[str, ...], calibration_data: Path | None, calibration_method: str,
+                    images_per_class: int, benchmark: bool, max_seconds: float, full_timing: bool,
                     providers: str) -> None:
     """Export a (pruned) CHECKPOINT written by a recipe run or save_pruned, verify it against
-    PyTorch on a real batch and time it in ONNX Runtime.
+    PyTorch on a real batch and time it in ONNX Runtime; with --precision, also its INT8 / float16
+    copies, each checked on the same images and timed with it.
 
     Class names come from the checkpoint; without them, from --data-root when its classes fit the
-    head; otherwise the sidecar numbers the classes (class_0, class_1, ...).
+    head; otherwise the sidecar numbers the classes (class_0, class_1, ...). Nothing is left at
+    --out when the export fails verification.
     """
     import json
 
     from .checkpoint import load_pruned
     from .data import build_source, make_loader, model_transform
     from .deploy import export_and_verify
-    from .errors import OutputDirError
+    from .deploy.quantize import CalibrationSettings, parse_precisions
+    from .errors import DataError, InvalidArgumentError, OutputDirError
     from .io import storage_advice, writable_dir
 
     if out.suffix.lower() == ".json":
         raise OutputDirError(f"--out {out}: the ONNX file must not end in .json (that name is its sidecar's)")
+    precs = parse_precisions([p.strip() for v in precisions for p in v.split(",") if p.strip()])
+    if not max_seconds > 0:
+        raise InvalidArgumentError(f"--max-seconds: must be > 0 (got {max_seconds})")
+    if images_per_class < 1:
+        raise InvalidArgumentError(f"--images-per-class: must be ≥ 1 (got {images_per_class})")
+    if calibration_data is not None and "int8_static" not in precs:
+        raise InvalidArgumentError("--calibration-data: only int8_static is calibrated; add --precision int8_static")
+    if calibration_data is not None and not calibration_data.is_dir():
+        raise DataError(f"--calibration-data: directory not found: {calibration_data}")
     model = load_pruned(checkpoint)  # a checkpoint it cannot read is refused before --out is created
-    writable_dir(out.parent, f"--out {out}")
     source = build_source("imagefolder" if data_root else "shapes", root=str(data_root) if data_root else None,
                           seed=seed)
+    calib_source = None
+    if "int8_static" in precs:  # read (and refused) before anything is written
+        calib_source = build_source("imagefolder", root=str(calibration_data), seed=seed) \
+            if calibration_data is not None else source
+    writable_dir(out.parent, f"--out {out}")
     head = getattr(model, "jas_head_classes", None)
     # verification needs real images, not their labels: the head's classes when the source has them
     classes = head if head and max(head) < source.num_classes else None
     samples = source.subset("test", classes)[:32]
     batch = next(iter(make_loader(samples, model_transform(model), batch_size=32)))[0]
     names = _export_class_names(model, source, given=data_root is not None)
+    settings = CalibrationSettings(images_per_class=images_per_class, method=calibration_method)
+    bench = {"batch_sizes": (1, 32), "providers": [p.strip() for p in providers.split(",") if p.strip()]}
     with storage_advice("free space and export again"):
+        log.info("exporting %s to %s", checkpoint, out)
         rec = export_and_verify(model, out, batch, label=checkpoint.stem, checkpoint=str(checkpoint), opset=opset,
-                                sidecar={"class_names": names} if names is not None else {}, benchmark=benchmark,
-                                providers=[p.strip() for p in providers.split(",") if p.strip()])
+                                sidecar={"class_names": names} if names is not None else {},
+                                benchmark=benchmark and full_timing, torch_latency=full_timing, onnx_latency=False,
+                                **bench)
+        _export_copies(model, rec, precs, batch, samples, source, calib_source, names, settings, opset)
+        if benchmark:
+            from .deploy import benchmark_exports
+
+            timing = {} if full_timing else {"max_seconds": max_seconds / 2, "min_rounds": 1, "warmup": 1,
+                                             "iters": 1}
+            if not full_timing:
+                log.info("timing bounded to about %.0f s (--max-seconds); --full-timing for the full measurement",
+                         max_seconds)
+            benchmark_exports([rec], reference=rec["model"], **bench, **timing)
+    failed = [p["error"] for p in rec.get("precisions") or [] if p.get("error")]
     keys = ("path", "parity_max_abs", "top1_agreement", "latency_ms_p50", "latency_ms_p90", "provider", "exporter")
-    click.echo(json.dumps({k: rec.get(k) for k in keys}, indent=2))
+    shown = {k: rec.get(k) for k in keys}
+    pkeys = ("path", "test_top1", "top1_agreement", "size_bytes", "float_ops", "calibration", "note", "error")
+    for p in rec.get("precisions") or []:
+        lat = (p.get("latency") or [{}])[0]
+        shown[p["precision"]] = {**{k: p.get(k) for k in pkeys if p.get(k) is not None},
+                                 "latency_ms_p50": lat.get("latency_ms_p50"),
+                                 "speedup": (lat.get("speedup") or {}).get("median")}
+    click.echo(json.dumps(shown, indent=2))
+    if failed:
+        from .errors import ExportVerificationError
+
+        raise ExportVerificationError("; ".join(failed))
+
+
+def _export_copies(model, rec, precs, batch, samples, source, calib_source, names, settings, opset) -> None:
+    """The --precision copies of the verified float32 file into ``rec["precisions"]``, checked on
+    the verification images (top-1 when their labels are the model's, else agreement only)."""
+    if len(precs) < 2:
+        return
+    import numpy as np
+    import torch
+
+    from .data import ImageDataset, model_transform
+    from .deploy.quantize import onnx_logits, per_class
+    from .deploy.variants import export_precisions, test_figures
+
+    def arrays(items, seed: int):
+        ds = ImageDataset(items, model_transform(model), shapes_seed=seed)
+        got = [ds[i] for i in range(len(ds))]
+        return torch.stack([x for x, _, _ in got]).numpy(), np.asarray([y for _, y, _ in got])
+
+    own = names is not None and list(names) == list(source.class_names) and not getattr(model, "jas_head_classes", None)
+    test = batch.numpy()
+    labels = np.asarray([s.label for s in samples]) if own else None
+    ref = onnx_logits(rec["path"], test)
+    rec.update({k: v for k, v in test_figures(ref, labels).items() if k in ("test_top1", "test_images")})
+    calib = probe = probe_labels = None
+    if calib_source is not None:
+        items = per_class(calib_source.subset("probe"), settings.images_per_class)
+        if not items:
+            from .errors import DataError
+
+            raise DataError("--calibration-data: no calibration images (the probe partition is empty)")
+        calib, probe_labels = arrays(items, calib_source.seed)
+        probe = calib
+        fits = own and calib_source is source
+        if not fits:  # labels of other classes say nothing: judge the float groups on agreement with fp32
+            probe_labels = onnx_logits(rec["path"], probe).argmax(1)
+    rec["precisions"] = export_precisions(model, rec["path"], precs, test_images=test, test_labels=labels,
+                                          fp32_logits=ref, calib=calib, probe=probe, probe_labels=probe_labels,
+                                          settings=settings, opset=opset,
+                                          sidecar={"class_names": names} if names is not None else {})
 
 
 def _export_class_names(model, source, *, given: bool) -> list[str] | None:

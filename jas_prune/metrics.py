@@ -10,7 +10,7 @@
     masks           MasksInfo         the class TopK masks file
     paper           PaperMetrics      Table 1 (intervention), CLS-mask protocol (+ ablation), semantic check
     pruned          [PrunedEntry]     one per method x ratio x compensation (x class subset)
-    export          [ExportRecord]    one per exported ONNX model (parity, latency, fp16)
+    export          [ExportRecord]    one per exported ONNX model (parity, latency, test top-1, precisions)
     run             RunInfo           wall time, device, torch
 
 Files a stage writes for users (pruned checkpoints, ONNX files and their sidecars) are listed
@@ -58,6 +58,7 @@ __all__ = [
     "ClsMaskAblationRow",
     "SemanticCheck",
     "PrunedEntry",
+    "PrecisionRecord",
     "ExportRecord",
     "LatencyRecord",
     "SpeedupRecord",
@@ -495,6 +496,45 @@ class Fp16Record(Section):
 
 
 @dataclass(kw_only=True)
+class PrecisionRecord(Section):
+    """``export[i].precisions[j]``: one lower-precision copy of the model (``int8_static``,
+    ``int8_dynamic``, ``fp16``; :func:`jas_prune.deploy.variants.export_precisions`), with its
+    test-partition figures through ONNX Runtime and its latency timed with the float32 models."""
+
+    precision: str
+    path: str | None = None
+    sidecar: str | None = None
+    tested: bool | None = None
+    error: str | None = _opt()
+    note: str | None = _opt()
+    size_bytes: int | None = _opt()
+    seconds: float | None = _opt()
+    test_top1: float | None = _opt()
+    top1_agreement: float | None = _opt()  # with the float32 file, on the test partition
+    parity_max_abs: float | None = _opt()  # max |Δlogit| against the float32 file
+    test_images: int | None = _opt()
+    calibration: dict[str, Any] | None = _opt()
+    float_ops: list[str] | None = _opt()
+    float_nodes: int | None = _opt()
+    #: int8_static: every float-group rung tried on the probe partition, and the probe top-1s
+    selection: list[dict[str, Any]] | None = _opt()
+    probe_top1: float | None = _opt()
+    probe_top1_fp32: float | None = _opt()
+    probe_images: int | None = _opt()
+    settings: dict[str, Any] | None = _opt()
+    latency: list[LatencyRecord] | None = _opt()
+    onnx_file: dict[str, Any] | None = _opt()
+    sidecar_file: dict[str, Any] | None = _opt()
+
+    @property
+    def ok(self) -> bool:
+        return not self.error
+
+    def latency_at(self, batch_size: int) -> LatencyRecord | None:
+        return next((r for r in self.latency or [] if r.batch_size == batch_size), None)
+
+
+@dataclass(kw_only=True)
 class ExportRecord(Section):
     """One exported ONNX model (``export[i]``): parity against PyTorch and latency."""
 
@@ -518,6 +558,11 @@ class ExportRecord(Section):
     latency: list[LatencyRecord] = field(default_factory=list)
     torch_latency: list[LatencyRecord] = field(default_factory=list)
     fp16: Fp16Record | None = _opt()
+    #: the float32 file's top-1 on the test partition through ONNX Runtime, and on how many images
+    test_top1: float | None = _opt()
+    test_images: int | None = _opt()
+    #: the other precisions of ``export.onnx.precision`` (INT8, float16)
+    precisions: list[PrecisionRecord] | None = _opt()
     #: file records ``{"file", "bytes", "sha256"}`` of the ONNX file and its sidecar, taken when
     #: they were written (tamper evidence; ``--resume`` keeps an export whose files still match)
     onnx_file: dict[str, Any] | None = _opt()

@@ -38,6 +38,7 @@ from pydantic import Field, ValidationError, field_validator, model_validator
 
 from .atlas.settings import ReportSettings
 from .attribution import METHODS, LocateSettings
+from .deploy.quantize import CalibrationSettings, PrecisionList
 from .errors import RecipeError
 from .pruning.settings import PRUNE_METHODS, PruneSettings
 from .schema import Strict, each_once, first_error
@@ -163,7 +164,8 @@ class EvaluateSection(Strict):
 class OnnxSection(Strict):
     """``benchmark`` times every exported model together in ONNX Runtime at each of
     ``batch_sizes`` (at most ``max_seconds`` per batch size after a few rounds), and PyTorch too
-    with ``torch_latency``: at ViT-B scale, batch 32 with PyTorch timing costs minutes per model."""
+    with ``torch_latency``: at ViT-B scale, batch 32 with PyTorch timing costs minutes per model.
+    ``precision`` and ``calibration``: :mod:`jas_prune.deploy.quantize` (INT8 / float16 copies)."""
 
     opset: int = Field(default=18, ge=13, le=23)
     verify: bool = True
@@ -173,6 +175,8 @@ class OnnxSection(Strict):
     max_seconds: float = Field(default=120.0, gt=0.0)
     providers: list[Literal["cuda", "cpu"]] = ["cuda", "cpu"]
     fp16: bool = False
+    precision: PrecisionList = ["fp32"]
+    calibration: CalibrationSettings = CalibrationSettings()
 
     @field_validator("batch_sizes")
     @classmethod

@@ -121,6 +121,7 @@ def benchmark_many(
     seed: int = 0,
     confidence: float = 0.95,
     max_seconds: float | None = None,
+    min_rounds: int = MIN_ROUNDS,
 ) -> dict[str, list[dict[str, Any]]]:
     """ONNX Runtime latency of several files, timed interleaved, with the spread of each
     model's speed-up over ``reference``.
@@ -136,8 +137,8 @@ def benchmark_many(
         reference: the label speed-ups are relative to (e.g. ``"dense"``); None for no speed-ups.
         threads: intra-op threads (``None``: ``torch.get_num_threads()``).
         max_seconds: per batch size, stop after the round that passes this time (at least
-            :data:`MIN_ROUNDS` rounds run), so that large models stay affordable; the records'
-            ``repeats`` say how many rounds ran.
+            ``min_rounds`` rounds run, :data:`MIN_ROUNDS` by default), so that large models stay
+            affordable; the records' ``repeats`` say how many rounds ran.
 
     Returns:
         label -> one record per batch size, with :func:`benchmark_onnx`'s keys (``iters`` counts
@@ -172,7 +173,7 @@ def benchmark_many(
         rounds: dict[str, list[float]] = {k: [] for k in labels}
         start = time.perf_counter()
         for r in range(repeats):
-            if max_seconds is not None and r >= MIN_ROUNDS and time.perf_counter() - start > max_seconds:
+            if max_seconds is not None and r >= min_rounds and time.perf_counter() - start > max_seconds:
                 break
             for k in labels[r % len(labels):] + labels[:r % len(labels)]:
                 block = []

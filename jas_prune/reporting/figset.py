@@ -311,3 +311,8 @@ def table1_and_deployment_figures(figs: FigureList, metrics: Metrics) -> None:
                  "model shape (models of identical FFN widths are one point; bars = measurement spread or their "
                  "range; lower-left is better).",
                  lambda p: deployment_figure(p, _latency_points(metrics), provider=provider))
+        from .frontier import frontier_figure
+
+        figs.add("frontier", "Deployment frontier: ONNX Runtime p50 latency against test top-1 through ONNX Runtime, "
+                 "one point per model × precision (float32, INT8, float16); the line is the Pareto front (no file "
+                 "is both faster and more accurate than a point on it).", lambda p: frontier_figure(p, metrics))

@@ -14,6 +14,7 @@ from typing import Any, Mapping, Sequence
 from ..io import atomic_write_text
 from ..metrics import Metrics, SemanticCheck
 from .atlas_section import atlas_section
+from .frontier import frontier_section
 from .figset import FigureList, cls_mask_figures, path_figures, pruning_figures, table1_and_deployment_figures
 from .rundata import class_names_of, load_run
 from .stats import as_metrics, paired_differences, prune_stats
@@ -54,7 +55,7 @@ def render_report(metrics: Metrics | Mapping[str, Any], recipe_text: str, figure
     lines += figures_section(figures) + atlas_section(metrics)
     lines += dense_section(metrics) + locate_section(metrics) + semantic_section(semantic) + paper_section(metrics)
     lines += pruned_section(prune_stats([metrics]), names, combined=False)
-    lines += paired_section(paired_differences([metrics]), 1) + export_section(metrics)
+    lines += paired_section(paired_differences([metrics]), 1) + export_section(metrics) + frontier_section(metrics)
     run = metrics.run
     if run is not None:
         lines += [f"Run time {run.seconds or 0:.1f} s on {run.device} (torch {run.torch}).", ""]
