@@ -258,6 +258,7 @@ class LocateMetrics(Section):
     target: str | None = None
     layers: int | list[int] | None = None
     internal_batch_size: int | None = None
+    units: list[str] | None = None
 
     #: the settings a report shows, in its order
     SHOWN_SETTINGS: ClassVar[tuple[str, ...]] = ("steps", "topk", "scope", "formula", "quadrature", "candidates",
