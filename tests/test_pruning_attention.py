@@ -1,0 +1,113 @@
+"""Attention pruning (heads and head dimensions): the pruned model equals the masked dense model,
+survives save/load and ONNX export, scores come from every head criterion, other families are
+refused in one line, and the output projection refit never raises the calibration error."""
+
+from __future__ import annotations
+
+import copy
+
+import pytest
+import torch
+
+from jas_prune.bench_locate import random_vit
+from jas_prune.errors import PruneSettingError, UnsupportedModelError
+from jas_prune.pruning.attention import (HEAD_CRITERIA, AttentionSettings, HeadScores, head_scores,
+                                         prune_attention)
+from jas_prune.pruning.criteria import ScoringInputs
+
+H, D = 4, 16
+
+
+@pytest.fixture(scope="module")
+def model():
+    return random_vit(depth=2, embed_dim=D, num_heads=H, img_size=16, patch_size=8, mlp_ratio=2.0,
+                      num_classes=5, seed=2)
+
+
+@pytest.fixture(scope="module")
+def batch():
+    g = torch.Generator().manual_seed(0)
+    return torch.randn(6, 3, 16, 16, generator=g), torch.tensor([0, 1, 2, 3, 4, 0])
+
+
+def masked(model, summary):
+    """The dense model with the removed heads' and dimensions' q/k/v rows and proj columns zeroed."""
+    ref = copy.deepcopy(model)
+    d = D // H
+    with torch.no_grad():
+        for b, blk in enumerate(ref.blocks):
+            keep = torch.zeros(3, H, d, dtype=torch.bool)
+            for i in summary.kept_heads[b]:
+                keep[:, i, summary.kept_dims[b]] = True
+            keep = keep.flatten()
+            blk.attn.qkv.weight[~keep] = 0
+            blk.attn.qkv.bias[~keep] = 0
+            blk.attn.proj.weight[:, ~keep[2 * D:]] = 0
+    return ref
+
+
+@pytest.mark.parametrize("heads,dims", [(0.5, 0.0), (0.0, 0.5), (0.25, 0.5)])
+def test_pruned_equals_masked_dense(model, batch, heads, dims):
+    scores = HeadScores({b: torch.randn(H, generator=torch.Generator().manual_seed(b)) for b in (0, 1)},
+                        {b: torch.randn(D // H, generator=torch.Generator().manual_seed(9 + b)) for b in (0, 1)})
+    pruned = copy.deepcopy(model)
+    s = prune_attention(pruned, scores, heads=heads, head_dims=dims)
+    kept_h, kept_d = H - round(H * heads), D // H - round(D // H * dims)
+    for b, blk in enumerate(pruned.blocks):
+        assert blk.attn.num_heads == kept_h and blk.attn.head_dim == kept_d
+        assert blk.attn.qkv.out_features == 3 * kept_h * kept_d == 3 * blk.attn.proj.in_features
+        lowest = torch.sort(scores.heads[b], stable=True).indices[:H - kept_h].tolist()
+        assert sorted(set(range(H)) - set(s.kept_heads[b])) == sorted(lowest)
+    x = batch[0]
+    torch.testing.assert_close(pruned(x), masked(model, s)(x), rtol=1e-4, atol=1e-5)
+    blk = pruned.blocks[0]
+    blk.attn.fused_attn = not blk.attn.fused_attn  # the explicit path agrees with the fused kernel
+    try:
+        torch.testing.assert_close(pruned(x), masked(model, s)(x), rtol=1e-4, atol=1e-5)
+    finally:
+        blk.attn.fused_attn = not blk.attn.fused_attn
+
+
+def test_save_load_and_onnx_parity(model, batch, tmp_path):
+    pytest.importorskip("onnxruntime")
+    from jas_prune import load_pruned, save_pruned
+    from jas_prune.deploy.onnx_export import export_onnx
+    from jas_prune.deploy.verify import verify_onnx
+
+    pruned = copy.deepcopy(model)
+    prune_attention(pruned, head_scores("magnitude", ScoringInputs(model=pruned)), heads=0.5, head_dims=0.5)
+    again = load_pruned(save_pruned(pruned, tmp_path / "p.safetensors"))
+    x = batch[0]
+    assert again.blocks[1].attn.num_heads == 2 and again.blocks[1].attn.head_dim == 2
+    torch.testing.assert_close(again(x), pruned(x), rtol=0, atol=0)
+    export_onnx(pruned, tmp_path / "p.onnx")
+    res = verify_onnx(tmp_path / "p.onnx", pruned, x, providers=["cpu"], atol=1e-4)
+    assert res["passed"] and res["parity_max_abs"] <= 1e-4
+
+
+@pytest.mark.parametrize("name", ["jas", "magnitude", "taylor", "activation", "random"])
+def test_every_head_criterion_scores_heads_and_dims(model, batch, name):
+    inputs = ScoringInputs(model=model, loader=[batch], seed=1, locate_settings=dict(steps=2, scope="all", formula="ig"))
+    s = head_scores(name, inputs)
+    assert set(s.heads) == set(s.dims) == {0, 1}
+    assert all(v.shape == (H,) and torch.isfinite(v).all() for v in s.heads.values())
+    assert all(v.shape == (D // H,) and torch.isfinite(v).all() for v in s.dims.values())
+    assert "jas" in HEAD_CRITERIA.names()
+
+
+def test_unscored_criterion_and_settings_refused(model):
+    with pytest.raises(PruneSettingError, match="criterion 'vit_slim' cannot score attention heads"):
+        head_scores("vit_slim", ScoringInputs(model=model))
+    with pytest.raises(ValueError, match="set heads and/or head_dims"):
+        AttentionSettings()
+    with pytest.raises(ValueError, match="extra"):
+        AttentionSettings(heads=0.5, ffn=0.2)
+
+
+def test_other_family_refused_in_one_line():
+    import timm
+
+    m = timm.create_model("beit_base_patch16_224", pretrained=False, img_size=16, patch_size=8, depth=1,
+                          embed_dim=16, num_heads=2, num_classes=3)
+    with pytest.raises(UnsupportedModelError, match=r"^prune.attention: model family timm-beit is not supported"):
+        prune_attention(m, HeadScores({0: torch.ones(2)}, {0: torch.ones(8)}), heads=0.5)
