@@ -111,3 +111,23 @@ def test_other_family_refused_in_one_line():
                           embed_dim=16, num_heads=2, num_classes=3)
     with pytest.raises(UnsupportedModelError, match=r"^prune.attention: model family timm-beit is not supported"):
         prune_attention(m, HeadScores({0: torch.ones(2)}, {0: torch.ones(8)}), heads=0.5)
+
+
+@pytest.mark.parametrize("target", ["local", "global", "residual"])
+def test_projection_refit_lowers_calibration_error(model, batch, target):
+    from jas_prune.pruning.reconstruct import reconstruct
+
+    pruned = copy.deepcopy(model)
+    prune_attention(pruned, head_scores("random", ScoringInputs(model=pruned, seed=3)), heads=0.5, head_dims=0.5)
+    before = copy.deepcopy(pruned)
+    x = torch.randn(32, 3, 16, 16, generator=torch.Generator().manual_seed(4))
+    rep = reconstruct(pruned, model, [x], method="lsq", target=target, damping=1e-3)
+    assert [r.block for r in rep.attention] == [0, 1] and [r.block for r in rep.blocks] == [0, 1]
+    assert all(r.error_after <= r.error_before for r in rep.attention + rep.blocks)
+    assert any(r.refit for r in rep.attention)
+    assert all(r.width == 4 and r.dense_width == D for r in rep.attention)
+    # block 0's attention refit is a plain least-squares fit: its error drops vs. the pruned projection
+    if target == "global":
+        dense_out = (model(x) - before(x)).pow(2).mean()
+        assert (model(x) - pruned(x)).pow(2).mean() < dense_out
+    assert "attention" in rep.to_dict()
