@@ -28,12 +28,13 @@ from dataclasses import dataclass, field
 from typing import Any, Callable, Iterator, Mapping
 
 import torch
-from pydantic import BaseModel, ConfigDict, Field, model_validator
+from pydantic import Field, model_validator
 from torch import Tensor, nn
 
 from ..errors import PruneSettingError, UnsupportedModelError
 from ..models.heads import HeadLayer, discover_heads
 from ..registry import Registry
+from ..schema import Strict
 from .graph import check_group, dependency_graph, find_vit, update_attention_geometry
 
 __all__ = ["AttentionSettings", "AttentionSummary", "HeadScores", "HEAD_CRITERIA", "head_scores",
@@ -43,15 +44,13 @@ __all__ = ["AttentionSettings", "AttentionSummary", "HeadScores", "HEAD_CRITERIA
 SUPPORTED_FAMILIES = ("timm-vit",)
 
 
-class AttentionSettings(BaseModel):
+class AttentionSettings(Strict):
     """The recipe's ``prune.attention``: what share of the attention to remove.
 
     Attributes:
         heads: fraction of each block's heads removed, in [0, 1).
         head_dims: fraction of each kept head's dimensions removed, in [0, 1).
     """
-
-    model_config = ConfigDict(extra="forbid")
 
     heads: float = Field(default=0.0, ge=0.0, lt=1.0)
     head_dims: float = Field(default=0.0, ge=0.0, lt=1.0)
@@ -249,6 +248,33 @@ for _name, _fn in (("jas", _jas), ("magnitude", _magnitude), ("taylor", _taylor)
     HEAD_CRITERIA.add(HeadCriterion(_name, _fn))
 
 
+def stage_head_scores(ctx: Any, method: str, classes: list[int] | None, example: Tensor,
+                      masks: Any) -> HeadScores | None:
+    """The pipeline's head scores of ``method`` on the dense model and the probe images (of
+    ``classes``) when the recipe has ``prune.attention``, else None."""
+    if ctx.recipe.prune.attention is None:
+        return None
+    from .criteria import ScoringInputs
+
+    loader, _ = ctx.loader("probe", classes)
+    settings = ctx.locate.settings.as_dict() if ctx.locate is not None else {}
+    return head_scores(method, ScoringInputs(model=ctx.model, loader=loader, classes=classes,
+                                             seed=ctx.recipe.runtime.seed, device=ctx.device, example_inputs=example,
+                                             masks=masks, locate_settings=settings))
+
+
+def check_head_methods(methods: list[str]) -> None:
+    """Refuse ``prune.attention`` with a criterion that cannot score heads (before any work).
+
+    Raises:
+        PruneSettingError: naming the first such criterion and those that can.
+    """
+    for method in methods:
+        if method not in HEAD_CRITERIA.names():
+            raise PruneSettingError(f"prune.attention: criterion '{method}' cannot score attention heads; use "
+                                    f"{', '.join(HEAD_CRITERIA.names())}")
+
+
 def head_scores(method: str, inputs: Any) -> HeadScores:
     """Scores of a registered attention criterion (``prune.methods`` name) for ``inputs``
     (:class:`~jas_prune.pruning.criteria.ScoringInputs`).
@@ -256,9 +282,7 @@ def head_scores(method: str, inputs: Any) -> HeadScores:
     Raises:
         PruneSettingError: a criterion that cannot score heads (naming it and those that can).
     """
-    if method not in HEAD_CRITERIA.names():
-        raise PruneSettingError(f"prune.attention: criterion '{method}' cannot score attention heads; use "
-                                f"{', '.join(HEAD_CRITERIA.names())}")
+    check_head_methods([method])
     return HEAD_CRITERIA.get(method).score(inputs)
 
 
@@ -269,14 +293,19 @@ def _lowest(scores: Tensor, ratio: float) -> list[int]:
     return sorted(torch.sort(scores.float(), stable=True).indices[:k].tolist())
 
 
-def prune_attention(model: nn.Module, scores: HeadScores, *, heads: float = 0.0, head_dims: float = 0.0,
-                    example_inputs: Tensor | None = None) -> AttentionSummary:
+def prune_attention(model: nn.Module, scores: HeadScores | None, *, heads: float = 0.0, head_dims: float = 0.0,
+                    example_inputs: Tensor | None = None,
+                    settings: AttentionSettings | None = None) -> AttentionSummary | None:
     """Remove the lowest-scoring heads and head dimensions of every block, in place.
 
     Args:
         scores: per block, head and dimension scores (:func:`head_scores`).
         heads: fraction of each block's heads removed (round(H · heads), one kept at least).
         head_dims: fraction of each block's head dimensions removed (same indices in every head).
+        settings: ``prune.attention`` (its ``heads``/``head_dims`` replace the two above).
+
+    Returns:
+        The summary; None when ``scores`` is None (nothing to prune: no ``prune.attention``).
 
     Raises:
         UnsupportedModelError: a family other than timm VisionTransformer (named), or
@@ -285,6 +314,10 @@ def prune_attention(model: nn.Module, scores: HeadScores, *, heads: float = 0.0,
     """
     import torch_pruning as tp
 
+    if scores is None:
+        return None
+    if settings is not None:
+        heads, head_dims = settings.heads, settings.head_dims
     for name, r in (("heads", heads), ("head_dims", head_dims)):
         if not 0.0 <= float(r) < 1.0:
             raise PruneSettingError(f"prune.attention.{name}: {r!r} is outside [0, 1)")

@@ -1,0 +1,181 @@
+"""Attention vs FFN vs joint pruning on the built-in model (issue 20), resumable.
+
+Per seed (each seed draws another probe/test partition of the built-in shapes data, as
+``recipes/benchmark-shapes.yaml``): scores from the 16 probe images per class that a run uses
+(``fit``), choices on other probe images (``val``, 8 per class), figures on the whole test
+partition (20 images per class, 960). Every pruned model gets least squares (``residual`` target,
+damping 1e-3) — ``fc2`` and, where heads or head dimensions went, the attention projection.
+
+MACs count every linear layer (Torch-Pruning's count) plus the attention matmuls ``2·T²·H·d``.
+
+- ``mac``: at total-MACs reductions 1.5× and 2×: FFN-only (uniform FFN share), attention-only
+  (uniform attention share: heads, then head dimensions) and joint (attention share 25/50/75 %,
+  the FFN share that meets the target; the split chosen on ``val``). FFN neurons ranked by joint
+  IG over FFN neurons and heads (``units: [ffn, heads]``, one run), head dimensions by magnitude,
+  heads by the same joint IG.
+- ``heads50``: one of the two heads of every block removed, heads ranked by JAS (the layer-
+  progressive head path), joint IG, magnitude, Taylor, activation and random.
+
+    OMP_NUM_THREADS=1 python benchmarks/bench_attention.py --seeds 0 1 2 --out runs/bench-attn
+"""
+
+from __future__ import annotations
+
+import argparse
+import copy
+import json
+import time
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from jas_prune.aggregate import per_image_importance
+from jas_prune.attribution import LocateSettings, locate
+from jas_prune.bench_select import fit_val_samples
+from jas_prune.data import make_loader, model_transform
+from jas_prune.evaluate import accuracy, count_params_macs, predict_logits
+from jas_prune.io import atomic_write_json, read_json
+from jas_prune.models import input_size, load_model
+from jas_prune.models.heads import discover_heads
+from jas_prune.pruning.attention import HeadScores, attention_macs, head_scores, prune_attention
+from jas_prune.pruning.calibration import cached_batches, per_class_cap
+from jas_prune.pruning.criteria import ScoringInputs
+from jas_prune.pruning.graph import find_vit
+from jas_prune.pruning.prune import prune_ffn
+from jas_prune.pruning.reconstruct import reconstruct
+from jas_prune.recipe import load_recipe
+
+STEPS = 8
+
+
+def total_macs(model: torch.nn.Module) -> int:
+    size = input_size(model)
+    tokens = (size[1] // model.patch_embed.patch_size[0]) * (size[2] // model.patch_embed.patch_size[1]) \
+        + model.num_prefix_tokens
+    return count_params_macs(model, size)["macs"] + attention_macs(model, tokens)
+
+
+def split_attention(a: float) -> tuple[float, float]:
+    """(heads, head_dims) removing a share ``a`` of a 2-head block's attention width."""
+    if a >= 0.5:
+        return 0.5, 1.0 - (1.0 - a) / 0.5
+    return 0.0, a
+
+
+def joint_ig_scores(model, fit_loader) -> tuple[dict[int, torch.Tensor], dict[int, torch.Tensor]]:
+    """FFN importance (mean_abs_centered, as the recipes) and head importance (mean) from one
+    joint-IG run over FFN neurons and heads."""
+    s = LocateSettings(method="joint_ig", steps=STEPS, quadrature="gauss", scope="all", formula="ig",
+                       units=("ffn", "heads"))
+    ffn: dict[int, torch.Tensor] = {}
+    heads: dict[int, torch.Tensor] = {}
+    n = 0
+    for x, y, *_ in fit_loader:
+        r = locate(model, x, y, s)
+        imp = per_image_importance(torch.stack(r.scores, 1), "mean_abs_centered").sum(0)
+        for i, b in enumerate(r.layers):
+            ffn[b] = ffn.get(b, 0) + imp[i]
+        for b, sc in zip(r.head_layers, r.head_scores):
+            heads[b] = heads.get(b, 0) + sc.sum(0)
+        n += len(y)
+    return {b: v / n for b, v in ffn.items()}, {b: v / n for b, v in heads.items()}
+
+
+def evaluate(model, batches, ids) -> float:
+    return accuracy(*predict_logits(model, batches, sample_ids=ids, desc="eval"))["top1"]
+
+
+def make(dense, fit_loader, ffn_scores, hs: HeadScores | None, ffn_ratio: float, attn: float | tuple[float, float]):
+    model = copy.deepcopy(dense)
+    if ffn_ratio > 0:
+        prune_ffn(model, ffn_scores, ratio=ffn_ratio)
+    heads, dims = attn if isinstance(attn, tuple) else split_attention(attn)
+    if heads or dims:
+        prune_attention(model, hs, heads=heads, head_dims=dims)
+    reconstruct(model, dense, fit_loader, method="lsq", target="residual", damping=1e-3)
+    return model
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
+    ap.add_argument("--out", type=Path, default=Path("runs/bench-attn"))
+    ap.add_argument("--only", nargs="+", default=["heads50", "mac"])
+    args = ap.parse_args()
+    args.out.mkdir(parents=True, exist_ok=True)
+    recipe = load_recipe("recipes/benchmark-shapes.yaml")
+    for seed in args.seeds:
+        path = args.out / f"seed{seed}.json"
+        res: dict[str, Any] = read_json(path) if path.exists() else {}
+
+        def save() -> None:
+            atomic_write_json(path, res)
+
+        dense = load_model("builtin:shapes-vit")
+        torch.manual_seed(seed)
+        transform = model_transform(dense)
+        fit, val, source = fit_val_samples(recipe, seed)
+        val = per_class_cap(val, 8)
+        test = source.subset("test")
+        fit_loader = cached_batches(make_loader(fit, transform, batch_size=64, seed=seed))
+        val_b = cached_batches(make_loader(val, transform, batch_size=256, seed=seed))
+        test_b = cached_batches(make_loader(test, transform, batch_size=256, seed=seed))
+        vid, tid = [s.id for s in val], [s.id for s in test]
+        if "dense" not in res:
+            res["dense"] = {"test": evaluate(dense, test_b, tid), "val": evaluate(dense, val_b, vid),
+                            "macs": total_macs(dense), "test_images": len(test), "fit_images": len(fit),
+                            "val_images": len(val)}
+            save()
+        t0 = time.perf_counter()
+        ffn_scores, jig_heads = joint_ig_scores(dense, fit_loader)
+        res.setdefault("seconds", {})["joint_ig"] = time.perf_counter() - t0
+        mag = head_scores("magnitude", ScoringInputs(model=dense))
+        inputs = ScoringInputs(model=dense, loader=fit_loader, seed=seed,
+                               locate_settings=dict(steps=STEPS, scope="all", formula="ig"))
+        crit: dict[str, HeadScores] = {"joint_ig": HeadScores(jig_heads, mag.dims), "magnitude": mag}
+
+        if "heads50" in args.only:
+            for name in ("jas", "joint_ig", "magnitude", "taylor", "activation", "random"):
+                key = f"heads50/{name}"
+                if key in res:
+                    continue
+                t0 = time.perf_counter()
+                hs = crit.get(name) or head_scores(name, inputs)
+                secs = time.perf_counter() - t0
+                m = make(dense, fit_loader, ffn_scores, hs, 0.0, (0.5, 0.0))
+                res[key] = {"test": evaluate(m, test_b, tid), "macs": total_macs(m), "score_seconds": secs}
+                print(seed, key, res[key], flush=True)
+                save()
+
+        if "mac" in args.only:
+            M0 = res["dense"]["macs"]
+            _, info = find_vit(dense)
+            T = 65
+            F = sum(2 * T * l.fc1.in_features * l.hidden for l in info.layers)
+            A = M0 - count_params_macs(dense, input_size(dense))["macs"]  # attention matmuls
+            A += sum(T * h.attn.qkv.in_features * (h.attn.qkv.out_features + h.proj.out_features)
+                     for h in discover_heads(info))
+            hs = crit["joint_ig"]
+            for target in (1.5, 2.0):
+                need = M0 - M0 / target
+                plans = {"ffn": [(min(0.95, need / F), 0.0)], "attention": [(0.0, min(0.95, need / A))],
+                         "joint": [(round((need - a * A) / F, 4), a) for a in (0.25, 0.5, 0.75)
+                                   if 0 < (need - a * A) / F < 0.97]}
+                for kind, options in plans.items():
+                    key = f"mac{target}/{kind}"
+                    if key in res:
+                        continue
+                    rows = []
+                    for r_ffn, a in options:
+                        m = make(dense, fit_loader, ffn_scores, hs, r_ffn, a)
+                        rows.append({"ffn": r_ffn, "attention": a, "val": evaluate(m, val_b, vid),
+                                     "test": evaluate(m, test_b, tid), "macs": total_macs(m)})
+                    best = max(rows, key=lambda r: r["val"])  # chosen on the probe partition
+                    res[key] = {**best, "candidates": rows}
+                    print(seed, key, json.dumps({k: v for k, v in best.items() if k != "candidates"}), flush=True)
+                    save()
+
+
+if __name__ == "__main__":
+    main()
