@@ -131,3 +131,28 @@ def test_projection_refit_lowers_calibration_error(model, batch, target):
         dense_out = (model(x) - before(x)).pow(2).mean()
         assert (model(x) - pruned(x)).pow(2).mean() < dense_out
     assert "attention" in rep.to_dict()
+
+
+def test_jas_importance_ranks_heads_by_head_scores_in_metapruner(model):
+    import torch_pruning as tp
+
+    from jas_prune.pruning.graph import update_attention_geometry
+    from jas_prune.pruning.plugin import JASImportance
+
+    pruned = copy.deepcopy(model)
+    heads = {0: torch.tensor([4.0, 1.0, 3.0, 2.0]), 1: torch.tensor([1.0, 2.0, 3.0, 4.0])}
+    ffn = {b: torch.rand(blk.mlp.fc1.out_features) for b, blk in enumerate(pruned.blocks)}
+    imp = JASImportance(ffn, head_scores=heads)
+    qkv = {blk.attn.qkv: blk.attn.num_heads for blk in pruned.blocks}
+    pruner = tp.pruner.MetaPruner(pruned, torch.randn(1, 3, 16, 16), importance=imp, pruning_ratio=0.25,
+                                  num_heads=qkv, prune_num_heads=True, prune_head_dims=False, head_pruning_ratio=0.5,
+                                  ignored_layers=[pruned.head])
+    w0 = {b: blk.attn.proj.weight.detach().clone() for b, blk in enumerate(model.blocks)}
+    pruner.step()
+    update_attention_geometry(pruned, pruner.num_heads)
+    d = D // H
+    for b, keep in ((0, [0, 2]), (1, [2, 3])):  # the two best heads of each block stay
+        assert pruned.blocks[b].attn.num_heads == 2
+        cols = torch.cat([torch.arange(h * d, (h + 1) * d) for h in keep])
+        torch.testing.assert_close(pruned.blocks[b].attn.proj.weight, w0[b][:, cols])
+    pruned(torch.randn(2, 3, 16, 16))
