@@ -1,9 +1,9 @@
 """Attention vs FFN vs joint pruning on the built-in model (issue 20), resumable.
 
 Per seed (each seed draws another probe/test partition of the built-in shapes data, as
-``recipes/benchmark-shapes.yaml``): scores from the 16 probe images per class that a run uses
-(``fit``), choices on other probe images (``val``, 8 per class), figures on the whole test
-partition (20 images per class, 960). Every pruned model gets least squares (``residual`` target,
+``recipes/benchmark-shapes.yaml``): scores and least squares from 8 of the probe images per class
+that a run uses (``fit``, ``--fit-per-class``), choices on other probe images (``val``, 4 per
+class), figures on the whole test partition (20 images per class, 960). 4 Gauss nodes. Every pruned model gets least squares (``residual`` target,
 damping 1e-3) — ``fc2`` and, where heads or head dimensions went, the attention projection.
 
 MACs count every linear layer (Torch-Pruning's count) plus the attention matmuls ``2·T²·H·d``.
@@ -46,7 +46,7 @@ from jas_prune.pruning.prune import prune_ffn
 from jas_prune.pruning.reconstruct import reconstruct
 from jas_prune.recipe import load_recipe
 
-STEPS = 8
+STEPS = 4
 
 
 def total_macs(model: torch.nn.Module) -> int:
@@ -102,6 +102,8 @@ def main() -> None:
     ap.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
     ap.add_argument("--out", type=Path, default=Path("runs/bench-attn"))
     ap.add_argument("--only", nargs="+", default=["heads50", "mac"])
+    ap.add_argument("--fit-per-class", type=int, default=8, help="probe images per class for scores and least squares")
+    ap.add_argument("--val-per-class", type=int, default=4, help="other probe images per class for choices")
     args = ap.parse_args()
     args.out.mkdir(parents=True, exist_ok=True)
     recipe = load_recipe("recipes/benchmark-shapes.yaml")
@@ -116,7 +118,8 @@ def main() -> None:
         torch.manual_seed(seed)
         transform = model_transform(dense)
         fit, val, source = fit_val_samples(recipe, seed)
-        val = per_class_cap(val, 8)
+        fit = per_class_cap(fit, args.fit_per_class)
+        val = per_class_cap(val, args.val_per_class)
         test = source.subset("test")
         fit_loader = cached_batches(make_loader(fit, transform, batch_size=64, seed=seed))
         val_b = cached_batches(make_loader(val, transform, batch_size=256, seed=seed))
