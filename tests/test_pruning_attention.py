@@ -156,3 +156,36 @@ def test_jas_importance_ranks_heads_by_head_scores_in_metapruner(model):
         cols = torch.cat([torch.arange(h * d, (h + 1) * d) for h in keep])
         torch.testing.assert_close(pruned.blocks[b].attn.proj.weight, w0[b][:, cols])
     pruned(torch.randn(2, 3, 16, 16))
+
+
+@pytest.mark.parametrize("prune,expect", [
+    ("{methods: [magnitude, vit_slim], attention: {heads: 0.5}}", "prune.attention: criterion 'vit_slim' cannot score"),
+    ("{methods: [magnitude], attention: {heads: 1.0}}", "prune.attention.heads"),
+    ("{methods: [magnitude], attention: {heads: 0.5, ffn: 0.1}}", "prune.attention"),
+])
+def test_recipe_refuses_bad_attention_settings(refused_recipe, prune, expect):
+    line = refused_recipe(f"version: 1\nmodel: {{name: builtin:shapes-vit}}\ndata: {{kind: shapes}}\nprune: {prune}\n")
+    assert expect in line
+
+
+def test_head_paths_and_masks_round_trip(tmp_path, model):
+    from jas_prune.aggregate import MaskAccumulator, load_masks, save_masks
+    from jas_prune.attribution import locate
+    from jas_prune.pathstore import PathStore
+
+    x, y = torch.randn(4, 3, 16, 16), torch.tensor([0, 1, 1, 2])
+    r = locate(model, x, y, steps=2, units=["ffn", "heads"], scope="all", formula="ig")
+    store = PathStore(tmp_path / "paths", chunk_size=4)
+    store.write_chunk(0, store.chunk_tensors(range(4), y, {"jas": r}), {"ids": list("abcd"), "layers": r.layers})
+    got = store.read(4)
+    assert torch.equal(got.head_paths["jas"], r.head_paths) and torch.equal(got.paths["jas"], r.paths)
+    torch.testing.assert_close(got.head_scores["jas"], torch.stack(r.head_scores, 1), rtol=1e-3, atol=1e-6)
+    masks = MaskAccumulator(3, 2, 32)
+    masks.add(got.paths["jas"], got.scores["jas"], y)
+    m = masks.finish(topk=2, layers=[0, 1], class_names=["a", "b", "c"])
+    heads = MaskAccumulator(3, 2, H)
+    heads.add(got.head_paths["jas"], got.head_scores["jas"], y)
+    m.heads = heads.finish(topk=1, layers=[0, 1], class_names=["a", "b", "c"])
+    back = load_masks(save_masks(m, tmp_path / "masks.safetensors"))
+    assert torch.equal(back.heads.topk, m.heads.topk) and torch.equal(back.topk, m.topk)
+    assert back.heads.topk.shape == (3, 2, H) and int(back.heads.topk[1].sum()) == 2

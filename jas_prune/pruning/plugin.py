@@ -406,7 +406,7 @@ class JASImportance(tp.importance.Importance):
         if protect_topk:
             protect = {b: topk[sel, j].any(0) for j, b in enumerate(layers)}
         heads = None
-        if masks.heads is not None:  # the run located heads: head JAS, weighted the same way
+        if getattr(masks, "heads", None) is not None:  # the run located heads: head JAS, weighted alike
             hw = torch.as_tensor(masks.heads.counts, dtype=torch.float64)[sel_valid]
             himp = torch.nan_to_num(torch.as_tensor(masks.heads.importance_for("mean"), dtype=torch.float64)[sel_valid])
             hdense = (himp * hw[:, None, None]).sum(0) / hw.sum()
