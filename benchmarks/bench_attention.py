@@ -15,6 +15,10 @@ MACs count every linear layer (Torch-Pruning's count) plus the attention matmuls
   heads by the same joint IG.
 - ``heads50``: one of the two heads of every block removed, heads ranked by JAS (the layer-
   progressive head path), joint IG, magnitude, Taylor, activation and random.
+- ``paper``: the paper's Table-1 protocol for heads on 2 test images per class: zero (×0, every
+  token) each image's located head path (JAS, one head per block, ``units: [heads]``) or the
+  same number of heads picked by activation, by magnitude (the same heads for every image) or at
+  random; the mean drop of the label's probability and the top-1 after the intervention.
 
     OMP_NUM_THREADS=1 python benchmarks/bench_attention.py --seeds 0 1 2 --out runs/bench-attn
 """
@@ -97,6 +101,48 @@ def make(dense, fit_loader, ffn_scores, hs: HeadScores | None, ffn_ratio: float,
     return model
 
 
+def zeroed(model, x, y, picks: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Label probability and prediction with head ``picks[b, i]`` of block i zeroed per image."""
+    heads = discover_heads(find_vit(model)[1])
+    hs = []
+    for i, h in enumerate(heads):
+        mask = torch.ones(len(x), h.heads, dtype=x.dtype)
+        mask.scatter_(1, picks[:, i], 0.0)
+        cols = mask.repeat_interleave(h.head_dim, 1)[:, None, :]
+        hs.append(h.proj.register_forward_pre_hook(lambda m, a, c=cols: (a[0] * c,)))
+    try:
+        with torch.no_grad():
+            p = torch.softmax(model(x), -1)
+    finally:
+        for h in hs:
+            h.remove()
+    return p.gather(1, y[:, None])[:, 0], p.argmax(1)
+
+
+def paper_protocol(dense, source, transform, seed: int) -> dict[str, Any]:
+    from jas_prune.data import make_loader
+
+    test = per_class_cap(source.subset("test"), 2)
+    x, y = next(iter(make_loader(test, transform, batch_size=len(test), seed=seed)))[:2]
+    with torch.no_grad():
+        p0 = torch.softmax(dense(x), -1).gather(1, y[:, None])[:, 0]
+    L = len(dense.blocks)
+    picks = {}
+    for method in ("jas", "activation"):
+        r = locate(dense, x, y, method=method, steps=STEPS, scope="all", formula="ig", units=["heads"])
+        picks[method] = r.head_paths
+    mag = head_scores("magnitude", ScoringInputs(model=dense)).heads
+    picks["magnitude"] = torch.stack([mag[b].argmax().expand(len(x)) for b in range(L)], 1)[:, :, None]
+    gen = torch.Generator().manual_seed(seed)
+    picks["random"] = torch.randint(0, 2, (len(x), L, 1), generator=gen)
+    out = {"images": len(x), "dense_top1": None}
+    for name, pk in picks.items():
+        p, pred = zeroed(dense, x, y, pk)
+        out[name] = {"prob_drop": float((p0 - p).mean()), "top1": float((pred == y).float().mean())}
+    out["dense_top1"] = float((torch.softmax(dense(x), -1).argmax(1) == y).float().mean())
+    return out
+
+
 def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
@@ -130,6 +176,12 @@ def main() -> None:
                             "macs": total_macs(dense), "test_images": len(test), "fit_images": len(fit),
                             "val_images": len(val)}
             save()
+        if "paper" in args.only and "paper" not in res:
+            res["paper"] = paper_protocol(dense, source, transform, seed)
+            print(seed, "paper", res["paper"], flush=True)
+            save()
+        if not {"heads50", "mac"} & set(args.only):
+            continue
         t0 = time.perf_counter()
         ffn_scores, jig_heads = joint_ig_scores(dense, fit_loader)
         res.setdefault("seconds", {})["joint_ig"] = time.perf_counter() - t0

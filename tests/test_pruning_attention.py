@@ -189,3 +189,15 @@ def test_head_paths_and_masks_round_trip(tmp_path, model):
     back = load_masks(save_masks(m, tmp_path / "masks.safetensors"))
     assert torch.equal(back.heads.topk, m.heads.topk) and torch.equal(back.topk, m.topk)
     assert back.heads.topk.shape == (3, 2, H) and int(back.heads.topk[1].sum()) == 2
+
+
+def test_protected_heads_stay_and_too_many_are_refused(model):
+    from jas_prune.errors import BudgetError
+
+    scores = HeadScores({0: torch.tensor([1.0, 2.0, 3.0, 4.0])}, {0: torch.ones(D // H)}, protect={0: [0]})
+    pruned = copy.deepcopy(model)
+    s = prune_attention(pruned, scores, heads=0.5)
+    assert s.kept_heads[0] == [0, 3] and pruned.blocks[0].attn.num_heads == 2 and pruned.blocks[1].attn.num_heads == H
+    scores.protect = {0: [0, 1, 2]}
+    with pytest.raises(BudgetError, match="block 0 keeps 2 of 4 heads but the class head masks protect 3"):
+        prune_attention(copy.deepcopy(model), scores, heads=0.5)

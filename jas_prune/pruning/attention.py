@@ -31,7 +31,7 @@ import torch
 from pydantic import Field, model_validator
 from torch import Tensor, nn
 
-from ..errors import PruneSettingError, UnsupportedModelError
+from ..errors import BudgetError, PruneSettingError, UnsupportedModelError
 from ..models.heads import HeadLayer, discover_heads
 from ..registry import Registry
 from ..schema import Strict
@@ -64,10 +64,12 @@ class AttentionSettings(Strict):
 
 @dataclass
 class HeadScores:
-    """Per block: a score per head ``[H]`` and per head dimension ``[d]`` (higher = keep)."""
+    """Per block: a score per head ``[H]`` and per head dimension ``[d]`` (higher = keep), and
+    heads never removed (a class selection's head masks)."""
 
     heads: dict[int, Tensor]
     dims: dict[int, Tensor]
+    protect: dict[int, list[int]] = field(default_factory=dict)
 
 
 @dataclass
@@ -217,7 +219,11 @@ def _jas(inputs: Any) -> HeadScores:
                 keep[list(inputs.classes)] = True
                 valid &= keep
             mean = imp[valid].mean(0)
-            return HeadScores({int(b): mean[i] for i, b in enumerate(masks.heads.layers)}, dims)
+            protect = {}
+            if inputs.classes is not None:  # class-specialised: the classes' head masks stay
+                top = masks.heads.topk[list(inputs.classes)].any(0)
+                protect = {int(b): top[i].nonzero()[:, 0].tolist() for i, b in enumerate(masks.heads.layers)}
+            return HeadScores({int(b): mean[i] for i, b in enumerate(masks.heads.layers)}, dims, protect)
     return HeadScores(located_head_scores(inputs), dims)
 
 
@@ -287,10 +293,15 @@ def head_scores(method: str, inputs: Any) -> HeadScores:
 
 
 # ------------------------------------------------------------------------------- pruning
-def _lowest(scores: Tensor, ratio: float) -> list[int]:
+def _lowest(scores: Tensor, ratio: float, protect: list[int] = (), block: int | None = None) -> list[int]:
     n = len(scores)
     k = min(n - 1, round(n * ratio))
-    return sorted(torch.sort(scores.float(), stable=True).indices[:k].tolist())
+    if len(protect) > n - k:
+        raise BudgetError(f"prune.attention.heads: block {block} keeps {n - k} of {n} heads but the class head "
+                          f"masks protect {len(protect)}; lower prune.attention.heads or attribution.topk",
+                          protected=True)
+    order = [i for i in torch.sort(scores.float(), stable=True).indices.tolist() if i not in set(protect)]
+    return sorted(order[:k])
 
 
 def prune_attention(model: nn.Module, scores: HeadScores | None, *, heads: float = 0.0, head_dims: float = 0.0,
@@ -330,7 +341,7 @@ def prune_attention(model: nn.Module, scores: HeadScores | None, *, heads: float
         if head_dims and not isinstance(getattr(h.attn, "q_norm", nn.Identity()), nn.Identity):
             raise UnsupportedModelError(f"prune.attention.head_dims: block {h.index} normalises queries and keys "
                                         "(qk_norm); removing dimensions would change the norms — prune heads only")
-        gone_h = _lowest(scores.heads[h.index], heads) if heads else []
+        gone_h = _lowest(scores.heads[h.index], heads, scores.protect.get(h.index, []), h.index) if heads else []
         gone_d = _lowest(scores.dims[h.index], head_dims) if head_dims else []
         plan[h.index] = (h, gone_h, gone_d)
         summary.heads_before[h.index], summary.head_dim_before[h.index] = h.heads, h.head_dim

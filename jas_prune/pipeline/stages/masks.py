@@ -29,9 +29,10 @@ def run_masks(ctx) -> None:
     if "heads" in ctx.locate.settings.units:  # per-class head masks beside the FFN ones
         from ...models.heads import discover_heads
 
+        # a class's head mask: as many heads per block as a path holds (attribution.topk, capped)
         n_heads = discover_heads(discover_ffn(ctx.model))[0].heads
         masks.heads = aggregate_store(probe_chunks(ctx), method, num_classes=ctx.source.num_classes, widths=n_heads,
-                                      topk=min(topk, n_heads), class_names=ctx.source.class_names,
+                                      topk=ctx.locate_settings().head_topk, class_names=ctx.source.class_names,
                                       fingerprint=masks.fingerprint, heads=True)
     path = save_masks(masks, ctx.run.masks)
     ctx.metrics.masks = MasksInfo(file=path.name, method=method, topk=topk, importance=ctx.recipe.masks.importance,
