@@ -46,6 +46,13 @@ edited one run on one image per chunk or once per image.
 scores are float32 (float64 for a float64 model): a bfloat16/float16 model runs its forward and
 backward in its own dtype, its gradients are cast to float32 before they are weighted and summed.
 
+**Attention heads** (``units`` with ``heads``): a head's output before the attention output
+projection is a unit too (:mod:`.sites`: value ``‖v_h‖``, gradient along its clean direction).
+Every per-unit quantity is keyed by a :class:`~.sites.Site` (block, unit kind); the located
+sites run in forward order (a block's heads before its FFN), the path grows site by site, and a
+block's heads already in the path are edits of the passes that score its FFN neurons (the kept
+stream enters that block). ``units: [ffn]`` runs exactly the computations of an FFN-only engine.
+
 The methods (``jas``, the paper's baselines and ``joint_ig`` — every located block scaled
 together, one set of m passes: the fast pruning importance) are defined in :mod:`.methods` on top
 of the primitives here.
