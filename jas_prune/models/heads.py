@@ -54,13 +54,15 @@ def attention_of(block: nn.Module) -> tuple[nn.Module, nn.Module] | None:
     """``(attention module with the head count, output projection)`` of a block, or None.
 
     timm blocks (ViT, Eva, BEiT, RelPos): ``block.attn`` with ``num_heads`` and ``proj``;
-    Hugging Face ViT/DeiT layers: ``attention.attention`` (``num_attention_heads``) and
-    ``attention.output.dense``.
+    Hugging Face ViT/DeiT layers: ``attention`` with ``num_attention_heads`` and ``o_proj``
+    (transformers 5), or ``attention.attention`` and ``attention.output.dense`` (transformers 4).
     """
     attn = getattr(block, "attn", None)
     if attn is not None and isinstance(getattr(attn, "num_heads", None), int) and hasattr(attn, "proj"):
         return attn, attn.proj
     hf = getattr(block, "attention", None)
+    if isinstance(getattr(hf, "num_attention_heads", None), int) and isinstance(getattr(hf, "o_proj", None), nn.Module):
+        return hf, hf.o_proj  # transformers 5: one ViTAttention with q/k/v/o_proj
     inner, out = getattr(hf, "attention", None), getattr(getattr(hf, "output", None), "dense", None)
     if inner is not None and isinstance(getattr(inner, "num_attention_heads", None), int) and out is not None:
         return inner, out
