@@ -6,7 +6,9 @@ that a run uses (``fit``, ``--fit-per-class``), choices on other probe images (`
 class), figures on the whole test partition (20 images per class, 960). 4 Gauss nodes. Every pruned model gets least squares (``residual`` target,
 damping 1e-3) — ``fc2`` and, where heads or head dimensions went, the attention projection.
 
-MACs count every linear layer (Torch-Pruning's count) plus the attention matmuls ``2·T²·H·d``.
+MACs: Torch-Pruning's count (:func:`jas_prune.evaluate.count_params_macs`; it includes the attention
+matmuls). Result files written before this was fixed (no ``macs_counting`` in ``dense``) added the
+attention matmuls ``2·T²·H·d`` a second time; :func:`summary` takes them out again.
 
 - ``mac``: at total-MACs reductions 1.5× and 2×: FFN-only (uniform FFN share), attention-only
   (uniform attention share: heads, then head dimensions) and joint (attention share 25/50/75 %,
@@ -54,10 +56,20 @@ STEPS = 4
 
 
 def total_macs(model: torch.nn.Module) -> int:
-    size = input_size(model)
-    tokens = (size[1] // model.patch_embed.patch_size[0]) * (size[2] // model.patch_embed.patch_size[1]) \
-        + model.num_prefix_tokens
-    return count_params_macs(model, size)["macs"] + attention_macs(model, tokens)
+    return count_params_macs(model, input_size(model))["macs"]
+
+
+def _double_counted(key: str, rec: dict[str, Any]) -> int:
+    """The attention matmuls an old result file counted twice (built-in model: T = 65, 6 blocks of
+    2 heads × 32 dims)."""
+    if key == "dense":
+        kept = 64
+    elif key.startswith("heads50/"):
+        kept = 32
+    else:
+        h, q = split_attention(rec.get("attention", 0.0))
+        kept = (2 - min(1, round(2 * h))) * (32 - min(31, round(32 * q)))
+    return 2 * 65 * 65 * kept * 6
 
 
 def split_attention(a: float) -> tuple[float, float]:
@@ -143,6 +155,38 @@ def paper_protocol(dense, source, transform, seed: int) -> dict[str, Any]:
     return out
 
 
+def summary(dirs: list[Path]) -> str:
+    """Mean ± std over the seed files of ``dirs`` (test top-1 in %, MACs ratio dense / pruned)."""
+    import statistics
+
+    runs = [read_json(f) for d in dirs for f in sorted(d.glob("seed*.json"))]
+    n_seeds = len({(str(f.name)) for d in dirs for f in d.glob("seed*.json")})
+    keys = sorted({k for r in runs for k in r if "/" in k or k == "paper"})
+
+    def ms(xs: list[float]) -> str:
+        return f"{statistics.mean(xs):.2f} ± {statistics.stdev(xs):.2f}" if len(xs) > 1 else f"{xs[0]:.2f}"
+
+    lines = [f"dense: test top-1 {ms([100 * r['dense']['test'] for r in runs if 'dense' in r])} % "
+             f"(n = {n_seeds} seeds)", "", "| entry | seeds | test top-1 % | MACs ratio | choice |", "|---|---|---|---|---|"]
+    for k in keys:
+        rows = [r for r in runs if k in r and "dense" in r]
+        if k == "paper":
+            for name in ("jas", "activation", "magnitude", "random"):
+                lines.append(f"| paper ×0 {name}: prob drop / top-1 % | {len(rows)} | "
+                             f"{ms([r[k][name]['prob_drop'] for r in rows])} / {ms([100 * r[k][name]['top1'] for r in rows])} | | |")
+            continue
+        top = ms([100 * r[k]["test"] for r in rows])
+        def true(r: dict[str, Any], key: str) -> int:
+            rec = r[key]
+            return rec["macs"] - (0 if "macs_counting" in r["dense"] else _double_counted(key, rec))
+
+        ratio = ms([true(r, "dense") / true(r, k) for r in rows])
+        choice = "; ".join(f"ffn {r[k].get('ffn', 0):.2f} attn {r[k].get('attention', 0) if not isinstance(r[k].get('attention'), list) else r[k]['attention']}"
+                           for r in rows) if k.startswith("mac") else ""
+        lines.append(f"| {k} | {len(rows)} | {top} | {ratio} | {choice} |")
+    return "\n".join(lines)
+
+
 def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
@@ -150,7 +194,11 @@ def main() -> None:
     ap.add_argument("--only", nargs="+", default=["heads50", "mac"])
     ap.add_argument("--fit-per-class", type=int, default=8, help="probe images per class for scores and least squares")
     ap.add_argument("--val-per-class", type=int, default=4, help="other probe images per class for choices")
+    ap.add_argument("--summary", type=Path, nargs="+", help="print the table of these result folders and stop")
     args = ap.parse_args()
+    if args.summary:
+        print(summary(args.summary))
+        return
     args.out.mkdir(parents=True, exist_ok=True)
     recipe = load_recipe("recipes/benchmark-shapes.yaml")
     for seed in args.seeds:
@@ -173,7 +221,7 @@ def main() -> None:
         vid, tid = [s.id for s in val], [s.id for s in test]
         if "dense" not in res:
             res["dense"] = {"test": evaluate(dense, test_b, tid), "val": evaluate(dense, val_b, vid),
-                            "macs": total_macs(dense), "test_images": len(test), "fit_images": len(fit),
+                            "macs": total_macs(dense), "macs_counting": "tp", "test_images": len(test), "fit_images": len(fit),
                             "val_images": len(val)}
             save()
         if "paper" in args.only and "paper" not in res:
@@ -208,7 +256,7 @@ def main() -> None:
             _, info = find_vit(dense)
             T = 65
             F = sum(2 * T * l.fc1.in_features * l.hidden for l in info.layers)
-            A = M0 - count_params_macs(dense, input_size(dense))["macs"]  # attention matmuls
+            A = attention_macs(dense, T)  # the attention matmuls, then its linear layers
             A += sum(T * h.attn.qkv.in_features * (h.attn.qkv.out_features + h.proj.out_features)
                      for h in discover_heads(info))
             hs = crit["joint_ig"]

@@ -3,8 +3,9 @@
 Same method as ``jas_prune.bench_onnx`` (export, verify against PyTorch, time every model
 interleaved with :func:`jas_prune.deploy.benchmark_many`; a speed-up is the median over rounds of
 dense / pruned), for these variants: FFN-only (uniform share of FFN neurons, magnitude), heads-only
-(uniform share of each block's heads, magnitude), head-dims-only, and joint (both). MACs count
-the linear layers plus the attention matmuls ``2·T²·H·d``.
+(uniform share of each block's heads, magnitude), head-dims-only, and joint (both). MACs:
+Torch-Pruning's count (it includes the attention matmuls; an earlier version of this script added
+them a second time, ``macs_counting`` absent in its JSON).
 
     OMP_NUM_THREADS=1 python benchmarks/bench_onnx_attention.py --out runs/onnx-attn
 """
@@ -25,7 +26,7 @@ from jas_prune.deploy import benchmark_many, export_onnx, verify_onnx
 from jas_prune.evaluate import count_params_macs
 from jas_prune.io import atomic_write_json
 from jas_prune.models import input_size
-from jas_prune.pruning.attention import attention_macs, head_scores, prune_attention
+from jas_prune.pruning.attention import head_scores, prune_attention
 from jas_prune.pruning.criteria import ScoringInputs
 from jas_prune.pruning.criteria.magnitude import magnitude_scores
 from jas_prune.pruning.prune import prune_ffn
@@ -36,10 +37,7 @@ VARIANTS = {"dense": (0.0, 0.0, 0.0), "ffn70": (0.7, 0.0, 0.0), "heads50": (0.0,
 
 
 def macs(model: torch.nn.Module) -> int:
-    c, h, w = input_size(model)
-    p = model.patch_embed.patch_size
-    tokens = (h // p[0]) * (w // p[1]) + model.num_prefix_tokens
-    return count_params_macs(model, (c, h, w))["macs"] + attention_macs(model, tokens)
+    return count_params_macs(model, input_size(model))["macs"]
 
 
 def main() -> None:
@@ -85,7 +83,7 @@ def main() -> None:
                          "speedup_high": sp["high"], "efficiency": sp["median"] / rec["macs_ratio"],
                          "load_average": [load0, os.getloadavg()[0]]})
             print(rows[-1], flush=True)
-        atomic_write_json(out / "onnx_attention.json", {"models": models, "rows": rows,
+        atomic_write_json(out / "onnx_attention.json", {"models": models, "rows": rows, "macs_counting": "tp",
                                                         "threads": torch.get_num_threads(), "cpus": os.cpu_count()})
 
 

@@ -375,7 +375,8 @@ def prune_attention(model: nn.Module, scores: HeadScores | None, *, heads: float
 
 def attention_macs(model: nn.Module, tokens: int) -> int:
     """Multiply-accumulates of the attention matmuls (``q·kᵀ`` and ``attn·v``) of one image:
-    ``2·T²·H·d`` per block — what a linear-layer count (Torch-Pruning's) leaves out."""
+    ``2·T²·H·d`` per block (the part of a block's cost that grows with the tokens squared;
+    Torch-Pruning's count, :func:`jas_prune.evaluate.count_params_macs`, includes it)."""
     _, info = find_vit(model)
     total = 0
     for h in discover_heads(info):
