@@ -47,6 +47,7 @@ def main() -> None:
     ap.add_argument("--batch-sizes", type=int, nargs="+", default=[1, 32])
     ap.add_argument("--repeats", type=int, nargs="+", default=[7, 3])
     ap.add_argument("--variants", nargs="+", default=list(VARIANTS))
+    ap.add_argument("--exporter", default="auto", help="auto | dynamo | torchscript (less memory)")
     args = ap.parse_args()
     out = args.out
     (out / "onnx").mkdir(parents=True, exist_ok=True)
@@ -62,7 +63,8 @@ def main() -> None:
             prune_attention(m, head_scores("magnitude", ScoringInputs(model=m)), heads=heads, head_dims=dims)
         path = out / "onnx" / f"{label}.onnx"
         t = time.perf_counter()
-        export_onnx(m, path)
+        if not path.exists():  # resumable: an exported file is checked again, not rebuilt
+            export_onnx(m, path, exporter=args.exporter)
         check = verify_onnx(path, m, example)
         models[label] = {"macs": macs(m), "path": str(path), "parity_max_abs": check["parity_max_abs"],
                          "export_verify_seconds": time.perf_counter() - t}
