@@ -169,7 +169,7 @@ def test_joint_ig_over_heads_is_complete(model, images):
 def test_units_default_is_ffn_and_setting_is_checked(model):
     assert LocateSettings().units == ("ffn",)
     assert LocateSettings(units=["heads", "ffn"]).units == ("ffn", "heads")
-    with pytest.raises(AttributionSettingError, match="attribution.units: must be one of ffn, heads"):
+    with pytest.raises(AttributionSettingError, match="attribution.units.1: must be one of .ffn. or .heads."):
         LocateSettings(units=["ffn", "mlp"])
     with pytest.raises(AttributionSettingError, match="attribution.units: must name at least one"):
         LocateSettings(units=[])
