@@ -22,6 +22,8 @@ __all__ = ["ClassMasks", "MaskAccumulator", "aggregate", "aggregate_store", "sav
            "per_image_importance", "IMPORTANCE_AGGREGATIONS", "MASKS_FILE"]
 
 MASKS_FILE = RunDir.MASKS
+#: Key prefix of the per-class head masks in ``masks.safetensors`` (runs that located heads).
+HEAD_PREFIX = "heads."
 
 #: How an image's candidate scores JAS(P ∪ {j}) become per-neuron importance before the class mean:
 #: ``mean`` the signed score (the default), ``mean_abs`` its magnitude, ``mean_abs_centered`` the
@@ -66,6 +68,8 @@ class ClassMasks:
         layers: block index of each of the L rows.
         class_names: C names.
         fingerprint: model digest and settings the masks were computed with.
+        heads: the same per-class results over attention heads (``n`` = heads per block) when
+            the run located heads (``attribution.units``), else None.
     """
 
     utilisation: torch.Tensor
@@ -78,6 +82,7 @@ class ClassMasks:
     class_names: list[str]
     fingerprint: dict[str, Any] = field(default_factory=dict)
     importance_by: dict[str, torch.Tensor] = field(default_factory=dict)
+    heads: "ClassMasks | None" = None
 
     def importance_for(self, aggregation: str = "mean") -> torch.Tensor:
         """The ``[C, L, n]`` class importance under one aggregation.
@@ -186,15 +191,17 @@ def aggregate(paths: torch.Tensor, scores: torch.Tensor, labels: torch.Tensor, *
 
 
 def aggregate_store(chunks: Iterable[Any], method: str, *, num_classes: int, widths: int, topk: int,
-                    class_names: Sequence[str], fingerprint: dict[str, Any] | None = None) -> ClassMasks:
+                    class_names: Sequence[str], fingerprint: dict[str, Any] | None = None,
+                    heads: bool = False) -> ClassMasks:
     """:func:`aggregate` over a partition's stored chunks (``PathStore.iter_chunks``), one chunk in
-    memory at a time."""
+    memory at a time; ``heads``: over the located attention heads (``widths`` = heads per block)."""
     acc: MaskAccumulator | None = None
     layers: list[int] = []
     for c in chunks:
+        paths, scores = (c.head_paths, c.head_scores) if heads else (c.paths, c.scores)
         if acc is None:
-            acc, layers = MaskAccumulator(num_classes, c.paths[method].shape[1], widths), c.layers
-        acc.add(c.paths[method], c.scores[method], c.labels)
+            acc, layers = MaskAccumulator(num_classes, paths[method].shape[1], widths), c.layers
+        acc.add(paths[method], scores[method], c.labels)
     if acc is None:
         raise InvalidArgumentError("aggregate: no located images")
     return acc.finish(topk=topk, layers=layers, class_names=class_names, fingerprint=fingerprint)
@@ -205,10 +212,13 @@ def save_masks(masks: ClassMasks, path: str | Path) -> Path:
     directory)."""
     from safetensors.torch import save_file
 
-    tensors = {"utilisation": masks.utilisation, "similarity": masks.similarity, "topk": masks.topk.to(torch.uint8),
-               "topk_indices": masks.topk_indices.long(), "importance": masks.importance,
-               "counts": masks.counts.long(),
-               **{f"importance.{k}": v for k, v in masks.importance_by.items() if k != "mean"}}
+    def flat(m: ClassMasks, prefix: str = "") -> dict[str, torch.Tensor]:
+        return {f"{prefix}{k}": v for k, v in {
+            "utilisation": m.utilisation, "similarity": m.similarity, "topk": m.topk.to(torch.uint8),
+            "topk_indices": m.topk_indices.long(), "importance": m.importance, "counts": m.counts.long(),
+            **{f"importance.{k}": v for k, v in m.importance_by.items() if k != "mean"}}.items()}
+
+    tensors = flat(masks) | (flat(masks.heads, HEAD_PREFIX) if masks.heads is not None else {})
     # one metadata key: safetensors writes several in a random order, and the file should be the
     # same bytes for the same masks
     meta = {"masks": json.dumps({"layers": masks.layers, "class_names": masks.class_names,
@@ -238,15 +248,23 @@ def load_masks(run_dir: str | Path) -> ClassMasks:
     try:
         with safe_open(str(path), framework="pt") as f:
             meta = f.metadata() or {}
-            t = {k: f.get_tensor(k) for k in f.keys()}
+            every = {k: f.get_tensor(k) for k in f.keys()}
         # one "masks" key; files written before kept each entry under its own key
         info = json.loads(meta["masks"]) if "masks" in meta else {k: json.loads(v) for k, v in meta.items()}
-        return ClassMasks(utilisation=t["utilisation"], similarity=t["similarity"], topk=t["topk"].bool(),
-                          topk_indices=t["topk_indices"], importance=t["importance"], counts=t["counts"],
-                          layers=info["layers"], class_names=info["class_names"],
-                          fingerprint=info.get("fingerprint", {}),
-                          importance_by={"mean": t["importance"],
-                                         **{k.split(".", 1)[1]: v for k, v in t.items()
-                                            if k.startswith("importance.")}})
+
+        def build(prefix: str) -> ClassMasks:
+            t = {k[len(prefix):]: v for k, v in every.items() if k.startswith(prefix)}
+            return ClassMasks(utilisation=t["utilisation"], similarity=t["similarity"], topk=t["topk"].bool(),
+                              topk_indices=t["topk_indices"], importance=t["importance"], counts=t["counts"],
+                              layers=info["layers"], class_names=info["class_names"],
+                              fingerprint=info.get("fingerprint", {}),
+                              importance_by={"mean": t["importance"],
+                                             **{k.split(".", 1)[1]: v for k, v in t.items()
+                                                if k.startswith("importance.")}})
+
+        masks = build("")
+        if f"{HEAD_PREFIX}topk" in every:
+            masks.heads = build(HEAD_PREFIX)
+        return masks
     except (KeyError, ValueError, OSError) as exc:
         raise CheckpointError(f"{path}: not a jas-prune masks file ({exc})") from None

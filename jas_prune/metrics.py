@@ -259,6 +259,7 @@ class LocateMetrics(Section):
     target: str | None = None
     layers: int | list[int] | None = None
     internal_batch_size: int | None = None
+    units: list[str] | None = None
 
     #: the settings a report shows, in its order
     SHOWN_SETTINGS: ClassVar[tuple[str, ...]] = ("steps", "topk", "scope", "formula", "quadrature", "candidates",
@@ -402,6 +403,8 @@ class PrunedEntry(Section):
     #: an entry made for ``prune.budget``: the target (``target``, ``value``, ``step``, ``batch_size``
     #: for latency) and what was found (``ratio``, ``achieved``: the MACs/params fraction or the p50 ms)
     budget: dict[str, Any] | None = _opt()
+    #: prune.attention: heads / head dimensions removed and kept per block (AttentionSummary)
+    attention: dict[str, Any] | None = _opt()
 
     #: the keys of a ``budget`` record that identify the budget (the rest is what was found)
     BUDGET_SPEC: ClassVar[tuple[str, ...]] = ("target", "value", "step", "batch_size")
@@ -420,7 +423,8 @@ class PrunedEntry(Section):
                 "calibration_images": self.calibration_images, "criterion_options": self.criterion_options,
                 "round_to": self.round_to,
                 "budget": None if self.budget is None else {k: self.budget[k] for k in self.BUDGET_SPEC
-                                                            if k in self.budget}}
+                                                            if k in self.budget},
+                "attention": None if self.attention is None else {k: self.attention[k] for k in ("heads", "head_dims")}}
 
     @property
     def reconstruction_name(self) -> str:

@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import hashlib
 import json
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable, Iterable, Iterator
 
@@ -47,6 +47,8 @@ class LocatedImages:
     scores: dict[str, torch.Tensor]  # method -> [N, L, n] (stored as float16 x float32 scale)
     layers: list[int]
     ids: list[str]
+    head_paths: dict[str, torch.Tensor] = field(default_factory=dict)  # method -> [N, L, Kh] (heads located)
+    head_scores: dict[str, torch.Tensor] = field(default_factory=dict)  # method -> [N, L, heads]
 
 
 class PathStore:
@@ -190,7 +192,8 @@ class PathStore:
         for i in range(self.n_chunks(n_images)):
             with safe_open(str(self.chunk_path(i)), framework="pt") as f:
                 meta = json.loads(f.metadata()["meta"])
-                t = {k: f.get_tensor(k) for k in f.keys() if scores or not k.startswith(("scores.", "scale."))}
+                t = {k: f.get_tensor(k) for k in f.keys()
+                     if scores or not k.startswith(("scores.", "scale.", "head_scores.", "head_scale."))}
             yield self._located(t, meta["ids"], meta["layers"])
 
     def read(self, n_images: int, *, scores: bool = True) -> LocatedImages:
@@ -202,18 +205,22 @@ class PathStore:
             positions=torch.cat([c.positions for c in chunks]), labels=torch.cat([c.labels for c in chunks]),
             targets=cat(lambda c: c.targets), probs=cat(lambda c: c.probs), paths=cat(lambda c: c.paths),
             jas=cat(lambda c: c.jas), scores=cat(lambda c: c.scores), layers=chunks[0].layers,
-            ids=[i for c in chunks for i in c.ids])
+            ids=[i for c in chunks for i in c.ids], head_paths=cat(lambda c: c.head_paths),
+            head_scores=cat(lambda c: c.head_scores))
 
     @staticmethod
     def _located(t: dict[str, torch.Tensor], ids: list[str], layers: list[int]) -> LocatedImages:
         def by_method(prefix: str) -> dict[str, torch.Tensor]:
             return {k[len(prefix):]: v for k, v in t.items() if k.startswith(prefix)}
 
-        scales = by_method("scale.")
-        dense = {m: s.float() * scales[m][:, :, None] for m, s in by_method("scores.").items()}
+        def dense(kind: str) -> dict[str, torch.Tensor]:
+            scales = by_method(f"{kind}scale.")
+            return {m: s.float() * scales[m][:, :, None] for m, s in by_method(f"{kind}scores.").items()}
+
         return LocatedImages(positions=t["positions"], labels=t["labels"], targets=by_method("targets."),
                              probs=by_method("probs."), paths=by_method("paths."), jas=by_method("jas."),
-                             scores=dense, layers=list(layers), ids=list(ids))
+                             scores=dense(""), layers=list(layers), ids=list(ids),
+                             head_paths=by_method("head_paths."), head_scores=dense("head_"))
 
     @staticmethod
     def chunk_tensors(positions: Iterable[int], labels: torch.Tensor, results: dict[str, Any]) -> dict[str, torch.Tensor]:
@@ -224,9 +231,16 @@ class PathStore:
             out[f"jas.{method}"] = r.jas.float().cpu()
             out[f"targets.{method}"] = r.targets.long().cpu()
             out[f"probs.{method}"] = r.probs.float().cpu()
-            dense = torch.stack([s.float().cpu() for s in r.scores], dim=1)  # [b, L, n]
-            # float16 with a float32 scale per (image, layer): no underflow of tiny scores
-            scale = dense.abs().amax(dim=2).clamp_min(torch.finfo(torch.float32).tiny)
-            out[f"scores.{method}"] = (dense / scale[:, :, None]).to(torch.float16)
-            out[f"scale.{method}"] = scale
+            if r.scores:
+                out.update(PathStore._scaled(r.scores, method, ""))
+            if getattr(r, "head_paths", None) is not None:  # attribution.units with heads
+                out[f"head_paths.{method}"] = r.head_paths.long().cpu()
+                out.update(PathStore._scaled(r.head_scores, method, "head_"))
         return out
+
+    @staticmethod
+    def _scaled(scores: list[torch.Tensor], method: str, kind: str) -> dict[str, torch.Tensor]:
+        dense = torch.stack([s.float().cpu() for s in scores], dim=1)  # [b, L, n]
+        # float16 with a float32 scale per (image, layer): no underflow of tiny scores
+        scale = dense.abs().amax(dim=2).clamp_min(torch.finfo(torch.float32).tiny)
+        return {f"{kind}scores.{method}": (dense / scale[:, :, None]).to(torch.float16), f"{kind}scale.{method}": scale}

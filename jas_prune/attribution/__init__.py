@@ -21,6 +21,7 @@ from .settings import (
     FORMULAS,
     QUADRATURES,
     SCOPES,
+    UNITS,
     SETTING_NAMES,
     TARGETS,
     LocateSettings,
@@ -43,4 +44,5 @@ __all__ = [
     "CANDIDATES",
     "TARGETS",
     "SCOPES",
+    "UNITS",
 ]

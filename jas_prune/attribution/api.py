@@ -43,7 +43,9 @@ def locate(model: nn.Module, images: Tensor, labels: Tensor | Sequence[int] | No
             ``quadrature`` (``left`` | ``right`` | ``trapezoid`` | ``gauss``), ``candidates``
             (``layer_scaled`` | ``exact``), ``target`` (``label`` | ``pred``), ``layers``
             (``None``, a prefix depth or block indices), ``internal_batch_size`` (max (image,
-            step) rows per forward: bounds peak memory).
+            step) rows per forward: bounds peak memory), ``units`` (``["ffn"]`` default,
+            ``["ffn", "heads"]`` or ``["heads"]``: attention heads as units too, see
+            ``LocateResult.head_paths``).
 
     Returns:
         :class:`LocateResult` with ``paths`` ``[B, L, K]``, ``jas`` ``[B]``, ``scores``, ...

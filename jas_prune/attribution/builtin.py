@@ -18,29 +18,29 @@ __all__: list[str] = []
 
 
 def _jas(engine: JointAttribution, st: Pass) -> Iterator[Tensor]:
-    for l in st.s.blocks:
+    for l in st.sites:
         yield engine.jas_layer(st, l)
 
 
 def _activation(engine: JointAttribution, st: Pass) -> Iterator[Tensor]:
-    for l in st.s.blocks:
+    for l in st.sites:
         yield st.vbar[l]
 
 
 def _influence_pattern(engine: JointAttribution, st: Pass) -> Iterator[Tensor]:
     ip = engine.influence_pattern(st)
-    for l in st.s.blocks:
+    for l in st.sites:
         yield ip[l]
 
 
 def _knowledge(engine: JointAttribution, st: Pass) -> Iterator[Tensor]:
-    for l in st.s.blocks:
+    for l in st.sites:
         yield engine.knowledge_layer(st, l)
 
 
 def _joint_ig(engine: JointAttribution, st: Pass) -> Iterator[Tensor]:
     ig = engine.joint_ig(st)
-    for l in st.s.blocks:
+    for l in st.sites:
         yield ig[l]
 
 

@@ -46,6 +46,13 @@ edited one run on one image per chunk or once per image.
 scores are float32 (float64 for a float64 model): a bfloat16/float16 model runs its forward and
 backward in its own dtype, its gradients are cast to float32 before they are weighted and summed.
 
+**Attention heads** (``units`` with ``heads``): a head's output before the attention output
+projection is a unit too (:mod:`.sites`: value ``‖v_h‖``, gradient along its clean direction).
+Every per-unit quantity is keyed by a :class:`~.sites.Site` (block, unit kind); the located
+sites run in forward order (a block's heads before its FFN), the path grows site by site, and a
+block's heads already in the path are edits of the passes that score its FFN neurons (the kept
+stream enters that block). ``units: [ffn]`` runs exactly the computations of an FFN-only engine.
+
 The methods (``jas``, the paper's baselines and ``joint_ig`` — every located block scaled
 together, one set of m passes: the fast pruning importance) are defined in :mod:`.methods` on top
 of the primitives here.
@@ -70,6 +77,7 @@ from ..torchutil import forward_ad_ready, frozen_eval, model_device, model_dtype
 from .methods import METHODS
 from .quadrature import quadrature_rule
 from .settings import LocateSettings, ResolvedSettings
+from .sites import FFN, HEADS, Site, SiteOps
 
 __all__ = ["LocateResult", "JointAttribution", "Pass", "PATH_MODES", "accumulation_dtype"]
 
@@ -97,6 +105,11 @@ class LocateResult:
         targets: ``[B]`` the class whose softmax probability is F.
         probs: ``[B]`` clean F.
         settings: the resolved settings.
+        head_paths: ``[B, L, Kh]`` head indices per located block when heads were located
+            (``attribution.units``), else None; ``paths`` is then ``[B, 0, K]`` if FFN neurons
+            were not located.
+        head_scores: L tensors ``[B, heads]`` (as ``scores``), or None.
+        head_layers: block indices whose heads were located (``[]`` without heads).
     """
 
     paths: Tensor
@@ -106,6 +119,9 @@ class LocateResult:
     targets: Tensor
     probs: Tensor
     settings: dict[str, Any] = field(default_factory=dict)
+    head_paths: Tensor | None = None
+    head_scores: list[Tensor] | None = None
+    head_layers: list[int] = field(default_factory=list)
 
     def __len__(self) -> int:
         return int(self.paths.shape[0])
@@ -116,20 +132,21 @@ class _Stop(Exception):
 
 
 @contextlib.contextmanager
-def _hooks(info: FFNInfo, act_fns: dict[int, Any], enter: tuple[int, Callable[[Tensor], Tensor]] | None = None,
+def _hooks(info: FFNInfo, ops: dict[Site, SiteOps], act_fns: dict[Site, Callable[[Tensor], Tensor | None]],
+           enter: tuple[int, Callable[[Tensor], Tensor]] | None = None,
            leave: tuple[int, Callable[[Tensor], None]] | None = None) -> Iterator[None]:
     """All the engine's hooks for one forward, removed on exit (also when the forward raises).
 
     Args:
-        act_fns: per block, a forward hook on the FFN neuron site (reads or replaces the hidden).
+        act_fns: per site, a function of the site tensor (reads it, or returns its replacement).
         enter: ``(block, fn)``: the block's input (first positional argument) is replaced by
             ``fn(input)``.
         leave: ``(block, fn)``: ``fn(output)`` sees the block's output (and may raise :class:`_Stop`).
     """
     handles = []
     try:
-        for l, fn in act_fns.items():
-            handles.append(info.layers[l].act.register_forward_hook(fn))
+        for site, fn in act_fns.items():
+            handles.append(ops[site].hook(fn))
         if enter is not None:
             blk_in, fn_in = enter
 
@@ -150,8 +167,8 @@ def _hooks(info: FFNInfo, act_fns: dict[int, Any], enter: tuple[int, Callable[[T
             h.remove()
 
 
-def _writer(clamps: dict[int, Tensor], l: int, scope: str) -> Callable[..., Tensor]:
-    def fn(_m: nn.Module, _i: Any, out: Tensor) -> Tensor:
+def _writer(clamps: dict[Site, Tensor], l: Site, scope: str) -> Callable[[Tensor], Tensor]:
+    def fn(out: Tensor) -> Tensor:
         return write_scope(out, clamps[l], scope)
 
     return fn
@@ -228,17 +245,27 @@ class _Rows:
 @dataclass
 class Pass:
     """What one call of the engine shares between its layers: the images, their targets, the
-    clean activations, the quadrature and the path found so far (``path[l]`` is ``[B, K]``)."""
+    clean activations, the quadrature and the path found so far (``path[site]`` is ``[B, K]``).
+
+    Every per-unit dict is keyed by :class:`~.sites.Site` (block, unit kind); ``sites`` lists the
+    located ones in forward order, ``ops`` how to reach each, ``dirs`` each head site's clean
+    direction per channel (accumulation dtype)."""
 
     x: Tensor
     targets: Tensor
-    clean: dict[int, Tensor]
-    vbar: dict[int, Tensor]
+    clean: dict[Site, Tensor]
+    vbar: dict[Site, Tensor]
     nodes: Tensor
     weights: Tensor
     s: ResolvedSettings
-    path: dict[int, Tensor] = field(default_factory=dict)
+    ops: dict[Site, SiteOps] = field(default_factory=dict)
+    dirs: dict[Site, Tensor] = field(default_factory=dict)
+    path: dict[Site, Tensor] = field(default_factory=dict)
     stream: _Stream | None = None  # the kept stream (path mode ``tangent``); None: reverse route
+
+    @property
+    def sites(self) -> list[Site]:
+        return sorted(self.ops)
 
 
 class JointAttribution:
@@ -282,58 +309,80 @@ class JointAttribution:
         """
         s = self._resolve(settings, kwargs)
         x = self._inputs(inputs)
+        ops = self._site_ops(s)
+        sites = sorted(ops)
         with frozen_eval(self.model):
-            clean, probs_all, entry = self._clean(x, s, entry=s.blocks[0])
+            clean, probs_all, entry = self._clean(x, s, ops, entry=sites[0].block)
             targets = self._targets(target, probs_all)
             probs = probs_all.gather(1, targets[:, None])[:, 0]
-            st = self._pass(x, targets, clean, s)
+            st = self._pass(x, targets, clean, s, ops)
             if self.path_mode == "tangent":
-                st.stream = _Stream(s.blocks[0], entry, None, per_image=True)
-            scores: list[Tensor] = []
-            # a method yields its layers' scores in order; the path grows before the next layer
-            for l, sc in zip(s.blocks, METHODS.get(s.method).layer_scores(self, st)):
-                scores.append(sc)
-                st.path[l] = sc.topk(s.topk, dim=1).indices
+                st.stream = _Stream(sites[0].block, entry, None, per_image=True)
+            scores: dict[Site, Tensor] = {}
+            # a method yields its sites' scores in order; the path grows before the next site
+            for site, sc in zip(sites, METHODS.get(s.method).layer_scores(self, st)):
+                scores[site] = sc
+                st.path[site] = sc.topk(s.head_topk if site.slot == HEADS else s.topk, dim=1).indices
             jas = self.path_score(st)
         out_dtype = accumulation_dtype(x.dtype)
         out_settings = s.as_dict()
         out_settings["target"] = "pred" if target is None else "given"
+        by_kind = {slot: [site for site in sites if site.slot == slot] for slot in (FFN, HEADS)}
+
+        def stacked(slot: int, k: int) -> Tensor:
+            if not by_kind[slot]:
+                return torch.empty(x.shape[0], 0, k, dtype=torch.long)
+            return torch.stack([st.path[site] for site in by_kind[slot]], dim=1).cpu()
+
+        heads = bool(by_kind[HEADS])
         return LocateResult(
-            paths=torch.stack([st.path[l] for l in s.blocks], dim=1).cpu(),
+            paths=stacked(FFN, s.topk),
             jas=jas.to(out_dtype).cpu(),
-            scores=[sc.to(out_dtype).cpu() for sc in scores],
-            layers=list(s.blocks),
+            scores=[scores[site].to(out_dtype).cpu() for site in by_kind[FFN]],
+            layers=[site.block for site in by_kind[FFN]],
             targets=targets.cpu(),
             probs=probs.to(out_dtype).cpu(),
             settings=out_settings,
+            head_paths=stacked(HEADS, s.head_topk) if heads else None,
+            head_scores=[scores[site].to(out_dtype).cpu() for site in by_kind[HEADS]] if heads else None,
+            head_layers=[site.block for site in by_kind[HEADS]],
         )
 
-    def path_jas(self, inputs: Tensor, target: Tensor | int | Sequence[int] | None, paths: Tensor, *,
-                 settings: LocateSettings | ResolvedSettings | None = None, **kwargs: Any) -> Tensor:
+    def path_jas(self, inputs: Tensor, target: Tensor | int | Sequence[int] | None, paths: Tensor | None, *,
+                 settings: LocateSettings | ResolvedSettings | None = None, head_paths: Tensor | None = None,
+                 **kwargs: Any) -> Tensor:
         """JAS of given paths ``[B, L, K]`` (or ``[B, L]``) over the settings' blocks (``[B]``, CPU).
 
-        Only ``steps``, ``scope``, ``formula``, ``quadrature``, ``layers`` and
-        ``internal_batch_size`` matter here.
+        Only ``steps``, ``scope``, ``formula``, ``quadrature``, ``layers``, ``units`` and
+        ``internal_batch_size`` matter here. ``head_paths`` (same layout, head indices) is needed
+        when ``units`` has ``heads``; ``paths`` when it has ``ffn``.
         """
         s = self._resolve(settings, kwargs)
         x = self._inputs(inputs)
-        paths = torch.as_tensor(paths)
-        if paths.ndim == 2:
-            paths = paths.unsqueeze(-1)
-        if paths.ndim != 3 or paths.shape[0] != x.shape[0] or paths.shape[1] != len(s.blocks):
-            raise AttributionSettingError(
-                f"path_jas: paths must be [B={x.shape[0]}, L={len(s.blocks)}, K], got {tuple(paths.shape)}"
-            )
-        paths = paths.to(device=x.device, dtype=torch.long)
-        for i, l in enumerate(s.blocks):
-            n = self.info.layers[l].hidden
-            if paths[:, i].numel() and (paths[:, i].min() < 0 or paths[:, i].max() >= n):
-                raise AttributionSettingError(f"path_jas: neuron index out of range 0..{n - 1} in block {l}")
+        ops = self._site_ops(s)
+        given = {FFN: ("paths", paths, "neuron"), HEADS: ("head_paths", head_paths, "head")}
+        path: dict[Site, Tensor] = {}
+        for slot in sorted({site.slot for site in ops}):
+            name, p, what = given[slot]
+            if p is None:
+                raise AttributionSettingError(f"path_jas: {name} is needed for attribution.units {list(s.units)}")
+            p = torch.as_tensor(p)
+            if p.ndim == 2:
+                p = p.unsqueeze(-1)
+            if p.ndim != 3 or p.shape[0] != x.shape[0] or p.shape[1] != len(s.blocks):
+                raise AttributionSettingError(
+                    f"path_jas: {name} must be [B={x.shape[0]}, L={len(s.blocks)}, K], got {tuple(p.shape)}")
+            p = p.to(device=x.device, dtype=torch.long)
+            for i, l in enumerate(s.blocks):
+                n = ops[Site(l, slot)].units
+                if p[:, i].numel() and (p[:, i].min() < 0 or p[:, i].max() >= n):
+                    raise AttributionSettingError(f"path_jas: {what} index out of range 0..{n - 1} in block {l}")
+                path[Site(l, slot)] = p[:, i]
         with frozen_eval(self.model):
-            clean, probs_all, _ = self._clean(x, s)
+            clean, probs_all, _ = self._clean(x, s, ops)
             targets = self._targets(target, probs_all)
-            st = self._pass(x, targets, clean, s)
-            st.path = {l: paths[:, i] for i, l in enumerate(s.blocks)}
+            st = self._pass(x, targets, clean, s, ops)
+            st.path = path
             jas = self.path_score(st)
         return jas.to(accumulation_dtype(x.dtype)).cpu()
 
@@ -347,11 +396,29 @@ class JointAttribution:
             return settings
         return settings.resolve(self.info)
 
-    def _pass(self, x: Tensor, targets: Tensor, clean: dict[int, Tensor], s: ResolvedSettings) -> Pass:
+    def _site_ops(self, s: ResolvedSettings) -> dict[Site, SiteOps]:
+        """The located sites of this model, in forward order."""
+        ops: dict[Site, SiteOps] = {}
+        heads = None
+        if "heads" in s.units:
+            from ..models.heads import discover_heads
+
+            heads = discover_heads(self.info)
+        for l in s.blocks:
+            if heads is not None:
+                h = heads[l]
+                ops[Site(l, HEADS)] = SiteOps(Site(l, HEADS), h.proj, h.heads, h.head_dim)
+            if "ffn" in s.units:
+                ops[Site(l, FFN)] = SiteOps(Site(l, FFN), self.info.layers[l].act, self.info.layers[l].hidden)
+        return ops
+
+    def _pass(self, x: Tensor, targets: Tensor, clean: dict[Site, Tensor], s: ResolvedSettings,
+              ops: dict[Site, SiteOps]) -> Pass:
         acc = accumulation_dtype(x.dtype)
         nodes, weights = quadrature_rule(s.quadrature, s.steps, device=x.device, dtype=acc)
-        vbar = {l: self._vbar(clean[l].to(acc), s.scope) for l in s.blocks}
-        return Pass(x, targets, clean, vbar, nodes, weights, s)
+        vbar = {l: self._vbar(ops[l].norms(clean[l].to(acc)), s.scope) for l in ops}
+        dirs = {l: ops[l].direction(clean[l].to(acc)) for l in ops if ops[l].grouped}
+        return Pass(x, targets, clean, vbar, nodes, weights, s, ops, dirs)
 
     def _inputs(self, inputs: Tensor) -> Tensor:
         x = torch.as_tensor(inputs)
@@ -383,15 +450,15 @@ class JointAttribution:
         return per_pass if s.candidates == "exact" and s.method == "jas" else rows_total
 
     @torch.no_grad()
-    def _clean(self, x: Tensor, s: ResolvedSettings,
-               entry: int | None = None) -> tuple[dict[int, Tensor], Tensor, Tensor | None]:
-        """Clean scope activations of every located block, clean softmax (accumulation dtype)
+    def _clean(self, x: Tensor, s: ResolvedSettings, ops: dict[Site, SiteOps],
+               entry: int | None = None) -> tuple[dict[Site, Tensor], Tensor, Tensor | None]:
+        """Clean scope activations of every located site, clean softmax (accumulation dtype)
         and, with ``entry``, the clean input of that block ``[B, T, D]`` — in one forward."""
-        store: dict[int, list[Tensor]] = {l: [] for l in s.blocks}
+        store: dict[Site, list[Tensor]] = {l: [] for l in ops}
         entries: list[Tensor] = []
 
-        def saver(l: int) -> Any:
-            def fn(_m: nn.Module, _i: Any, out: Tensor) -> None:
+        def saver(l: Site) -> Any:
+            def fn(out: Tensor) -> None:
                 store[l].append((out[:, 0] if s.scope == "cls" else out).detach())
 
             return fn
@@ -403,7 +470,7 @@ class JointAttribution:
         acc = accumulation_dtype(x.dtype)
         chunk = s.internal_batch_size or x.shape[0]
         probs = []
-        with _hooks(self.info, {l: saver(l) for l in s.blocks}, None if entry is None else (entry, keep)):
+        with _hooks(self.info, ops, {l: saver(l) for l in ops}, None if entry is None else (entry, keep)):
             for i in range(0, x.shape[0], chunk):
                 probs.append(torch.softmax(self.model(x[i:i + chunk]).to(acc), dim=-1))
         return ({l: torch.cat(v) for l, v in store.items()}, torch.cat(probs),
@@ -424,13 +491,18 @@ class JointAttribution:
         return _Rows(b, k, j, b * n + j, B * n)
 
     @staticmethod
-    def _clamp(clean: Tensor, b: Tensor, alpha: Tensor, spec: _Spec, j: Tensor | None, scope: str) -> Tensor:
-        """The values an edited block's scope positions are held at, per row: the clean hidden of
-        the row's image with the spec's neurons scaled by the row's ``α`` (model dtype)."""
+    def _clamp(clean: Tensor, b: Tensor, alpha: Tensor, spec: _Spec, j: Tensor | None, scope: str,
+               op: SiteOps) -> Tensor:
+        """The values an edited site's scope positions are held at, per row: the clean hidden of
+        the row's image with the spec's units scaled by the row's ``α`` (model dtype)."""
         kind, P = spec
         v = clean.index_select(0, b)
         n = v.shape[-1]
-        if kind == "scaled":
+        if op.grouped and kind != "scaled":
+            unit = torch.ones(b.shape[0], op.units, device=v.device, dtype=alpha.dtype)
+            idx = P.index_select(0, b) if kind == "path" else j[:, None]
+            mult = op.expand(unit.scatter_(1, idx, alpha[:, None].expand(-1, idx.shape[1])))
+        elif kind == "scaled":
             mult = alpha[:, None].expand(-1, n)
         else:
             mult = torch.ones(b.shape[0], n, device=v.device, dtype=alpha.dtype)
@@ -441,12 +513,19 @@ class JointAttribution:
                 mult.scatter_(1, j[:, None], alpha[:, None])
         return (v * (mult if scope == "cls" else mult[:, None, :])).to(v.dtype)
 
-    def _direction(self, st: Pass, l: int, b: Tensor) -> Tensor:
-        """Tangent of block ``l``'s scope hidden along the path direction, per row of images
+    def _direction(self, st: Pass, l: Site, b: Tensor) -> Tensor:
+        """Tangent of site ``l``'s scope hidden along the path direction, per row of images
         ``b``: at the path neurons 1 (``paper``: the sum of their gradients) or their clean value
-        (``ig``: the sum of value × gradient), 0 elsewhere."""
+        (``ig``: the sum of value × gradient), 0 elsewhere; at path heads their clean direction
+        (``paper``) or clean value (``ig``)."""
         v = st.clean[l].index_select(0, b)
         P = st.path[l].index_select(0, b)
+        op = st.ops[l]
+        if op.grouped:
+            unit = torch.zeros(P.shape[0], op.units, device=v.device, dtype=v.dtype).scatter_(1, P, 1.0)
+            mask = op.expand(unit)
+            src = v if st.s.formula == "ig" else st.dirs[l].index_select(0, b).to(v.dtype)
+            return src * (mask if st.s.scope == "cls" else mask[:, None, :])
         if st.s.scope == "all":
             P = P[:, None, :].expand(-1, v.shape[1], -1)
         src = v.gather(-1, P) if st.s.formula == "ig" else torch.ones(P.shape, dtype=v.dtype, device=v.device)
@@ -473,12 +552,12 @@ class JointAttribution:
             j = rows.j[sl] if rows.j is not None else None
             b_lo, b_hi = int(b[0]), int(b[-1])
             alpha = nodes[k]
-            clamps = {l: self._clamp(clean[l], b, alpha, spec, j, scope).requires_grad_(True)
+            clamps = {l: self._clamp(clean[l], b, alpha, spec, j, scope, st.ops[l]).requires_grad_(True)
                       for l, spec in specs.items()}
             tangent = None
             if stream is None:
                 local = b - b_lo
-                enter = (min(specs), lambda h: h.index_select(0, local))
+                enter = (min(specs).block, lambda h: h.index_select(0, local))
                 x_in = x[b_lo:b_hi + 1]
             else:
                 brow = stream.rows(b, k, m)
@@ -490,14 +569,17 @@ class JointAttribution:
                 x_in = x[b_lo:b_lo + 1]
             order = sorted(clamps)
             wrt = [clamps[l] for l in order] + ([r] if tangent is not None else [])
-            with torch.enable_grad(), _hooks(self.info, {l: _writer(clamps, l, scope) for l in specs}, enter):
+            with torch.enable_grad(), _hooks(self.info, st.ops, {l: _writer(clamps, l, scope) for l in specs}, enter):
                 logits = self.model(x_in)
                 F = torch.softmax(logits.to(acc), dim=-1).gather(1, targets.index_select(0, b)[:, None])
                 grads = torch.autograd.grad(F.sum(), wrt, allow_unused=True)
             out: dict[int, Tensor] = {}
             for l, g in zip(order, grads):
                 g = torch.zeros_like(clamps[l], dtype=acc) if g is None else g.to(acc)
-                if reduce[l] == "ig":
+                if st.ops[l].grouped:  # a head: along its clean direction (grad) or value (ig)
+                    d = clean[l].index_select(0, b).to(acc) if reduce[l] == "ig" else st.dirs[l].index_select(0, b)
+                    g = st.ops[l].unit_sum(g * d)
+                elif reduce[l] == "ig":
                     g = g * clean[l].index_select(0, b).to(acc)
                 out[l] = g if scope == "cls" else g.sum(1)
             dots = None
@@ -517,7 +599,7 @@ class JointAttribution:
         rows = self._rows(B, m, None, x.device)
         R = rows.b.shape[0]
         chunk = s.internal_batch_size or R
-        edited = [l for l in s.blocks if stream.block <= l < to_block]
+        edited = [l for l in st.path if stream.block <= l.block < to_block]
         primals, tangents = [], []
         for r0 in range(0, R, chunk):
             b, k = rows.b[r0:r0 + chunk], rows.k[r0:r0 + chunk]
@@ -533,9 +615,10 @@ class JointAttribution:
 
             with torch.no_grad(), fwAD.dual_level(), sdpa_kernel(SDPBackend.MATH), \
                     _linear_tangents([self.info.layers[i].block for i in range(stream.block, to_block)]):
-                clamps = {l: fwAD.make_dual(self._clamp(st.clean[l], b, st.nodes[k], ("path", st.path[l]), None, scope),
+                clamps = {l: fwAD.make_dual(self._clamp(st.clean[l], b, st.nodes[k], ("path", st.path[l]), None, scope,
+                                                        st.ops[l]),
                                             self._direction(st, l, b)) for l in edited}
-                with _hooks(self.info, {l: _writer(clamps, l, scope) for l in edited},
+                with _hooks(self.info, st.ops, {l: _writer(clamps, l, scope) for l in edited},
                             (stream.block, lambda h: fwAD.make_dual(r, t)), (to_block - 1, leave)):
                     try:
                         self.model(x[int(b[0]):int(b[0]) + 1])
@@ -547,7 +630,8 @@ class JointAttribution:
 
     def _stream_at(self, st: Pass, layer: int) -> _Stream | None:
         """The kept stream advanced to block ``layer`` (None: reverse route, also after a model
-        turned out to lack forward-mode derivatives)."""
+        turned out to lack forward-mode derivatives). Path sites of that block itself (the heads
+        before its FFN) stay edits of the passes."""
         if st.stream is not None and st.stream.block < layer:
             try:
                 self._advance(st, layer)
@@ -557,14 +641,15 @@ class JointAttribution:
                 st.stream = None
         return st.stream
 
-    def jas_layer(self, st: Pass, layer: int) -> Tensor:
-        """Candidate scores ``JAS(P ∪ {j})`` ``[B, n]`` of block ``layer`` given the path ``st.path``."""
+    def jas_layer(self, st: Pass, layer: Site) -> Tensor:
+        """Candidate scores ``JAS(P ∪ {j})`` ``[B, n]`` of site ``layer`` given the path ``st.path``."""
         s, x, path = st.s, st.x, st.path
-        B, n, m = x.shape[0], self.info.layers[layer].hidden, s.steps
+        B, n, m = x.shape[0], st.ops[layer].units, s.steps
         exact = s.candidates == "exact"
         rows = self._rows(B, m, n if exact else None, x.device)
-        stream = self._stream_at(st, layer)
-        specs: dict[int, _Spec] = {} if stream is not None else {l: ("path", P) for l, P in path.items()}
+        stream = self._stream_at(st, layer.block)
+        specs: dict[Site, _Spec] = {l: ("path", P) for l, P in path.items()
+                                    if stream is None or l.block >= stream.block}
         specs[layer] = ("exact" if exact else "scaled", None)
         red = "ig" if s.formula == "ig" else "grad"
         acc = st.nodes.dtype
@@ -591,7 +676,7 @@ class JointAttribution:
         return (v_path[:, None] + st.vbar[layer]) * (a_path + a_cur)
 
     @staticmethod
-    def _v_path(vbar: dict[int, Tensor], path: dict[int, Tensor], B: int, x: Tensor, acc: torch.dtype) -> Tensor:
+    def _v_path(vbar: dict[Site, Tensor], path: dict[Site, Tensor], B: int, x: Tensor, acc: torch.dtype) -> Tensor:
         v = torch.zeros(B, device=x.device, dtype=acc)
         for l, P in path.items():
             v = v + vbar[l].gather(1, P).sum(1)
@@ -607,9 +692,9 @@ class JointAttribution:
         B, m = x.shape[0], s.steps
         acc = st.nodes.dtype
         rows = self._rows(B, m, None, x.device)
-        last = s.blocks[-1]
+        last = max(path).block
         stream = st.stream if st.stream is not None and st.stream.block == last else None
-        specs: dict[int, _Spec] = {l: ("path", P) for l, P in path.items() if stream is None or l == last}
+        specs: dict[Site, _Spec] = {l: ("path", P) for l, P in path.items() if stream is None or l.block == last}
         red = "ig" if s.formula == "ig" else "grad"
         a = torch.zeros(B, device=x.device, dtype=acc)
         chunk = s.internal_batch_size or rows.b.shape[0]
@@ -623,10 +708,10 @@ class JointAttribution:
             return a
         return self._v_path(st.vbar, path, B, x, acc) * a
 
-    def knowledge_layer(self, st: Pass, layer: int) -> Tensor:
-        """Integrated gradients ``[B, n]`` of every neuron of block ``layer`` scaled alone."""
+    def knowledge_layer(self, st: Pass, layer: Site) -> Tensor:
+        """Integrated gradients ``[B, n]`` of every unit of site ``layer`` scaled alone."""
         s, x = st.s, st.x
-        B, n, m = x.shape[0], self.info.layers[layer].hidden, s.steps
+        B, n, m = x.shape[0], st.ops[layer].units, s.steps
         rows = self._rows(B, m, None, x.device)
         a = torch.zeros(B, n, device=x.device, dtype=st.nodes.dtype)
         chunk = s.internal_batch_size or rows.b.shape[0]
@@ -634,7 +719,7 @@ class JointAttribution:
             a.index_add_(0, rows.b[sl], st.weights[rows.k[sl]][:, None] * g[layer])
         return a
 
-    def joint_ig(self, st: Pass) -> dict[int, Tensor]:
+    def joint_ig(self, st: Pass) -> dict[Site, Tensor]:
         """Integrated gradients ``[B, n]`` of every neuron of every located block, all of them
         scaled by ``α_k`` together (one set of ``m`` passes instead of one per block).
 
@@ -645,45 +730,49 @@ class JointAttribution:
         s, x = st.s, st.x
         B, m = x.shape[0], s.steps
         rows = self._rows(B, m, None, x.device)
-        acc = {l: torch.zeros(B, self.info.layers[l].hidden, device=x.device, dtype=st.nodes.dtype)
-               for l in s.blocks}
-        specs: dict[int, _Spec] = {l: ("scaled", None) for l in s.blocks}
+        acc = {l: torch.zeros(B, st.ops[l].units, device=x.device, dtype=st.nodes.dtype) for l in st.sites}
+        specs: dict[Site, _Spec] = {l: ("scaled", None) for l in st.sites}
         chunk = s.internal_batch_size or rows.b.shape[0]
         for sl, g, _ in self._passes(st, specs, rows, chunk, {l: "ig" for l in specs}):
             w = st.weights[rows.k[sl]][:, None]
-            for l in s.blocks:
+            for l in st.sites:
                 acc[l].index_add_(0, rows.b[sl], w * g[l])
         return acc
 
-    def influence_pattern(self, st: Pass) -> dict[int, Tensor]:
-        """Weighted mean over ``α_k`` of ``∂F(α_k x)/∂h_l`` ``[B, n]`` for every located block."""
+    def influence_pattern(self, st: Pass) -> dict[Site, Tensor]:
+        """Weighted mean over ``α_k`` of ``∂F(α_k x)/∂h_l`` ``[B, n]`` for every located site
+        (for a head, the derivative along its clean direction)."""
         s, x, targets, nodes = st.s, st.x, st.targets, st.nodes
         acc = nodes.dtype
         B, m = x.shape[0], s.steps
         rows = self._rows(B, m, None, x.device)
-        acc_by_layer = {l: torch.zeros(B, self.info.layers[l].hidden, device=x.device, dtype=acc) for l in s.blocks}
+        sites = st.sites
+        acc_by_layer = {l: torch.zeros(B, st.ops[l].units, device=x.device, dtype=acc) for l in sites}
         chunk = s.internal_batch_size or rows.b.shape[0]
         R = rows.b.shape[0]
         for r0 in range(0, R, chunk):
             sl = slice(r0, min(R, r0 + chunk))
             b, k = rows.b[sl], rows.k[sl]
             xs = (x.index_select(0, b) * nodes[k].view(-1, 1, 1, 1).to(x.dtype)).requires_grad_(True)
-            hid: dict[int, Tensor] = {}
+            hid: dict[Site, Tensor] = {}
 
-            def keeper(l: int) -> Any:
-                def fn(_m: nn.Module, _i: Any, out: Tensor) -> None:
+            def keeper(l: Site) -> Any:
+                def fn(out: Tensor) -> None:
                     hid[l] = out
 
                 return fn
 
-            with torch.enable_grad(), _hooks(self.info, {l: keeper(l) for l in s.blocks}):
+            with torch.enable_grad(), _hooks(self.info, st.ops, {l: keeper(l) for l in sites}):
                 F = torch.softmax(self.model(xs).to(acc), dim=-1).gather(1, targets.index_select(0, b)[:, None])
-                grads = torch.autograd.grad(F.sum(), [hid[l] for l in s.blocks], allow_unused=True)
+                grads = torch.autograd.grad(F.sum(), [hid[l] for l in sites], allow_unused=True)
             w = st.weights[k]
-            for l, g in zip(s.blocks, grads):
+            for l, g in zip(sites, grads):
                 if g is None:
                     continue
                 g = g.to(acc)
-                g = g[:, 0] if s.scope == "cls" else g.sum(1)
+                g = g[:, 0] if s.scope == "cls" else g
+                if st.ops[l].grouped:
+                    g = st.ops[l].unit_sum(g * st.dirs[l].index_select(0, b))
+                g = g if s.scope == "cls" else g.sum(1)
                 acc_by_layer[l].index_add_(0, b, w[:, None] * g)
         return acc_by_layer

@@ -1,7 +1,8 @@
 """The registry of attribution methods (:data:`METHODS`); the built-in ones (JAS and the paper's
 baselines) are defined and registered in :mod:`.builtin`.
 
-A method yields the per-neuron scores ``[B, n]`` of each located block in layer order; the engine
+A method yields the per-unit scores ``[B, n]`` of each located site (block, and FFN neurons or
+attention heads: :mod:`.sites`) in forward order; the engine
 keeps the top-K of each as the path, *before* asking for the next block, so a layer-progressive
 method (JAS) sees the path found so far in ``st.path``. Every method's paths are then scored with
 the same JAS (``LocateResult.jas``), so Table 1 compares them on one scale.

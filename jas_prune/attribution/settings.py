@@ -18,7 +18,7 @@ from pydantic import ConfigDict, Field, ValidationError, field_validator, model_
 
 from ..errors import AttributionSettingError, JasPruneError
 from ..models import FFNInfo
-from ..schema import Strict, first_error, short
+from ..schema import Strict, each_once, first_error, short
 from .methods import METHODS
 from .quadrature import QUADRATURES
 
@@ -28,6 +28,7 @@ __all__ = [
     "CANDIDATES",
     "TARGETS",
     "SCOPES",
+    "UNITS",
     "SETTING_NAMES",
     "STEPS_MAX",
     "LocateSettings",
@@ -38,6 +39,9 @@ FORMULAS = ("paper", "ig")
 CANDIDATES = ("layer_scaled", "exact")
 TARGETS = ("label", "pred")
 SCOPES = ("cls", "all")
+#: The unit kinds attribution can scale: FFN neurons and attention heads (a head's output before
+#: the attention output projection); within a block the heads come first (the forward order).
+UNITS = ("ffn", "heads")
 #: the most quadrature nodes: every node is a forward and backward pass per image and layer
 #: (the paper uses 20; beyond a few thousand a run never ends and its buffers outgrow memory)
 STEPS_MAX = 10_000
@@ -58,6 +62,8 @@ class LocateSettings(Strict):
         target: ``label`` | ``pred``.
         layers: ``None`` (all blocks), a prefix depth, or block indices.
         internal_batch_size: max (image, step) rows per forward; changes batching only.
+        units: which units are located, in block order (:data:`UNITS`): ``("ffn",)`` (default),
+            ``("ffn", "heads")`` or ``("heads",)``; heads keep ``min(topk, heads per block)``.
 
     Raises:
         AttributionSettingError: naming the ``attribution.*`` key.
@@ -75,6 +81,7 @@ class LocateSettings(Strict):
     target: Literal[TARGETS] = "label"  # type: ignore[valid-type]
     layers: int | tuple[int, ...] | None = None
     internal_batch_size: int | None = Field(default=None, ge=1)
+    units: tuple[Literal[UNITS], ...] = ("ffn",)  # type: ignore[valid-type]
 
     def __init__(self, **settings: Any) -> None:
         try:
@@ -120,6 +127,17 @@ class LocateSettings(Strict):
                 raise ValueError("block indices must be distinct and ≥ 0")
         return v
 
+    @field_validator("units", mode="before")
+    @classmethod
+    def _units_before(cls, v: Any) -> Any:
+        v = [v] if isinstance(v, str) else list(v) if isinstance(v, (list, tuple)) else v
+        return tuple(each_once(v, f"must name at least one of {', '.join(UNITS)}, each once"))
+
+    @field_validator("units")
+    @classmethod
+    def _units(cls, v: Any) -> Any:
+        return tuple(u for u in UNITS if u in v)  # canonical (forward) order
+
     @model_validator(mode="after")
     def _trapezoid(self) -> "LocateSettings":
         if self.quadrature == "trapezoid" and self.steps == 1:
@@ -140,6 +158,7 @@ class LocateSettings(Strict):
         out = {k: getattr(self, k) for k in SETTING_NAMES}
         if isinstance(out["layers"], tuple):
             out["layers"] = list(out["layers"])
+        out["units"] = list(out["units"])
         return out
 
     def resolve(self, info: FFNInfo) -> "ResolvedSettings":
@@ -160,7 +179,12 @@ class LocateSettings(Strict):
             width = info.layers[l].hidden
             if self.topk > width:
                 raise AttributionSettingError(f"attribution.topk: {self.topk} exceeds the FFN width {width} of block {l}")
-        return ResolvedSettings(self, tuple(idx))
+        heads = None
+        if "heads" in self.units:
+            from ..models.heads import discover_heads
+
+            heads = discover_heads(info)
+        return ResolvedSettings(self, tuple(idx), heads)
 
 
 def _plain(v: Any) -> Any:
@@ -179,6 +203,13 @@ class ResolvedSettings:
 
     settings: LocateSettings
     blocks: tuple[int, ...]
+    heads: tuple[Any, ...] | None = None  # HeadLayer of every block when heads are located
+
+    @property
+    def head_topk(self) -> int:
+        """Heads kept per located block: ``topk``, at most the fewest heads of a located block."""
+        assert self.heads is not None
+        return min(self.settings.topk, *(self.heads[l].heads for l in self.blocks))
 
     def __getattr__(self, name: str) -> Any:  # steps, topk, scope, ... read through
         return getattr(self.settings, name)

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import dataclasses
+
 import functools
 import random
 from dataclasses import dataclass, field
@@ -102,7 +104,7 @@ class RunContext:
         assert self.locate is not None, "no attribution section"
         if method is None or method == self.locate.method:
             return self.locate
-        return ResolvedSettings(self.locate.settings.replace(method=method), self.locate.blocks)
+        return dataclasses.replace(self.locate, settings=self.locate.settings.replace(method=method))
 
     def loader(self, part: str, classes=None, batch_size: int | None = None):
         """A loader over a partition (optionally some classes) and its samples."""

@@ -73,6 +73,12 @@ class JASImportance(tp.importance.Importance):
         model: optional; by default the model is taken from the group's dependency graph.
         fallback: a Torch-Pruning importance (e.g. ``tp.importance.GroupMagnitudeImportance()``)
             for every group that is not an FFN neuron group.
+        head_scores: block index -> one score per attention head (head JAS, e.g. from a run that
+            located heads: :meth:`from_run` reads them). Groups rooted at a block's fused ``qkv``
+            output channels (``MetaPruner(num_heads=..., prune_num_heads=True)``) or at its
+            attention projection's input channels then get each channel's head score, so
+            ``MetaPruner`` ranks heads by head JAS without a fallback (head *dimensions* all tie:
+            JAS scores whole heads — use ``prune_head_dims=False``).
 
     Attributes:
         run_dir: the run directory the scores were read from (:meth:`from_run`), else None; a
@@ -89,7 +95,8 @@ class JASImportance(tp.importance.Importance):
 
     def __init__(self, scores: Mapping[int, Any], *, normalizer: str = "mean",
                  min_keep: float | int = 0.05, protect: Mapping[int, Any] | None = None,
-                 model: nn.Module | None = None, fallback: Any = None) -> None:
+                 model: nn.Module | None = None, fallback: Any = None,
+                 head_scores: Mapping[int, Any] | None = None) -> None:
         if isinstance(scores, JASImportance):
             scores = scores.scores
         if isinstance(fallback, JASImportance):
@@ -99,6 +106,7 @@ class JASImportance(tp.importance.Importance):
             raise InvalidArgumentError(f"fallback: expected a Torch-Pruning importance (callable on a group), "
                                        f"got {type(fallback).__name__}")
         self.fallback = fallback
+        self._head_scores = clean_score_map(head_scores, "head_scores") if head_scores else {}
         self._scores = clean_score_map(scores, "scores")
         self.normalizer = check_normalizer(normalizer)
         floor_count(1, min_keep)
@@ -177,6 +185,9 @@ class JASImportance(tp.importance.Importance):
             self._check_pruner(pruner)
         block = self._ffn_block(group)
         if block is None:
+            heads = self._head_channel_scores(group) if self._head_scores else None
+            if heads is not None:
+                return heads
             return self.fallback(group) if self.fallback is not None else None
         if block not in self._ranked:
             return None
@@ -186,6 +197,28 @@ class JASImportance(tp.importance.Importance):
         ranked = self._ranked[block]
         idxs = group[0].root_idxs if group[0].root_idxs is not None else group[0].idxs
         return ranked[torch.as_tensor(list(idxs), dtype=torch.long)].clone()
+
+    def _head_channel_scores(self, group: Any) -> torch.Tensor | None:
+        """Each root channel's head score, for a group rooted at a block's ``qkv`` output or
+        attention projection input (None for any other group)."""
+        from ..models.heads import discover_heads
+
+        dep = group[0].dep
+        module = dep.target.module
+        _, info = find_vit(self._model_of(group))
+        for h in discover_heads(info):
+            qkv = getattr(h.attn, "qkv", None)
+            rooted = (module is qkv and dep.handler == tp.prune_linear_out_channels) or \
+                (module is h.proj and dep.handler == tp.prune_linear_in_channels)
+            if not rooted or h.index not in self._head_scores:
+                continue
+            s = self._head_scores[h.index]
+            if len(s) != h.heads:
+                raise self._error(f"{len(s)} head scores but block {h.index} has {h.heads} heads", h.index)
+            idxs = group[0].root_idxs if group[0].root_idxs is not None else group[0].idxs
+            channel = torch.as_tensor(list(idxs), dtype=torch.long) % h.proj.in_features
+            return s.float()[channel // h.head_dim].clone()
+        return None
 
     # -- MetaPruner options and iterative pruning ------------------------------------------------
     def _check_pruner(self, pruner: Any) -> None:
@@ -372,7 +405,14 @@ class JASImportance(tp.importance.Importance):
         protect = None
         if protect_topk:
             protect = {b: topk[sel, j].any(0) for j, b in enumerate(layers)}
-        imp = cls(scores, normalizer=normalizer, min_keep=min_keep, protect=protect, fallback=fallback)
+        heads = None
+        if getattr(masks, "heads", None) is not None:  # the run located heads: head JAS, weighted alike
+            hw = torch.as_tensor(masks.heads.counts, dtype=torch.float64)[sel_valid]
+            himp = torch.nan_to_num(torch.as_tensor(masks.heads.importance_for("mean"), dtype=torch.float64)[sel_valid])
+            hdense = (himp * hw[:, None, None]).sum(0) / hw.sum()
+            heads = {b: hdense[j].float() for j, b in enumerate(layers)}
+        imp = cls(scores, normalizer=normalizer, min_keep=min_keep, protect=protect, fallback=fallback,
+                  head_scores=heads)
         imp.source = imp.run_dir = str(run_dir)
         imp.classes = None if classes is None else sel
         imp.aggregation = aggregation

@@ -241,13 +241,17 @@ class ReconstructionReport:
     cache: str = "memory"
     cache_bytes: int = 0
     blocks: list[BlockReconstruction] = field(default_factory=list)
+    #: the attention output projections refit (blocks whose heads or head dimensions were
+    #: pruned; ``width`` = projection inputs kept), before each block's fc2
+    attention: list[BlockReconstruction] = field(default_factory=list)
 
     def to_dict(self) -> dict[str, Any]:
         """JSON-friendly form (with each block's relative errors)."""
         d = asdict(self)
-        for row, blk in zip(d["blocks"], self.blocks):
-            row["relative_before"] = blk.relative_before
-            row["relative_after"] = blk.relative_after
+        for key in ("blocks", "attention"):
+            for row, blk in zip(d[key], getattr(self, key)):
+                row["relative_before"] = blk.relative_before
+                row["relative_after"] = blk.relative_after
         return d
 
 
@@ -567,6 +571,7 @@ class SequentialReconstructor:
         self._last = block
         if self.method == "none":
             return None
+        self._refit_attention(block)
         t0 = time.perf_counter()
         layer = self.info.layers[block]
         fc2 = layer.fc2
@@ -593,27 +598,93 @@ class SequentialReconstructor:
                                             "(x + norm(ffn(x))): its norm2 does not receive the FFN output; "
                                             "use target 'local' or 'global'")
                 fit.add(got["h"], self._target(block, chunk, got))
-            weight0, bias0 = fc2.weight.detach(), fc2.bias.detach()
-            before = fit.error(weight0, bias0)
-            if self.method == "bias":
-                weight, bias, solver = weight0, fit.solve_bias(weight0), "mean"
-            else:
-                weight, bias, solver = fit.solve(self.damping)
-            after = fit.error(weight, bias)
-            refit = bool(after < before) and math.isfinite(after)
-            if refit:
-                fc2.weight.copy_(weight.to(fc2.weight.dtype))
-                fc2.bias.copy_(bias.to(fc2.bias.dtype))
-            else:
-                after = before
-        row = BlockReconstruction(
-            block=block, width=fc2.in_features, dense_width=self.dense_info.layers[block].hidden,
-            error_before=before, error_after=after, energy=fit.energy(),
-            damping=self.damping if self.method == "lsq" else 0.0, solver=solver, refit=refit,
-            tokens=fit.count, seconds=time.perf_counter() - t0)
+            row = self._solve(fit, fc2, block, self.dense_info.layers[block].hidden, t0)
         self.report.blocks.append(row)
         self.report.seconds += row.seconds
         return row
+
+    def _solve(self, fit: LinearFit, lin: nn.Linear, block: int, dense_width: int, t0: float) -> BlockReconstruction:
+        """Refit ``lin`` from the accumulated statistics; keep it only if the error drops."""
+        weight0, bias0 = lin.weight.detach(), lin.bias.detach()
+        before = fit.error(weight0, bias0)
+        if self.method == "bias":
+            weight, bias, solver = weight0, fit.solve_bias(weight0), "mean"
+        else:
+            weight, bias, solver = fit.solve(self.damping)
+        after = fit.error(weight, bias)
+        refit = bool(after < before) and math.isfinite(after)
+        if refit:
+            lin.weight.copy_(weight.to(lin.weight.dtype))
+            lin.bias.copy_(bias.to(lin.bias.dtype))
+        else:
+            after = before
+        return BlockReconstruction(
+            block=block, width=lin.in_features, dense_width=dense_width,
+            error_before=before, error_after=after, energy=fit.energy(),
+            damping=self.damping if self.method == "lsq" else 0.0, solver=solver, refit=refit,
+            tokens=fit.count, seconds=time.perf_counter() - t0)
+
+    def _refit_attention(self, block: int) -> None:
+        """Refit the attention output projection of a block whose heads or head dimensions were
+        pruned (its input, the kept head outputs, is narrower than the dense one's): the same
+        ridge least squares and keep-if-better rule as ``fc2``, towards the same kind of target —
+        ``local``: the dense attention on the pruned block's attention input; ``global``: the
+        dense attention output; ``residual``: what makes the stream after attention the dense
+        one, ``(x_dense + ls1(attn_dense) − x') / γ₁`` (timm ``ls1``)."""
+        from ..models.heads import attention_of
+
+        mine = attention_of(self.info.layers[block].block)
+        dense = attention_of(self.dense_info.layers[block].block)
+        if mine is None or dense is None or mine[1].in_features >= dense[1].in_features:
+            return
+        t0 = time.perf_counter()
+        (attn, proj), (attn_d, _) = mine, dense
+        blk, blk_d = self.info.layers[block].block, self.dense_info.layers[block].block
+        if proj.bias is None:
+            raise PruneSettingError(f"method: block {block} attention projection has no bias; '{self.method}' refits one")
+        ls1 = getattr(blk, "ls1", nn.Identity())
+        if self.target == "residual" and not (isinstance(ls1, nn.Identity) or hasattr(ls1, "gamma")):
+            raise PruneSettingError(f"target: 'residual' needs block {block}'s attention layer scale (ls1); "
+                                    "use target 'local' or 'global'")
+        fit = LinearFit(proj.in_features, proj.out_features, device=self.device)
+        with torch.no_grad(), frozen_eval(self.pruned), frozen_eval(self.dense):
+            if self._chunks is None:
+                self._fill_cache()
+            for chunk in self._inputs(block):
+                got: dict[str, Tensor] = {}
+                hooks = [_capture(attn, got, "a", output=False), _capture(proj, got, "h", output=False)]
+                try:
+                    _run(blk, chunk["x"], chunk["call"])
+                finally:
+                    for h in hooks:
+                        h.remove()
+                if self.target == "local":
+                    y = attn_d(got["a"])
+                else:
+                    dense_got: dict[str, Tensor] = {}
+                    hook = _capture(attn_d, dense_got, "y", output=True)
+                    try:
+                        _run(blk_d, chunk["xd"], chunk["calld"])
+                    finally:
+                        hook.remove()
+                    y = dense_got["y"]
+                    if self.target == "residual":
+                        gamma = getattr(ls1, "gamma", None)
+                        ls1_d = getattr(blk_d, "ls1", nn.Identity())
+                        y = chunk["xd"] + ls1_d(y) - chunk["x"]
+                        y = y if gamma is None else y / gamma
+                fit.add(got["h"], y)
+            row = self._solve(fit, proj, block, int(dense[1].in_features), t0)
+        self.report.attention.append(row)
+        self.report.seconds += row.seconds
+
+
+def _narrower_attention(block: nn.Module, dense_block: nn.Module) -> bool:
+    """Whether a block lost heads or head dimensions (its attention projection input is narrower)."""
+    from ..models.heads import attention_of
+
+    mine, dense = attention_of(block), attention_of(dense_block)
+    return mine is not None and dense is not None and mine[1].in_features < dense[1].in_features
 
 
 def reconstruct(pruned: nn.Module, dense: nn.Module, loader: Iterable, *, method: str = "lsq",
@@ -647,7 +718,9 @@ def reconstruct(pruned: nn.Module, dense: nn.Module, loader: Iterable, *, method
         target: ``local``, ``global`` or ``residual`` (``TARGETS``).
         damping: relative ridge damping for ``lsq``.
         max_images: calibration images used at most.
-        blocks: blocks to refit (default: every block narrower than the dense one).
+        blocks: blocks to refit (default: every block whose FFN or attention is narrower than the
+            dense one's; a block with pruned heads or head dimensions gets its attention output
+            projection refit first, by the same rule).
         cache_bytes: residual-stream cache limit (see the module docstring).
 
     Returns:
@@ -661,7 +734,8 @@ def reconstruct(pruned: nn.Module, dense: nn.Module, loader: Iterable, *, method
     engine = SequentialReconstructor(pruned, dense, loader, method=method, target=target, damping=damping,
                                      max_images=max_images, cache_bytes=cache_bytes)
     if blocks is None:
-        todo = [l.index for l, d in zip(engine.info.layers, engine.dense_info.layers) if l.hidden < d.hidden]
+        todo = [l.index for l, d in zip(engine.info.layers, engine.dense_info.layers)
+                if l.hidden < d.hidden or _narrower_attention(l.block, d.block)]
     else:
         if isinstance(blocks, (str, bytes)) or not isinstance(blocks, Sequence):
             raise InvalidArgumentError(f"blocks: expected a list of block indices, got {blocks!r}")

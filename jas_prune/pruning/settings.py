@@ -23,6 +23,7 @@ from pydantic import BaseModel, Field, create_model, field_validator, model_vali
 from ..errors import InvalidArgumentError, PruneSettingError, RecipeError
 from ..schema import Strict, each_once, finite
 from .choices import DEFAULT_DAMPING, DEFAULT_TARGET, EPOCHS_MAX, RECONSTRUCTIONS, TARGETS as RECONSTRUCTION_TARGETS
+from .attention import AttentionSettings
 from .criteria import CRITERIA
 
 if TYPE_CHECKING:  # pragma: no cover
@@ -165,6 +166,8 @@ class _PruneFields(Strict):
     round_to: int | None = Field(default=None, ge=1, strict=True)
     #: a MACs / params / latency target, met by the smallest uniform ratio (adds entries)
     budget: BudgetSettings | None = None
+    #: heads / head dimensions removed besides the FFN neurons (pruning/attention.py)
+    attention: AttentionSettings | None = None
 
     @field_validator("ratios")
     @classmethod
@@ -376,7 +379,8 @@ class ResolvedPrune:
                                "importance": self.aggregation if method == "jas" else None,
                                "criterion_options": self.criterion_options(method, sel.classes),
                                "round_to": self.round_to,
-                               "budget": self.budget.spec() if ratio is None and self.budget is not None else None}
+                               "budget": self.budget.spec() if ratio is None and self.budget is not None else None,
+                               "attention": p.attention.model_dump() if p.attention is not None else None}
         if ratio is not None:
             out["ratio"] = ratio
         if recon != "none":

@@ -38,7 +38,9 @@ def paths_fingerprint(ctx, part: str) -> dict[str, Any]:
     return {
         "model": ctx.digest,
         "data": {**ctx.source.selection_fingerprint(), "partition": part},
-        "attribution": {**{k: v for k, v in settings.items() if k != "internal_batch_size"},
+        # units [ffn] is what paths/ always held: left out, so older runs still resume
+        "attribution": {**{k: v for k, v in settings.items()
+                           if k != "internal_batch_size" and not (k == "units" and v == ["ffn"])},
                         "methods": _methods(ctx, part), "chunk_size": CHUNK_SIZE, "dtype": ctx.recipe.runtime.dtype},
     }
 

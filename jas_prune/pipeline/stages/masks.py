@@ -26,6 +26,14 @@ def run_masks(ctx) -> None:
                             widths=discover_ffn(ctx.model).widths[0], topk=topk, class_names=ctx.source.class_names,
                             fingerprint={"model": ctx.metrics.fingerprint.model, "method": method,
                                          "attribution": ctx.locate.settings.as_dict()})
+    if "heads" in ctx.locate.settings.units:  # per-class head masks beside the FFN ones
+        from ...models.heads import discover_heads
+
+        # a class's head mask: as many heads per block as a path holds (attribution.topk, capped)
+        n_heads = discover_heads(discover_ffn(ctx.model))[0].heads
+        masks.heads = aggregate_store(probe_chunks(ctx), method, num_classes=ctx.source.num_classes, widths=n_heads,
+                                      topk=ctx.locate_settings().head_topk, class_names=ctx.source.class_names,
+                                      fingerprint=masks.fingerprint, heads=True)
     path = save_masks(masks, ctx.run.masks)
     ctx.metrics.masks = MasksInfo(file=path.name, method=method, topk=topk, importance=ctx.recipe.masks.importance,
                                   classes=ctx.source.num_classes, layers=masks.layers,

@@ -39,6 +39,7 @@ from ...errors import BudgetError, InvalidArgumentError, PruneSettingError, Stag
 from ...evaluate import accuracy, count_params_macs, predict_logits
 from ...metrics import PrunedEntry
 from ...models import input_size
+from ...pruning.attention import prune_attention, stage_head_scores
 from ...pruning.settings import Selection
 from ..prune_plan import Entries, calibration_samples, plan
 from .base import STAGES, Stage
@@ -184,11 +185,13 @@ def _prune_selection(ctx, index: int, sel: Selection, todo: dict[str, list[tuple
         if method not in todo:
             continue
         scored, score_seconds = _score(ctx, bench, method)
+        heads = _head_scores(ctx, bench, method)
         by_slot: dict[int, list[int]] = {}
         for j, r in todo[method]:
             by_slot.setdefault(j, []).append(r)
         for j, recon_ids in by_slot.items():
             base, summary = _prune(ctx, bench, method, scored, j)
+            attention = prune_attention(base, heads, settings=ctx.prune.settings.attention, example_inputs=bench.example)
             for i, r in enumerate(recon_ids):
                 recon = sel.reconstructions[r]
                 model = base if i == len(recon_ids) - 1 else copy.deepcopy(base)
@@ -196,7 +199,7 @@ def _prune_selection(ctx, index: int, sel: Selection, todo: dict[str, list[tuple
                 ft = _recover(ctx, bench, model)
                 acc = _evaluate(ctx, bench, model, method)
                 _record(ctx, bench, entries, (index, m, j, r), model, method=method, recon=recon, summary=summary,
-                        rec=rec, ft=ft, acc=acc, score_seconds=score_seconds)
+                        rec=rec, ft=ft, acc=acc, score_seconds=score_seconds, attention=attention)
 
 
 def _score(ctx, bench: _Bench, method: str) -> tuple[Any, float]:
@@ -208,6 +211,15 @@ def _score(ctx, bench: _Bench, method: str) -> tuple[Any, float]:
     scored = ctx.criterion(method, bench.sel.classes, example_inputs=bench.example,
                            masks=MasksRef(ctx.run.root, aggregation, ctx.digest) if aggregation else None)
     return scored, time.perf_counter() - t0
+
+
+def _head_scores(ctx, bench: _Bench, method: str) -> Any:
+    """Head and head-dimension scores of the criterion (``prune.attention``; None without)."""
+    from ...pruning.criteria import MasksRef
+
+    aggregation = ctx.prune.aggregation
+    masks = MasksRef(ctx.run.root, aggregation, ctx.digest) if aggregation else None
+    return stage_head_scores(ctx, method, bench.sel.classes, bench.example, masks)
 
 
 def _prune(ctx, bench: _Bench, method: str, scored: Any, j: int) -> tuple[nn.Module, Any]:
@@ -276,7 +288,7 @@ def _evaluate(ctx, bench: _Bench, model: nn.Module, method: str) -> dict[str, An
 
 def _record(ctx, bench: _Bench, entries: Entries, key: tuple[int, int, int, int], model: nn.Module, *,
             method: str, recon: str, summary: Any, rec: Any, ft: dict[str, Any] | None, acc: dict[str, Any],
-            score_seconds: float) -> None:
+            score_seconds: float, attention: Any = None) -> None:
     """Save the checkpoint, add its ``metrics.json`` entry (the identity it was made with, then
     what was measured) and rewrite ``metrics.json``."""
     from ...checkpoint import save_pruned
@@ -297,10 +309,13 @@ def _record(ctx, bench: _Bench, entries: Entries, key: tuple[int, int, int, int]
         extra["round_to"] = prune.round_to
     if budget:
         extra["budget"] = bench.budget
+    if attention is not None:
+        extra["attention"] = attention.to_dict()
     ckpt = save_pruned(model, ctx.run.checkpoint(stem), extra=extra)
     size = count_params_macs(model, bench.size_in)
     entry = PrunedEntry(
-        **{**identity, "ratio": ratio, "budget": dict(bench.budget) if budget else None},
+        **{**identity, "ratio": ratio, "budget": dict(bench.budget) if budget else None,
+           "attention": attention.to_dict() if attention is not None else None},
         top1=acc["top1"], top5=acc["top5"], params=size["params"], macs=size["macs"],
         bias_compensation=recon == "bias", checkpoint=ckpt.name, dense_top1=bench.dense["top1"],
         dense_top5=bench.dense["top5"], test_images=acc["n"], removed_fraction=summary.removed_fraction,
@@ -331,6 +346,10 @@ def _check(recipe) -> None:
     if recipe.prune is not None and "jas" in recipe.prune.methods and recipe.masks is None:
         raise StageNotAvailableError("prune.methods: 'jas' needs the attribution and masks sections "
                                      "(JAS importance comes from the class masks)")
+    if recipe.prune is not None and recipe.prune.attention is not None:
+        from ...pruning.attention import check_head_methods
+
+        check_head_methods(recipe.prune.methods)
 
 
 STAGES.add(Stage("prune", "structured FFN pruning, every method × ratio × reconstruction (× class subset) "

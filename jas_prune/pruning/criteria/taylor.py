@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from typing import Iterable, Sequence
+from typing import Any, Callable, Iterable, Iterator, Sequence
 
 import torch
 from torch import nn
@@ -12,11 +12,17 @@ from . import CRITERIA, Criterion, CriterionScores, ScoringInputs
 
 def taylor_scores(model: nn.Module, loader: Iterable, *, example_inputs: torch.Tensor | None = None,
                   classes: Sequence[int] | None = None, device: torch.device | str | None = None,
-                  max_batches: int | None = None) -> dict[int, torch.Tensor]:
+                  max_batches: int | None = None,
+                  groups: Callable[[nn.Module, torch.Tensor | None], Iterator[tuple[int, Any]]] | None = None,
+                  modules: Callable[[nn.Module], list[nn.Module]] | None = None) -> dict[int, torch.Tensor]:
     """Group Taylor importance |w · dL/dw| of each FFN neuron's group (``fc1`` row, ``fc2``
     column; ``tp.importance.GroupTaylorImportance``, mean reduction, no normaliser), with the
     gradients of the cross-entropy summed over the probe batches. The model's parameters,
     ``requires_grad`` flags and ``.grad`` are left as they were.
+
+    ``groups`` (``(model, example_inputs) -> (block, group)``) and ``modules`` (whose gradients
+    the groups read) score other groups the same way (attention heads:
+    :mod:`jas_prune.pruning.attention`); default: the FFN neuron groups.
 
     Raises:
         InvalidArgumentError: no probe image (of ``classes``).
@@ -33,7 +39,9 @@ def taylor_scores(model: nn.Module, loader: Iterable, *, example_inputs: torch.T
     saved_grads = [p.grad for p in params]
     # every module a neuron's group touches: its input projections (fc1, or gate and value of a
     # gated FFN), fc2 and a hidden norm; the scorer reads their gradients
-    ffn = [p for l in info.layers for m in (*l.inputs, l.fc2, l.norm) if m is not None for p in m.parameters()]
+    ffn = [p for l in info.layers for m in (*l.inputs, l.fc2, l.norm) if m is not None for p in m.parameters()] \
+        if modules is None else [p for m in modules(model) for p in m.parameters()]
+    groups = groups or fc1_groups
     try:
         with frozen_eval(model, trainable=ffn):
             for p in params:
@@ -46,7 +54,7 @@ def taylor_scores(model: nn.Module, loader: Iterable, *, example_inputs: torch.T
             if seen == 0:
                 raise no_images(classes)
             scorer = tp.importance.GroupTaylorImportance(group_reduction="mean", normalizer=None)
-            return {b: scorer(g).detach().float().cpu() for b, g in fc1_groups(model, example_inputs)}
+            return {b: scorer(g).detach().float().cpu() for b, g in groups(model, example_inputs)}
     finally:
         for p, grad in zip(params, saved_grads):
             p.grad = grad

@@ -1,0 +1,384 @@
+"""Attention pruning: whole heads and head dimensions, through Torch-Pruning's dependency graph.
+
+A head of block l is the slice ``h·d:(h+1)·d`` of the attention output projection's input
+(:mod:`jas_prune.models.heads`). Removing channels there goes through
+``DependencyGraph.get_pruning_group(attn.proj, tp.prune_linear_in_channels, idxs)``, which
+removes the projection's input columns and the matching query, key and value rows of the fused
+``qkv`` (the graph maps a value channel through ``unbind`` to all three); :func:`check_group`
+refuses a group that would change anything else. Then ``num_heads``/``head_dim``/``attn_dim``
+are set (:func:`~jas_prune.pruning.graph.update_attention_geometry`).
+
+- ``heads``: the fraction of each block's heads removed (lowest scores first, one kept at least).
+- ``head_dims``: the fraction of each kept head's dimensions removed — the same dimension
+  indices in every head of a block (the fused ``qkv`` reshape needs one ``head_dim``), query/key
+  and value channels together (as Torch-Pruning's ``prune_head_dims``), ranked by the
+  dimension's score summed over the block's heads. The attention logits keep their temperature:
+  the query rows are multiplied by ``sqrt(d'/d)`` and ``scale`` set to ``d'^-0.5``, so the fused
+  kernel (which divides by ``sqrt(d')``) and the explicit path agree with the masked model.
+
+Scores per head and per dimension come from :data:`HEAD_CRITERIA` (``jas``, ``magnitude``,
+``taylor``, ``activation``, ``random``). Supported: timm ``VisionTransformer`` (fused ``qkv``);
+other families are refused in one line naming the family.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field
+from typing import Any, Callable, Iterator, Mapping
+
+import torch
+from pydantic import Field, model_validator
+from torch import Tensor, nn
+
+from ..errors import BudgetError, PruneSettingError, UnsupportedModelError
+from ..models.heads import HeadLayer, discover_heads
+from ..registry import Registry
+from ..schema import Strict
+from .graph import check_group, dependency_graph, find_vit, update_attention_geometry
+
+__all__ = ["AttentionSettings", "AttentionSummary", "HeadScores", "HEAD_CRITERIA", "head_scores",
+           "prune_attention", "head_groups", "attention_macs", "SUPPORTED_FAMILIES"]
+
+#: Families whose heads and head dimensions :func:`prune_attention` removes.
+SUPPORTED_FAMILIES = ("timm-vit",)
+
+
+class AttentionSettings(Strict):
+    """The recipe's ``prune.attention``: what share of the attention to remove.
+
+    Attributes:
+        heads: fraction of each block's heads removed, in [0, 1).
+        head_dims: fraction of each kept head's dimensions removed, in [0, 1).
+    """
+
+    heads: float = Field(default=0.0, ge=0.0, lt=1.0)
+    head_dims: float = Field(default=0.0, ge=0.0, lt=1.0)
+
+    @model_validator(mode="after")
+    def _something(self) -> "AttentionSettings":
+        if self.heads == 0 and self.head_dims == 0:
+            raise ValueError("set heads and/or head_dims above 0 (or leave prune.attention out)")
+        return self
+
+
+@dataclass
+class HeadScores:
+    """Per block: a score per head ``[H]`` and per head dimension ``[d]`` (higher = keep), and
+    heads never removed (a class selection's head masks)."""
+
+    heads: dict[int, Tensor]
+    dims: dict[int, Tensor]
+    protect: dict[int, list[int]] = field(default_factory=dict)
+
+
+@dataclass
+class AttentionSummary:
+    """What :func:`prune_attention` did (kept = original indices, sorted)."""
+
+    heads_ratio: float
+    dims_ratio: float
+    kept_heads: dict[int, list[int]] = field(default_factory=dict)
+    kept_dims: dict[int, list[int]] = field(default_factory=dict)
+    heads_before: dict[int, int] = field(default_factory=dict)
+    head_dim_before: dict[int, int] = field(default_factory=dict)
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"heads": self.heads_ratio, "head_dims": self.dims_ratio,
+                "kept_heads": {str(k): v for k, v in self.kept_heads.items()},
+                "kept_dims": {str(k): len(v) for k, v in self.kept_dims.items()},
+                "heads_before": {str(k): v for k, v in self.heads_before.items()},
+                "head_dim_before": {str(k): v for k, v in self.head_dim_before.items()}}
+
+
+def _heads_of(model: nn.Module) -> tuple[nn.Module, tuple[HeadLayer, ...]]:
+    vit, info = find_vit(model)
+    if info.family not in SUPPORTED_FAMILIES:
+        raise UnsupportedModelError(f"prune.attention: model family {info.family} is not supported "
+                                    f"(heads and head dimensions are pruned in {', '.join(SUPPORTED_FAMILIES)} only)")
+    return vit, discover_heads(info)
+
+
+def head_groups(model: nn.Module, example_inputs: Tensor | None = None,
+                dg: Any = None) -> Iterator[tuple[HeadLayer, Any]]:
+    """(head layer, group) per block: the Torch-Pruning group of every channel of the projection
+    input (all selected), for group importances (magnitude, Taylor) per channel."""
+    import torch_pruning as tp
+
+    _, heads = _heads_of(model)
+    dg = dg or dependency_graph(model, example_inputs)
+    for h in heads:
+        yield h, dg.get_pruning_group(h.proj, tp.prune_linear_in_channels, list(range(h.proj.in_features)))
+
+
+def _allowed(h: HeadLayer) -> list[tuple[nn.Module, Any]]:
+    import torch_pruning as tp
+
+    return [(h.attn.qkv, tp.prune_linear_out_channels), (h.proj, tp.prune_linear_in_channels)]
+
+
+def per_channel(channel_scores: Mapping[int, Tensor], model: nn.Module) -> HeadScores:
+    """Head scores (sum over a head's channels) and dimension scores (sum over heads) from a
+    score per projection-input channel ``[H·d]``."""
+    _, heads = _heads_of(model)
+    out = HeadScores({}, {})
+    for h in heads:
+        s = channel_scores[h.index].detach().float().cpu().view(h.heads, h.head_dim)
+        out.heads[h.index], out.dims[h.index] = s.sum(1), s.sum(0)
+    return out
+
+
+# ------------------------------------------------------------------------------- criteria
+@dataclass(frozen=True)
+class HeadCriterion:
+    """A pruning criterion's scores of heads and head dimensions (same name as in ``prune.methods``)."""
+
+    name: str
+    score: Callable[[Any], HeadScores]  # (ScoringInputs) -> HeadScores
+
+
+HEAD_CRITERIA: Registry[HeadCriterion] = Registry("attention criterion")
+
+
+def _magnitude(inputs: Any) -> HeadScores:
+    import torch_pruning as tp
+
+    scorer = tp.importance.GroupMagnitudeImportance(p=2, group_reduction="mean", normalizer=None)
+    return per_channel({h.index: scorer(g) for h, g in head_groups(inputs.model, inputs.example_inputs)},
+                       inputs.model)
+
+
+def _taylor(inputs: Any) -> HeadScores:
+    from .criteria.taylor import taylor_scores
+
+    def groups(model: nn.Module, example: Tensor | None) -> Iterator[tuple[int, Any]]:
+        return ((h.index, g) for h, g in head_groups(model, example))
+
+    def modules(model: nn.Module) -> list[nn.Module]:
+        return [m for h in _heads_of(model)[1] for m in (h.attn.qkv, h.proj)]
+
+    ch = taylor_scores(inputs.model, inputs.require_loader("taylor"), example_inputs=inputs.example_inputs,
+                       classes=inputs.classes, device=inputs.device, max_batches=inputs.max_batches,
+                       groups=groups, modules=modules)
+    return per_channel(ch, inputs.model)
+
+
+def _random(inputs: Any) -> HeadScores:
+    _, heads = _heads_of(inputs.model)
+    gen = torch.Generator().manual_seed(int(inputs.seed) + 7919)  # not the FFN criterion's stream
+    return HeadScores({h.index: torch.rand(h.heads, generator=gen) for h in heads},
+                      {h.index: torch.rand(h.head_dim, generator=gen) for h in heads})
+
+
+def _activation(inputs: Any) -> HeadScores:
+    """Mean |value| of each projection-input channel over the probe tokens."""
+    from .stats import device_of, iter_batches, no_images
+    from ..torchutil import frozen_eval
+
+    model = inputs.model
+    _, heads = _heads_of(model)
+    sums = {h.index: torch.zeros(h.proj.in_features, dtype=torch.float64) for h in heads}
+    count = {"tokens": 0, "images": 0}
+
+    def hook(block: int) -> Callable[..., None]:
+        def fn(_m: nn.Module, args: tuple[Any, ...]) -> None:
+            x = args[0].detach().abs().double()
+            sums[block] += x.reshape(-1, x.shape[-1]).sum(0).cpu()
+
+        return fn
+
+    hs = [h.proj.register_forward_pre_hook(hook(h.index)) for h in heads]
+    try:
+        with torch.no_grad(), frozen_eval(model):
+            for images, labels in iter_batches(inputs.require_loader("activation"), classes=inputs.classes,
+                                               device=device_of(model, inputs.device), max_batches=inputs.max_batches):
+                model(images)
+                count["images"] += len(labels)
+    finally:
+        for h in hs:
+            h.remove()
+    if count["images"] == 0:
+        raise no_images(inputs.classes)
+    return per_channel({b: s.float() for b, s in sums.items()}, model)
+
+
+def _jas(inputs: Any) -> HeadScores:
+    """Head JAS: the mean candidate score of each head over the probe images — from the run's
+    head masks when it located heads, else located afresh (``units: [heads]``) on the loader.
+    JAS does not score single dimensions: they are ranked by magnitude."""
+    dims = _magnitude(inputs).dims
+    if inputs.masks is not None:
+        from ..aggregate import load_masks
+
+        masks = load_masks(inputs.masks.run_dir)
+        if masks.heads is not None:
+            imp = masks.heads.importance_for("mean")
+            valid = masks.heads.counts > 0
+            if inputs.classes is not None:
+                keep = torch.zeros_like(valid)
+                keep[list(inputs.classes)] = True
+                valid &= keep
+            mean = imp[valid].mean(0)
+            protect = {}
+            if inputs.classes is not None:  # class-specialised: the classes' head masks stay
+                top = masks.heads.topk[list(inputs.classes)].any(0)
+                protect = {int(b): top[i].nonzero()[:, 0].tolist() for i, b in enumerate(masks.heads.layers)}
+            return HeadScores({int(b): mean[i] for i, b in enumerate(masks.heads.layers)}, dims, protect)
+    return HeadScores(located_head_scores(inputs), dims)
+
+
+def located_head_scores(inputs: Any) -> dict[int, Tensor]:
+    """Mean per-head candidate score JAS(P ∪ {h}) over the loader's images (``units: [heads]``)."""
+    from ..attribution import LocateSettings, locate
+    from .stats import device_of, iter_batches, no_images
+
+    model = inputs.model
+    settings = {**inputs.locate_settings, "units": ("heads",)}
+    settings.pop("method", None)
+    s = LocateSettings(method="jas", **settings)
+    total: dict[int, Tensor] = {}
+    seen = 0
+    for images, labels in iter_batches(inputs.require_loader("jas"), classes=inputs.classes,
+                                       device=device_of(model, inputs.device), max_batches=inputs.max_batches):
+        r = locate(model, images, labels, s)
+        for b, sc in zip(r.head_layers, r.head_scores):
+            total[b] = total.get(b, 0) + sc.sum(0)
+        seen += len(labels)
+    if seen == 0:
+        raise no_images(inputs.classes)
+    return {b: v / seen for b, v in total.items()}
+
+
+for _name, _fn in (("jas", _jas), ("magnitude", _magnitude), ("taylor", _taylor), ("activation", _activation),
+                   ("random", _random)):
+    HEAD_CRITERIA.add(HeadCriterion(_name, _fn))
+
+
+def stage_head_scores(ctx: Any, method: str, classes: list[int] | None, example: Tensor,
+                      masks: Any) -> HeadScores | None:
+    """The pipeline's head scores of ``method`` on the dense model and the probe images (of
+    ``classes``) when the recipe has ``prune.attention``, else None."""
+    if ctx.recipe.prune.attention is None:
+        return None
+    from .criteria import ScoringInputs
+
+    loader, _ = ctx.loader("probe", classes)
+    settings = ctx.locate.settings.as_dict() if ctx.locate is not None else {}
+    return head_scores(method, ScoringInputs(model=ctx.model, loader=loader, classes=classes,
+                                             seed=ctx.recipe.runtime.seed, device=ctx.device, example_inputs=example,
+                                             masks=masks, locate_settings=settings))
+
+
+def check_head_methods(methods: list[str]) -> None:
+    """Refuse ``prune.attention`` with a criterion that cannot score heads (before any work).
+
+    Raises:
+        PruneSettingError: naming the first such criterion and those that can.
+    """
+    for method in methods:
+        if method not in HEAD_CRITERIA.names():
+            raise PruneSettingError(f"prune.attention: criterion '{method}' cannot score attention heads; use "
+                                    f"{', '.join(HEAD_CRITERIA.names())}")
+
+
+def head_scores(method: str, inputs: Any) -> HeadScores:
+    """Scores of a registered attention criterion (``prune.methods`` name) for ``inputs``
+    (:class:`~jas_prune.pruning.criteria.ScoringInputs`).
+
+    Raises:
+        PruneSettingError: a criterion that cannot score heads (naming it and those that can).
+    """
+    check_head_methods([method])
+    return HEAD_CRITERIA.get(method).score(inputs)
+
+
+# ------------------------------------------------------------------------------- pruning
+def _lowest(scores: Tensor, ratio: float, protect: list[int] = (), block: int | None = None) -> list[int]:
+    n = len(scores)
+    k = min(n - 1, round(n * ratio))
+    if len(protect) > n - k:
+        raise BudgetError(f"prune.attention.heads: block {block} keeps {n - k} of {n} heads but the class head "
+                          f"masks protect {len(protect)}; lower prune.attention.heads or attribution.topk",
+                          protected=True)
+    order = [i for i in torch.sort(scores.float(), stable=True).indices.tolist() if i not in set(protect)]
+    return sorted(order[:k])
+
+
+def prune_attention(model: nn.Module, scores: HeadScores | None, *, heads: float = 0.0, head_dims: float = 0.0,
+                    example_inputs: Tensor | None = None,
+                    settings: AttentionSettings | None = None) -> AttentionSummary | None:
+    """Remove the lowest-scoring heads and head dimensions of every block, in place.
+
+    Args:
+        scores: per block, head and dimension scores (:func:`head_scores`).
+        heads: fraction of each block's heads removed (round(H · heads), one kept at least).
+        head_dims: fraction of each block's head dimensions removed (same indices in every head).
+        settings: ``prune.attention`` (its ``heads``/``head_dims`` replace the two above).
+
+    Returns:
+        The summary; None when ``scores`` is None (nothing to prune: no ``prune.attention``).
+
+    Raises:
+        UnsupportedModelError: a family other than timm VisionTransformer (named), or
+            ``head_dims`` with query/key norms (``qk_norm``: their statistics would change).
+        PruneSettingError: a ratio outside [0, 1).
+    """
+    import torch_pruning as tp
+
+    if scores is None:
+        return None
+    if settings is not None:
+        heads, head_dims = settings.heads, settings.head_dims
+    for name, r in (("heads", heads), ("head_dims", head_dims)):
+        if not 0.0 <= float(r) < 1.0:
+            raise PruneSettingError(f"prune.attention.{name}: {r!r} is outside [0, 1)")
+    vit, layers = _heads_of(model)
+    summary = AttentionSummary(float(heads), float(head_dims))
+    plan: dict[int, tuple[HeadLayer, list[int], list[int]]] = {}
+    for h in layers:
+        if h.index not in scores.heads:
+            continue
+        if head_dims and not isinstance(getattr(h.attn, "q_norm", nn.Identity()), nn.Identity):
+            raise UnsupportedModelError(f"prune.attention.head_dims: block {h.index} normalises queries and keys "
+                                        "(qk_norm); removing dimensions would change the norms — prune heads only")
+        gone_h = _lowest(scores.heads[h.index], heads, scores.protect.get(h.index, []), h.index) if heads else []
+        gone_d = _lowest(scores.dims[h.index], head_dims) if head_dims else []
+        plan[h.index] = (h, gone_h, gone_d)
+        summary.heads_before[h.index], summary.head_dim_before[h.index] = h.heads, h.head_dim
+    dg = dependency_graph(model, example_inputs)
+    new_heads: dict[nn.Module, int] = {}
+    for b, (h, gone_h, gone_d) in plan.items():
+        H, d = h.heads, h.head_dim
+        keep_h = [i for i in range(H) if i not in set(gone_h)]
+        keep_d = [j for j in range(d) if j not in set(gone_d)]
+        summary.kept_heads[b], summary.kept_dims[b] = keep_h, keep_d
+        idxs = sorted({i * d + j for i in gone_h for j in range(d)} | {i * d + j for i in keep_h for j in gone_d})
+        new_heads[h.attn.qkv] = len(keep_h)
+        if not idxs:
+            continue
+        group = dg.get_pruning_group(h.proj, tp.prune_linear_in_channels, idxs)
+        check_group(group, _allowed(h), f"prune.attention: block {b}")
+        with torch.no_grad():
+            group.prune()
+            if gone_d:  # keep the logits' temperature: q·k over d' dims, scaled as over d
+                qkv, dq = h.attn.qkv, len(keep_h) * len(keep_d)
+                f = math.sqrt(len(keep_d) / d)
+                qkv.weight[:dq].mul_(f)
+                if qkv.bias is not None:
+                    qkv.bias[:dq].mul_(f)
+    update_attention_geometry(vit, new_heads)
+    for b, (h, _, gone_d) in plan.items():
+        if gone_d:
+            h.attn.scale = h.attn.head_dim ** -0.5
+    return summary
+
+
+def attention_macs(model: nn.Module, tokens: int) -> int:
+    """Multiply-accumulates of the attention matmuls (``q·kᵀ`` and ``attn·v``) of one image:
+    ``2·T²·H·d`` per block (the part of a block's cost that grows with the tokens squared;
+    Torch-Pruning's count, :func:`jas_prune.evaluate.count_params_macs`, includes it)."""
+    _, info = find_vit(model)
+    total = 0
+    for h in discover_heads(info):
+        total += 2 * tokens * tokens * h.heads * h.head_dim
+    return total
