@@ -12,7 +12,7 @@ built-in 6-block model, 260 on ViT-B/16. The candidates:
 
 Protocol, per seed: ``build_source("shapes", seed=s, images_per_class=100)`` (80 probe / 20 test
 images per class); the probe partition is split per class into seeded fit / val halves
-(:func:`jas_prune.bench_select.split_fit_val`); attribution runs on the first 16 fit images of
+(:func:`benchmarks.bench_select.split_fit_val`); attribution runs on the first 16 fit images of
 each class (fewer for the calibration-size study: the first n of them); importance is the
 quickstart's ``mean_abs_centered`` (per image, the layer's median candidate score subtracted, the
 magnitude averaged over the images); the model is pruned 50 % and 70 % uniform through
@@ -30,7 +30,7 @@ choice reads val only; the table also lists the rows within the target on test. 
 times every candidate on a random-init ``vit_base_patch16_224`` (timm's own init; seconds per
 image on this machine's CPU).
 
-Run: ``python -m jas_prune.bench_fast --out runs/fast [--seeds 0 1 2] [--vitb 2]
+Run: ``python -m benchmarks.bench_fast --out runs/fast [--seeds 0 1 2] [--vitb 2]
 [--reconstruction lsq] [--candidates NAME ...] [--only-images N ...]``. Scores are cached under
 ``OUT`` (a rerun only evaluates); the evaluations are cached per seed and reconstruction, row by
 row (``OUT/seedS/result.json`` for ``bias``, ``result-lsq.json`` for ``lsq``), so a rerun with
@@ -55,20 +55,21 @@ from typing import Any
 
 import torch
 
-from .aggregate import per_image_importance
-from .attribution import LocateSettings
-from .attribution.engine import JointAttribution
-from .bench_select import split_fit_val
-from .data import build_source, make_loader, model_transform
-from .evaluate import accuracy, predict_logits
-from .pruning.criteria import criterion_scores
-from .pruning.choices import DEFAULT_DAMPING, DEFAULT_TARGET
-from .pruning.plugin import JASImportance
-from .pruning.reconstruct import reconstruct
-from .pruning.stats import ffn_activation_stats
-from .io import atomic_write_json
-from .models import discover_ffn, input_size, load_model
-from .pruning.prune import prune_ffn
+from jas_prune.aggregate import per_image_importance
+from jas_prune.attribution import LocateSettings
+from jas_prune.attribution import JointAttribution
+from jas_prune.data import build_source, make_loader, model_transform
+from jas_prune.evaluate import accuracy, predict_logits
+from jas_prune.pruning.criteria import criterion_scores
+from jas_prune.pruning.choices import DEFAULT_DAMPING, DEFAULT_TARGET
+from jas_prune.pruning.plugin import JASImportance
+from jas_prune.pruning.reconstruct import reconstruct
+from jas_prune.pruning.stats import ffn_activation_stats
+from jas_prune.io import atomic_write_json
+from jas_prune.models import discover_ffn, input_size, load_model
+from jas_prune.pruning.prune import prune_ffn
+
+from benchmarks.bench_select import split_fit_val
 
 __all__ = ["Candidate", "CANDIDATES", "YARDSTICKS", "RECONSTRUCTIONS", "candidate_scores", "passes_per_image",
            "choose", "within_target", "result_files", "main"]
@@ -394,7 +395,7 @@ def _table(result: dict[str, Any]) -> str:
 
 
 def main(argv: list[str] | None = None) -> int:
-    ap = argparse.ArgumentParser(prog="python -m jas_prune.bench_fast", description=__doc__.split("\n\n")[0])
+    ap = argparse.ArgumentParser(prog="python -m benchmarks.bench_fast", description=__doc__.split("\n\n")[0])
     ap.add_argument("--out", type=Path, required=True)
     ap.add_argument("--model", default="builtin:shapes-vit")
     ap.add_argument("--seeds", type=int, nargs="*", default=[0, 1, 2])

@@ -14,7 +14,7 @@ as the repo does, :func:`jas_prune.evaluate.count_params_macs`), the speed-up an
 ``--round-to N ...`` adds models pruned at ``--round-ratios`` with ``prune_ffn(..., round_to=N)``
 (kept widths a multiple of N), when ``prune_ffn`` has that parameter; otherwise the JSON says so.
 
-Run: ``python -m jas_prune.bench_onnx --out DIR [--model vit_base_patch16_224] [--ratios 0.3 0.5 0.7]
+Run: ``python -m benchmarks.bench_onnx --out DIR [--model vit_base_patch16_224] [--ratios 0.3 0.5 0.7]
 [--batch-sizes 1 32] [--repeats 15 5] [--iters 4 1]``; ``--model tiny`` is a 2-block 32 px model
 for tests. ``DIR/onnx.json`` holds every figure; a markdown table is printed.
 """
@@ -35,13 +35,13 @@ from typing import Any
 import torch
 from torch import nn
 
-from .deploy import benchmark_many, export_onnx, verify_onnx
-from .errors import InvalidArgumentError
-from .evaluate import count_params_macs
-from .io import atomic_write_json
-from .models import input_size
-from .pruning.criteria.magnitude import magnitude_scores
-from .pruning.prune import discover_widths, prune_ffn
+from jas_prune.deploy import benchmark_many, export_onnx, verify_onnx
+from jas_prune.errors import InvalidArgumentError
+from jas_prune.evaluate import count_params_macs
+from jas_prune.io import atomic_write_json
+from jas_prune.models import input_size
+from jas_prune.pruning.criteria.magnitude import magnitude_scores
+from jas_prune.pruning.prune import discover_widths, prune_ffn
 
 __all__ = ["Variant", "TINY", "build_model", "round_to_supported", "variants", "run", "markdown", "main"]
 
@@ -254,7 +254,7 @@ def markdown(result: dict[str, Any]) -> str:
 
 
 def main(argv: list[str] | None = None) -> int:
-    ap = argparse.ArgumentParser(prog="python -m jas_prune.bench_onnx", description=__doc__.split("\n\n")[0])
+    ap = argparse.ArgumentParser(prog="python -m benchmarks.bench_onnx", description=__doc__.split("\n\n")[0])
     ap.add_argument("--out", type=Path, required=True)
     ap.add_argument("--model", default="vit_base_patch16_224", help="a timm model name, or 'tiny'")
     ap.add_argument("--num-classes", type=int, default=None, help="head width (default: the model's)")

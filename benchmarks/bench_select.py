@@ -25,7 +25,7 @@ fingerprinted and resumable; a recipe run's ``paths/`` of the same settings can 
 Every measured cell is kept in ``OUT/select.json`` as it is made, so an interrupted selection
 continues where it stopped.
 
-Run: ``python -m jas_prune.bench_select --recipe recipes/benchmark-shapes.yaml --out runs/select``
+Run: ``python -m benchmarks.bench_select --recipe recipes/benchmark-shapes.yaml --out runs/select``
 (``--seed``, ``--ratios``, ``--only STEP`` …). Prints a markdown table per step and the chosen
 recipe keys.
 """
@@ -43,18 +43,18 @@ from typing import Any, Callable, Sequence
 import numpy as np
 import torch
 
-from .aggregate import IMPORTANCE_AGGREGATIONS, per_image_importance
-from .data import make_loader, model_transform, partition, source_for
-from .evaluate import accuracy, predict_logits
-from .io import atomic_write_json, read_json
-from .models import input_size, load_model
-from .pruning.calibration import cached_batches
-from .pruning.criteria import criterion_scores
-from .pruning.prune import prune_ffn
-from .pruning.reconstruct import reconstruct
-from .pruning.stats import ffn_activation_stats
-from .recipe import load_recipe, parse_recipe
-from .rundir import RunDir
+from jas_prune.aggregate import IMPORTANCE_AGGREGATIONS, per_image_importance
+from jas_prune.data import make_loader, model_transform, partition, source_for
+from jas_prune.evaluate import accuracy, predict_logits
+from jas_prune.io import atomic_write_json, read_json
+from jas_prune.models import input_size, load_model
+from jas_prune.pruning.calibration import cached_batches
+from jas_prune.pruning.criteria import criterion_scores
+from jas_prune.pruning.prune import prune_ffn
+from jas_prune.pruning.reconstruct import reconstruct
+from jas_prune.pruning.stats import ffn_activation_stats
+from jas_prune.recipe import load_recipe, parse_recipe
+from jas_prune.pipeline import locate_partition
 
 __all__ = ["split_fit_val", "fit_val_samples", "fit_importance", "Bench", "main", "STEPS"]
 
@@ -136,7 +136,7 @@ class Bench:
 
     @property
     def covariance(self):
-        from .pruning.redundancy import hidden_covariance
+        from jas_prune.pruning.redundancy import hidden_covariance
 
         if self._cov is None:
             self._cov = hidden_covariance(self.model, self.fit_loader)
@@ -179,22 +179,11 @@ def _table(title: str, rows: list[dict[str, Any]], ratios: Sequence[float], name
 
 def _locate_fit(args: argparse.Namespace, recipe, model, source) -> Any:
     """The fit images' JAS paths through the pipeline's locate stage (``OUT/locate``, resumable)."""
-    from .pipeline import RunContext, check_against_model
-    from .pipeline.stages.locate import locate_part
-
     data = recipe.model_dump(mode="json", by_alias=True)
     only = parse_recipe({"version": 1, "model": data["model"], "data": data["data"],
                          "attribution": {**data["attribution"], "method": "jas"},
                          "runtime": {**data["runtime"], "seed": args.seed}})
-    run = RunDir(args.out / "locate")
-    lock = run.prepare(resume=True, what="bench_select")
-    try:
-        ctx = RunContext(only, run, torch.device("cpu"), model, source, model_transform(model),
-                         **vars(check_against_model(only, model, source)))
-        locate_part(ctx, "probe", resume=True)
-        return run.path_store("probe").read(len(source.subset("probe")))
-    finally:
-        lock.release()
+    return locate_partition(only, args.out / "locate", model, source, "probe", what="bench_select")
 
 
 def main(argv: list[str] | None = None) -> dict[str, Any]:
@@ -235,7 +224,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     transform = model_transform(model)
     fit, val, source = fit_val_samples(recipe, args.seed)
     if args.val_images_per_class is not None:
-        from .pruning.calibration import per_class_cap
+        from jas_prune.pruning.calibration import per_class_cap
 
         val = per_class_cap(val, args.val_images_per_class)
     bs = recipe.data.batch_size
@@ -427,7 +416,7 @@ def _nonneg(scores: dict[int, torch.Tensor]) -> dict[int, torch.Tensor]:
 
 
 def _redundant(bench: Bench, scores: dict[int, torch.Tensor], gamma: float, greedy: bool) -> dict[int, torch.Tensor]:
-    from .pruning.redundancy import redundancy_scores
+    from jas_prune.pruning.redundancy import redundancy_scores
 
     return redundancy_scores(_nonneg(scores), bench.covariance, gamma=gamma, greedy=greedy)
 

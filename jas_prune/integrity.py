@@ -21,10 +21,10 @@ from dataclasses import dataclass
 from pathlib import Path, PurePosixPath
 from typing import Any, Iterator, Mapping
 
-from ..errors import TamperedFileError
-from ..io import check_file_record
-from ..metrics import Metrics
-from ..rundir import RunDir
+from .errors import TamperedFileError
+from .io import check_file_record
+from .metrics import Metrics
+from .rundir import RunDir
 
 __all__ = ["RecordedFile", "FileProblem", "recorded_files", "check_recorded_files", "refuse_changed_files",
            "remove_stale_temporaries"]

@@ -11,10 +11,10 @@ import json
 
 import torch
 
-from jas_prune import bench_fast
-from jas_prune.bench_fast import (CANDIDATES, Candidate, _per_class_first, candidate_scores, choose, passes_per_image,
+from benchmarks import bench_fast
+from benchmarks.bench_fast import (CANDIDATES, Candidate, _per_class_first, candidate_scores, choose, passes_per_image,
                                   within_target)
-from jas_prune.bench_locate import random_vit
+from jas_prune.testing import random_vit
 from jas_prune.models import discover_ffn
 
 

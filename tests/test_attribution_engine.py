@@ -18,7 +18,7 @@ from test_locate import ref_clean, ref_grads, ref_rule
 
 from jas_prune.attribution import METHODS, JointAttribution, locate
 from jas_prune.attribution import engine as engine_mod
-from jas_prune.bench_locate import random_vit
+from jas_prune.testing import random_vit
 from jas_prune.errors import InvalidArgumentError
 
 B = 3

@@ -6,7 +6,7 @@ import json
 
 import pytest
 
-from jas_prune.bench_onnx import main, round_to_supported
+from benchmarks.bench_onnx import main, round_to_supported
 from jas_prune.errors import InvalidArgumentError
 
 # the tiny model: 32 px, patch 8 -> 16 patches + class token; width 32; FFN 64 neurons; 2 blocks

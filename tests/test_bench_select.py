@@ -1,10 +1,10 @@
-"""``python -m jas_prune.bench_select``: every pruning choice made on the probe partition only."""
+"""``python -m benchmarks.bench_select``: every pruning choice made on the probe partition only."""
 
 import json
 
 import torch
 
-from jas_prune import bench_select
+from benchmarks import bench_select
 from jas_prune.recipe import parse_recipe
 
 

@@ -12,6 +12,7 @@ import pytest
 import torch
 
 from jas_prune.cli import main
+from jas_prune.deploy import onnx_latency
 from jas_prune.errors import BudgetError, InvalidArgumentError
 from jas_prune.evaluate import count_params_macs
 from jas_prune.models import discover_ffn
@@ -109,7 +110,8 @@ def test_latency_budget_through_onnx_runtime(tiny_vit):
     """The real path: each candidate exported to a temporary ONNX file and timed; a budget the
     least pruning meets costs two measurements (the deepest cut, then the first ratio)."""
     dense = tiny_vit(num_classes=6, depth=2)
-    res = find_ratio(dense, Budget("latency_ms", 1e4, batch_size=2, threads=1), providers=("cpu",))
+    res = find_ratio(dense, Budget("latency_ms", 1e4, batch_size=2, threads=1),
+                     latency=lambda m: onnx_latency(m, 2, threads=1, providers=("cpu",)))
     assert res.ratio == 0.01 and res.models == 2 and 0 < res.achieved < 1e4
     assert res.latency["provider"] == "CPUExecutionProvider" and res.latency["batch_size"] == 2
 
@@ -193,10 +195,10 @@ def test_pipeline_macs_budget_adds_minimal_entries(tmp_path, tiny_builtin, capsy
 
 
 def test_pipeline_latency_budget_is_read_back_on_resume(tmp_path, tiny_builtin, capsys, monkeypatch):
-    from jas_prune.pruning import budget as budget_module
+    from jas_prune.deploy import latency as latency_module
 
     calls: list = []
-    monkeypatch.setattr(budget_module, "onnx_latency", _fake_latency(calls))
+    monkeypatch.setattr(latency_module, "onnx_latency", _fake_latency(calls))
     out = tmp_path / "run"
     assert _run(tmp_path, out, "prune.budget={latency_ms: 2.5, batch_size: 4}") == 0
     entries = json.loads((out / "metrics.json").read_text())["pruned"]
@@ -205,7 +207,7 @@ def test_pipeline_latency_budget_is_read_back_on_resume(tmp_path, tiny_builtin, 
     assert calls and all(e["budget"]["batch_size"] == 4 for e in entries if "budget" in e)
     # a missing budget checkpoint is remade at the ratio recorded, without timing anything again
     (out / "pruned-random-r37-lat2p5ms-bs4.safetensors").unlink()
-    monkeypatch.setattr(budget_module, "onnx_latency", lambda *a, **k: pytest.fail("measured again"))
+    monkeypatch.setattr(latency_module, "onnx_latency", lambda *a, **k: pytest.fail("measured again"))
     assert _run(tmp_path, out, "prune.budget={latency_ms: 2.5, batch_size: 4}", resume=True) == 0
     after = json.loads((out / "metrics.json").read_text())["pruned"]
     assert [e["checkpoint"] for e in after] == [e["checkpoint"] for e in entries]

@@ -14,7 +14,7 @@ import pytest
 import torch
 
 from jas_prune.attribution import JointAttribution, locate, path_jas
-from jas_prune.bench_locate import random_vit
+from jas_prune.testing import random_vit
 from jas_prune.errors import AttributionSettingError, RecipeError
 from jas_prune.neurons import edit
 
@@ -227,7 +227,7 @@ def test_path_jas_matches_locate(model, images, labels):
 def test_default_paths_follow_released_code(model, images, labels):
     """The default settings find the paths of the released code's structure (one image at a time,
     a separate backward per path layer)."""
-    from jas_prune.bench_locate import released_loop_locate
+    from jas_prune.testing import released_loop_locate
 
     m32 = random_vit(depth=4, embed_dim=16, num_heads=2, img_size=16, patch_size=8, num_classes=5, seed=3)
     x = images.float()

@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from jas_prune.bench_locate import random_vit
+from jas_prune.testing import random_vit
 from jas_prune.errors import JasPruneError
 from jas_prune.neurons import activation_stats, capture, edit, hook_hidden, resolve_layers
 from jas_prune.models import discover_ffn

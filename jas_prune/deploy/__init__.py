@@ -19,7 +19,7 @@ Typical use::
 
 from __future__ import annotations
 
-from .latency import benchmark_many, benchmark_onnx, benchmark_torch
+from .latency import benchmark_many, benchmark_onnx, benchmark_torch, onnx_latency
 from .onnx_export import DEFAULT_OPSET, export_onnx
 from .record import benchmark_exports, export_and_verify
 from .runtime import create_session, cuda_usable, resolve_providers
@@ -30,6 +30,7 @@ __all__ = [
     "INPUT_NAME",
     "OUTPUT_NAME",
     "DEFAULT_OPSET",
+    "onnx_latency",
     "FP32_TOLERANCE",
     "FP16_RELATIVE_TOLERANCE",
     "sidecar_path",

@@ -11,7 +11,9 @@ bootstrap interval of the median ratio. :func:`benchmark_onnx` times one file on
 from __future__ import annotations
 
 import os
+import tempfile
 import time
+from pathlib import Path
 from typing import Any, Mapping, Sequence
 
 import numpy as np
@@ -20,10 +22,11 @@ from torch import nn
 
 from ..errors import InvalidArgumentError
 from ..torchutil import frozen_eval
+from .onnx_export import export_onnx
 from .runtime import create_session
 from .sidecar import INPUT_NAME, OUTPUT_NAME, model_input_size, read_sidecar
 
-__all__ = ["benchmark_onnx", "benchmark_many", "benchmark_torch", "latency_summary", "bootstrap_median_ci",
+__all__ = ["onnx_latency", "benchmark_onnx", "benchmark_many", "benchmark_torch", "latency_summary", "bootstrap_median_ci",
            "MIN_ROUNDS"]
 
 #: Rounds :func:`benchmark_many` runs whatever its time budget (a spread needs a few).
@@ -246,3 +249,15 @@ def benchmark_torch(
         model.to(old_device, old_dtype)
         torch.set_num_threads(old_threads)
     return records
+
+
+def onnx_latency(model: nn.Module, batch_size: int, *, threads: int | None = None,
+                 providers: Sequence[str] = ("cuda", "cpu"), warmup: int = 5, iters: int = 30) -> dict[str, Any]:
+    """ONNX Runtime latency of ``model`` at ``batch_size``: exported to a temporary directory
+    (removed afterwards), timed by :func:`benchmark_onnx`; its record. The latency function a
+    latency budget (:func:`jas_prune.pruning.find_ratio`) is given."""
+    with tempfile.TemporaryDirectory(prefix="jas-prune-budget-") as tmp:
+        path = Path(tmp) / "candidate.onnx"
+        export_onnx(model, path)
+        return benchmark_onnx(path, batch_sizes=[batch_size], warmup=warmup, iters=iters, providers=providers,
+                              threads=threads)[0]

@@ -10,7 +10,7 @@ from __future__ import annotations
 
 from .checks import check_against_model, check_stages
 from .context import RunContext, resolve_device
-from .runner import run_recipe
+from .runner import locate_partition, run_recipe
 from .stages import STAGES, Stage
 
-__all__ = ["run_recipe", "RunContext", "check_stages", "check_against_model", "resolve_device", "STAGES", "Stage"]
+__all__ = ["run_recipe", "locate_partition", "RunContext", "check_stages", "check_against_model", "resolve_device", "STAGES", "Stage"]

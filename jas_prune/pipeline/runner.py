@@ -21,21 +21,22 @@ from pathlib import Path
 
 import torch
 
-from ..data import model_transform, source_for
+from ..data import DataSource, model_transform, source_for
 from ..distributed import Dist, Interrupted, init_from_env, sigterm_raises
 from ..errors import JasPruneError, StorageError
 from ..io import atomic_write_text, storage_error
 from ..metrics import DataInfo, Metrics, RunInfo, read_metrics
 from ..models import load_model
+from ..pathstore import LocatedImages
 from ..recipe import Recipe, dump_recipe
 from ..rundir import RunDir
 from .checks import check_against_model, check_head, check_stages
 from .context import RunContext, resolve_device, seed_everything
-from .integrity import refuse_changed_files, remove_stale_temporaries
+from ..integrity import refuse_changed_files, remove_stale_temporaries
 from .stages import STAGES
-from .stages.locate import check_resumable
+from .stages.locate import check_resumable, locate_part
 
-__all__ = ["run_recipe"]
+__all__ = ["run_recipe", "locate_partition"]
 
 log = logging.getLogger("jas_prune")
 
@@ -58,6 +59,29 @@ def run_recipe(recipe: Recipe, out: str | os.PathLike[str], *, resume: bool = Fa
             return _run(recipe, RunDir(out), device, dist, resume=resume)
         finally:
             dist.close()
+
+
+def locate_partition(recipe: Recipe, out: str | os.PathLike[str], model: torch.nn.Module, source: DataSource,
+                     part: str = "probe", *, what: str = "locate_partition") -> LocatedImages:
+    """The neuron paths of every image of one partition, located by the pipeline's locate stage
+    alone (resumable chunks under ``out/paths/<part>/``, the run directory's lock held meanwhile),
+    without running the other stages: for experiments that need paths but must not touch the
+    test partition (``benchmarks.bench_select``). Runs on the CPU.
+
+    Args:
+        recipe: its ``model``, ``data``, ``attribution`` and ``runtime`` sections are used.
+        model, source: already loaded from the recipe (the caller keeps using them).
+        what: the run directory's lock owner, for messages.
+    """
+    run = RunDir(out)
+    lock = run.prepare(resume=True, what=what)
+    try:
+        ctx = RunContext(recipe, run, torch.device("cpu"), model, source, model_transform(model),
+                         **vars(check_against_model(recipe, model, source)))
+        locate_part(ctx, part, resume=True)
+        return run.path_store(part).read(len(source.subset(part)))
+    finally:
+        lock.release()
 
 
 def _load(recipe: Recipe, run: RunDir, device: torch.device, dist: Dist, resume: bool) -> RunContext:

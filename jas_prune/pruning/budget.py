@@ -20,9 +20,7 @@ from __future__ import annotations
 
 import copy
 import math
-import tempfile
 from dataclasses import dataclass, field
-from pathlib import Path
 from typing import Any, Callable, Sequence
 
 import torch
@@ -33,7 +31,7 @@ from .graph import find_vit
 from .prune import check_round_to, prune_ffn, uniform_widths
 
 __all__ = ["TARGETS", "Budget", "BudgetResult", "ratio_grid", "bisect_first", "find_ratio", "check_reachable",
-           "onnx_latency", "describe_record"]
+           "describe_record"]
 
 #: what a budget bounds: a fraction of the dense MACs or parameters, or the p50 in milliseconds
 TARGETS = ("macs", "params", "latency_ms")
@@ -174,24 +172,9 @@ def bisect_first(n: int, meets: Callable[[int], bool]) -> int | None:
     return hi
 
 
-def onnx_latency(model: nn.Module, batch_size: int, *, threads: int | None = None,
-                 providers: Sequence[str] = ("cuda", "cpu"), warmup: int = 5, iters: int = 30) -> dict[str, Any]:
-    """ONNX Runtime latency of ``model`` at ``batch_size``: exported to a temporary directory
-    (removed afterwards), timed by :func:`~jas_prune.deploy.latency.benchmark_onnx`; its record."""
-    from ..deploy.latency import benchmark_onnx
-    from ..deploy.onnx_export import export_onnx
-
-    with tempfile.TemporaryDirectory(prefix="jas-prune-budget-") as tmp:
-        path = Path(tmp) / "candidate.onnx"
-        export_onnx(model, path)
-        return benchmark_onnx(path, batch_sizes=[batch_size], warmup=warmup, iters=iters, providers=providers,
-                              threads=threads)[0]
-
-
 def find_ratio(model: nn.Module, budget: Budget, *, round_to: int | None = None,
                head_classes: Sequence[int | str] | None = None, class_names: Sequence[str] | None = None,
                example_inputs: torch.Tensor | None = None, key: str = "budget",
-               providers: Sequence[str] = ("cuda", "cpu"),
                latency: Callable[[nn.Module], dict[str, Any]] | None = None) -> BudgetResult:
     """The smallest ratio of :func:`ratio_grid` whose uniform cut of ``model`` meets ``budget``.
 
@@ -201,9 +184,9 @@ def find_ratio(model: nn.Module, budget: Budget, *, round_to: int | None = None,
         head_classes, class_names: the head cut the pruned models will have (it counts in MACs,
             parameters and latency).
         key: the budget's name in messages (the recipe's ``prune.budget``).
-        providers: ONNX Runtime providers for a latency budget (the first available one runs).
-        latency: model -> a latency record with ``latency_ms_p50`` (default :func:`onnx_latency`
-            at the budget's batch size and threads).
+        latency: model -> a latency record with ``latency_ms_p50``; needed by a latency budget
+            (e.g. :func:`jas_prune.deploy.onnx_latency` at the budget's batch size and threads:
+            pruning sits below deployment and does not export models itself).
 
     Raises:
         BudgetError: the budget cannot be met, even keeping only one neuron (``round_to``
@@ -222,8 +205,9 @@ def find_ratio(model: nn.Module, budget: Budget, *, round_to: int | None = None,
     dense = None
     if budget.target != "latency_ms":
         dense = float(count_params_macs(model, size)[budget.target])
-    time_model = latency or (lambda m: onnx_latency(m, budget.batch_size or 1, threads=budget.threads,
-                                                    providers=providers))
+    if budget.target == "latency_ms" and latency is None:
+        raise InvalidArgumentError(f"{key}.latency_ms: find_ratio needs latency=, a function model -> latency "
+                                   "record (jas_prune.deploy.onnx_latency)")
     neutral = {b: torch.zeros(n) for b, n in widths.items()}
     cache: dict[tuple[int, ...], tuple[float, dict[str, Any] | None]] = {}
     measured: list[tuple[float, float]] = []
@@ -236,7 +220,7 @@ def find_ratio(model: nn.Module, budget: Budget, *, round_to: int | None = None,
             prune_ffn(pruned, neutral, ratio=ratio, round_to=round_to, example_inputs=example_inputs,
                       head_classes=head_classes, class_names=class_names)
             if budget.target == "latency_ms":
-                rec = time_model(pruned)
+                rec = latency(pruned)
                 cache[sig] = (float(rec["latency_ms_p50"]), rec)
             else:
                 cache[sig] = (count_params_macs(pruned, size)[budget.target] / dense, None)

@@ -90,7 +90,7 @@ def write_report(run_dir: str | os.PathLike[str], *, metrics: Metrics | None = N
     Raises:
         MetricsSchemaError: a ``metrics.json`` of another schema version (rerun into a new --out).
     """
-    from ..pipeline.integrity import check_recorded_files
+    from ..integrity import check_recorded_files
 
     data = load_run(run_dir, metrics)
     unfinished = unfinished_reason(data.metrics)

@@ -94,6 +94,7 @@ def _budget_record(ctx, sel: Selection, mine: list[PrunedEntry], example: torch.
     a finished entry made for the same budget (a resumed run keeps what it found, even for a
     latency target that a second measurement might place one step away), or searched once per
     head (the widths, hence MACs and latency, do not depend on the classes beyond the head)."""
+    from ...deploy.latency import onnx_latency
     from ...pruning.budget import describe_record, find_ratio
 
     budget, round_to = ctx.prune.budget, ctx.prune.round_to
@@ -107,7 +108,8 @@ def _budget_record(ctx, sel: Selection, mine: list[PrunedEntry], example: torch.
         t0 = time.perf_counter()
         result = find_ratio(ctx.model, budget, round_to=round_to, head_classes=sel.head_classes,
                             class_names=ctx.source.class_names, example_inputs=example, key="prune.budget",
-                            providers=tuple(onnx.providers) if onnx is not None else ("cuda", "cpu"))
+                            latency=lambda m: onnx_latency(m, budget.batch_size or 1, threads=budget.threads,
+                                                           providers=onnx.providers if onnx else ("cuda", "cpu")))
         searched[head] = result.record()
         log.info("budget %s (%s): %d models measured in %.1f s", describe_record(searched[head]),
                  "all classes" if sel.classes is None else f"classes {sel.classes}", result.models,
