@@ -1,27 +1,30 @@
-"""Name -> definition registries (timm's ``@register_model`` pattern).
+"""Name -> definition registries (timm's ``@register_model`` pattern), one style for all four:
+pruning criteria (``pruning.criteria.CRITERIA``), attribution methods
+(``attribution.METHODS``), pipeline stages (``pipeline.stages.STAGES``) and model families
+(``models.FAMILIES``).
 
-A pruning criterion, an attribution method or a pipeline stage is defined once, where it is
-implemented, and registered under its name; everything that lists them (the recipe's allowed
-names, the CLI help, the report's labels and colours) asks the registry instead of keeping a list
-of its own.
+An entry is defined once, in the module that implements it, by a decorated function that returns
+it; everything that lists them (the recipe's allowed names, the CLI help, the report's labels and
+colours, the tests that run every entry) asks the registry instead of keeping a list of its own.
+A registry's package imports all its modules (:func:`import_submodules`), so **adding an entry
+is adding one file** (or, for attribution methods, one function in ``attribution/methods.py``)::
 
-Example::
-
-    CRITERIA: Registry[Criterion] = Registry("pruning criterion")
-
+    # jas_prune/pruning/criteria/mine.py
     @CRITERIA.register
-    def _magnitude() -> Criterion:
-        return Criterion(name="magnitude", ...)
+    def _mine() -> Criterion:
+        return Criterion(name="mine", ..., score=_score)
 """
 
 from __future__ import annotations
 
 import difflib
-from typing import Callable, Generic, Iterator, Protocol, TypeVar
+import importlib
+import pkgutil
+from typing import Any, Callable, Generic, Iterable, Iterator, Protocol, TypeVar
 
 from .errors import InvalidArgumentError
 
-__all__ = ["Registry", "Named"]
+__all__ = ["Registry", "Named", "import_submodules"]
 
 
 class Named(Protocol):
@@ -36,23 +39,29 @@ class Registry(Generic[T]):
 
     Args:
         kind: what the entries are, for messages ("pruning criterion").
+        order: entry -> sort key, when the order is part of the entry (a stage's place in the
+            run) rather than the order the modules were imported in.
     """
 
-    def __init__(self, kind: str) -> None:
+    def __init__(self, kind: str, order: Callable[[T], Any] | None = None) -> None:
         self.kind = kind
+        self._order = order
         self._entries: dict[str, T] = {}
 
+    def register(self, factory: Callable[[], T]) -> Callable[[], T]:
+        """Decorator: call ``factory()`` once and register what it returns under its ``name``
+        (a second entry of the same name is refused)."""
+        self.add(factory())
+        return factory
+
     def add(self, entry: T) -> T:
-        """Register ``entry`` under ``entry.name``; a second entry of the same name is refused."""
+        """Register ``entry`` itself (what :meth:`register` does with the factory's result)."""
         if entry.name in self._entries:
             raise ValueError(f"{self.kind} {entry.name!r} is registered twice")
         self._entries[entry.name] = entry
+        if self._order is not None:
+            self._entries = dict(sorted(self._entries.items(), key=lambda kv: self._order(kv[1])))
         return entry
-
-    def register(self, factory: Callable[[], T]) -> Callable[[], T]:
-        """Decorator: call ``factory()`` once and register what it returns."""
-        self.add(factory())
-        return factory
 
     def get(self, name: str, key: str | None = None) -> T:
         """The entry called ``name``.
@@ -84,3 +93,13 @@ class Registry(Generic[T]):
 
     def __repr__(self) -> str:
         return f"Registry({self.kind!r}: {', '.join(self._entries)})"
+
+
+def import_submodules(package: str, path: Iterable[str], first: Iterable[str] = ()) -> None:
+    """Import every public module of ``package`` (its ``__path__``): the ones in ``first`` in
+    that order, then the others by name. A registry's package calls it once, so a module that
+    registers an entry is found without being listed anywhere."""
+    first = tuple(first)
+    others = sorted(m.name for m in pkgutil.iter_modules(list(path)) if not m.name.startswith("_"))
+    for name in [*first, *(m for m in others if m not in first)]:
+        importlib.import_module(f"{package}.{name}")

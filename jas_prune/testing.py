@@ -5,6 +5,8 @@
   init gives every image the same class), at any size from a 16-px toy to ViT-B/16.
 - :func:`released_loop_locate` — Alg. 1 written the way the paper's released code is structured,
   one image at a time: the reference the engine's picks are tested against.
+- :func:`meta_prune` — one step of Torch-Pruning's ``MetaPruner`` with an importance, as a
+  Torch-Pruning user writes it (the plugin's reference usage).
 
 Nothing here is used by the package itself; importing it costs what ``torch`` costs.
 """
@@ -18,7 +20,7 @@ from torch import Tensor, nn
 
 from .models import discover_ffn
 
-__all__ = ["random_vit", "released_loop_locate"]
+__all__ = ["random_vit", "released_loop_locate", "meta_prune"]
 
 
 def random_vit(
@@ -154,3 +156,17 @@ def released_loop_locate(model: nn.Module, images: Tensor, labels: Tensor, steps
         all_paths.append(path)
         all_scores.append(float(g * v))
     return torch.tensor(all_paths), torch.tensor(all_scores)
+
+
+def meta_prune(model: nn.Module, importance: Any, ratio: float, **kwargs: Any) -> None:
+    """Prune ``model`` (32-px inputs) in place by one ``tp.pruner.MetaPruner`` step with
+    ``importance`` at ``pruning_ratio=ratio`` (``kwargs``: more MetaPruner arguments)."""
+    import warnings
+
+    import torch_pruning as tp
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        pruner = tp.pruner.MetaPruner(model, torch.randn(1, 3, 32, 32), importance=importance, pruning_ratio=ratio,
+                                      **kwargs)
+        pruner.step()

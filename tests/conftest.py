@@ -3,6 +3,9 @@
 from __future__ import annotations
 
 import os
+import subprocess
+import sys
+from pathlib import Path
 
 import pytest
 import torch
@@ -89,6 +92,44 @@ def replace_stage(monkeypatch, name: str, run) -> None:
     from jas_prune.pipeline.stages import STAGES
 
     monkeypatch.setitem(STAGES._entries, name, dataclasses.replace(STAGES.get(name), run=run))
+
+
+def run_recipe(tmp_path, text: str, out, *sets: str, resume: bool = False) -> int:
+    """Write the recipe ``text`` to ``tmp_path/r.yaml`` and run it through the CLI into ``out``
+    (``--set`` each of ``sets``, ``--resume`` with ``resume``); the exit code."""
+    from jas_prune.cli import main
+
+    recipe = Path(tmp_path) / "r.yaml"
+    recipe.write_text(text)
+    args = ["recipe", "run", str(recipe), "--out", str(out), *[a for s in sets for a in ("--set", s)]]
+    return main(args + (["--resume"] if resume else []))
+
+
+REPO = Path(__file__).resolve().parents[1]
+
+#: runs ``argv[1]`` as ``__main__`` with Torch, timm, ONNX and jas_prune unimportable, then checks
+#: that none of them was imported anyway (the deployment scripts need onnxruntime, numpy, Pillow)
+_TORCHLESS = (
+    "import runpy, sys\n"
+    "for m in ('torch', 'torchvision', 'timm', 'jas_prune', 'onnx', 'onnxscript'):\n"
+    "    sys.modules[m] = None\n"
+    "script = sys.argv[1]\n"
+    "sys.argv = sys.argv[1:]\n"
+    "try:\n"
+    "    runpy.run_path(script, run_name='__main__')\n"
+    "finally:\n"
+    "    leaked = sorted(m for m in sys.modules if m.split('.')[0] in ('torch', 'timm', 'jas_prune')\n"
+    "                    and sys.modules[m] is not None)\n"
+    "    assert not leaked, leaked\n"
+)
+
+
+def run_torchless(script: str, *args: object, timeout: float = 120) -> subprocess.CompletedProcess:
+    """Run ``export/<script>`` in a fresh interpreter that cannot import Torch (nor jas_prune)."""
+    env = {k: v for k, v in os.environ.items() if k != "PYTHONPATH"}
+    env["OMP_NUM_THREADS"] = "1"
+    return subprocess.run([sys.executable, "-c", _TORCHLESS, str(REPO / "export" / script), *map(str, args)],
+                          capture_output=True, text=True, env=env, timeout=timeout, cwd=REPO.parent)
 
 
 def pytest_collection_modifyitems(config, items):

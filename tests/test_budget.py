@@ -11,7 +11,7 @@ import math
 import pytest
 import torch
 
-from jas_prune.cli import main
+from conftest import run_recipe
 from jas_prune.deploy import onnx_latency
 from jas_prune.errors import BudgetError, InvalidArgumentError
 from jas_prune.evaluate import count_params_macs
@@ -156,16 +156,9 @@ export: null
 """
 
 
-def _run(tmp_path, out, *sets, resume=False):
-    recipe = tmp_path / "r.yaml"
-    recipe.write_text(RUN)
-    args = ["recipe", "run", str(recipe), "--out", str(out), *[a for s in sets for a in ("--set", s)]]
-    return main(args + (["--resume"] if resume else []))
-
-
 def test_pipeline_macs_budget_adds_minimal_entries(tmp_path, tiny_builtin, capsys):
     out = tmp_path / "run"
-    assert _run(tmp_path, out, "prune.budget={macs: 0.8, step: 0.02}") == 0
+    assert run_recipe(tmp_path, RUN, out, "prune.budget={macs: 0.8, step: 0.02}") == 0
     m = json.loads((out / "metrics.json").read_text())
     entries = m["pruned"]
     ratio = entries[1]["ratio"]
@@ -184,11 +177,11 @@ def test_pipeline_macs_budget_adds_minimal_entries(tmp_path, tiny_builtin, capsy
     err = capsys.readouterr().err
     assert f"budget MACs ≤ 80 % of dense: ratio {ratio:g} gives {budget[0]['budget']['achieved'] * 100:.1f} %" in err
     # resume: every entry kept, nothing searched again
-    assert _run(tmp_path, out, "prune.budget={macs: 0.8, step: 0.02}", resume=True) == 0
+    assert run_recipe(tmp_path, RUN, out, "prune.budget={macs: 0.8, step: 0.02}", resume=True) == 0
     err = capsys.readouterr().err
     assert err.count("already on disk") == 4 and "models measured" not in err
     # another budget: its entries replace the old budget's, the ratio entries stay
-    assert _run(tmp_path, out, "prune.budget={macs: 0.7, step: 0.02}", resume=True) == 0
+    assert run_recipe(tmp_path, RUN, out, "prune.budget={macs: 0.7, step: 0.02}", resume=True) == 0
     again = json.loads((out / "metrics.json").read_text())["pruned"]
     assert [e["checkpoint"] for e in again][0::2] == [e["checkpoint"] for e in entries][0::2]
     assert {e["budget"]["value"] for e in again if "budget" in e} == {0.7}
@@ -200,7 +193,7 @@ def test_pipeline_latency_budget_is_read_back_on_resume(tmp_path, tiny_builtin, 
     calls: list = []
     monkeypatch.setattr(latency_module, "onnx_latency", _fake_latency(calls))
     out = tmp_path / "run"
-    assert _run(tmp_path, out, "prune.budget={latency_ms: 2.5, batch_size: 4}") == 0
+    assert run_recipe(tmp_path, RUN, out, "prune.budget={latency_ms: 2.5, batch_size: 4}") == 0
     entries = json.loads((out / "metrics.json").read_text())["pruned"]
     assert [e["checkpoint"] for e in entries if "budget" in e] == [
         "pruned-magnitude-r37-lat2p5ms-bs4.safetensors", "pruned-random-r37-lat2p5ms-bs4.safetensors"]
@@ -208,14 +201,14 @@ def test_pipeline_latency_budget_is_read_back_on_resume(tmp_path, tiny_builtin, 
     # a missing budget checkpoint is remade at the ratio recorded, without timing anything again
     (out / "pruned-random-r37-lat2p5ms-bs4.safetensors").unlink()
     monkeypatch.setattr(latency_module, "onnx_latency", lambda *a, **k: pytest.fail("measured again"))
-    assert _run(tmp_path, out, "prune.budget={latency_ms: 2.5, batch_size: 4}", resume=True) == 0
+    assert run_recipe(tmp_path, RUN, out, "prune.budget={latency_ms: 2.5, batch_size: 4}", resume=True) == 0
     after = json.loads((out / "metrics.json").read_text())["pruned"]
     assert [e["checkpoint"] for e in after] == [e["checkpoint"] for e in entries]
     assert after[3]["budget"] == entries[3]["budget"] and after[3]["widths"] == {"0": 40, "1": 40}
 
 
 def test_pipeline_refuses_an_unreachable_budget(tmp_path, tiny_builtin, capsys):
-    assert _run(tmp_path, tmp_path / "run", "prune.budget={macs: 0.01}", "prune.round_to=8") == 2
+    assert run_recipe(tmp_path, RUN, tmp_path / "run", "prune.budget={macs: 0.01}", "prune.round_to=8") == 2
     err = capsys.readouterr().err.strip().splitlines()
     floor = _fraction(tiny_builtin, 63 / 64, "macs", round_to=8)
     assert err[-1] == (f"jas-prune: error: prune.budget.macs: 0.01 cannot be met: keeping 8 FFN neurons per block "

@@ -17,27 +17,11 @@ import numpy as np
 import pytest
 from PIL import Image
 
+from conftest import run_torchless
 from jas_prune import deploy as ex
 
 ROOT = Path(__file__).resolve().parents[1]
 ADVICE = "re-export the model, or pass the right --sidecar"
-
-_BLOCKER = (
-    "import runpy, sys\n"
-    "for m in ('torch', 'torchvision', 'timm', 'jas_prune', 'onnx', 'onnxscript'):\n"
-    "    sys.modules[m] = None\n"
-    "script = sys.argv[1]\n"
-    "sys.argv = sys.argv[1:]\n"
-    "runpy.run_path(script, run_name='__main__')\n"
-)
-
-
-def _run(script: str, *args: object) -> subprocess.CompletedProcess:
-    env = {k: v for k, v in os.environ.items() if k != "PYTHONPATH"}
-    env["OMP_NUM_THREADS"] = "1"
-    return subprocess.run([sys.executable, "-c", _BLOCKER, str(ROOT / "export" / script), *map(str, args)],
-                          capture_output=True, text=True, env=env, timeout=120, cwd=ROOT.parent)
-
 
 @pytest.fixture(scope="module")
 def exported(tmp_path_factory):
@@ -98,10 +82,10 @@ def _refused(proc: subprocess.CompletedProcess, line: str) -> None:
 
 
 def test_intact_models_run(exported):
-    proc = _run("predict.py", exported / "a.onnx", exported / "img.png", "--top", "2")
+    proc = run_torchless("predict.py", exported / "a.onnx", exported / "img.png", "--top", "2")
     assert proc.returncode == 0 and proc.stderr == "", proc.stderr
     assert proc.stdout.splitlines()[0] == "# a.onnx on CPUExecutionProvider"
-    proc = _run("benchmark.py", exported / "b.onnx", "--batch", "2", "--warmup", "0", "--iters", "1", "--json")
+    proc = run_torchless("benchmark.py", exported / "b.onnx", "--batch", "2", "--warmup", "0", "--iters", "1", "--json")
     assert proc.returncode == 0 and proc.stderr == "", proc.stderr
     assert json.loads(proc.stdout)[0]["batch_size"] == 2
 
@@ -112,7 +96,7 @@ def test_truncated_model(exported, tmp_path, script):
     data = model.read_bytes()
     model.write_bytes(data[: len(data) // 2])
     args = (exported / "img.png",) if script == "predict.py" else ("--iters", "1")
-    _refused(_run(script, model, *args),
+    _refused(run_torchless(script, model, *args),
              f"{model}: {len(data) // 2} bytes, but its sidecar {side} records {len(data)}: the file is "
              f"truncated or was replaced; {ADVICE}")
 
@@ -125,7 +109,7 @@ def test_one_byte_flipped(exported, tmp_path, script):
     data[len(data) // 2] ^= 0x01
     model.write_bytes(bytes(data))
     args = (exported / "img.png",) if script == "predict.py" else ("--iters", "1")
-    _refused(_run(script, model, *args),
+    _refused(run_torchless(script, model, *args),
              f"{model}: its SHA-256 differs from the one its sidecar {side} records: the file was modified, "
              f"or the sidecar belongs to another file; {ADVICE}")
 
@@ -136,7 +120,7 @@ def test_sidecar_of_another_file(exported, tmp_path, script):
     args = (exported / "img.png",) if script == "predict.py" else ("--iters", "1")
     size, recorded = model.stat().st_size, json.loads(side.read_text())["onnx_bytes"]
     assert size != recorded
-    _refused(_run(script, model, *args),
+    _refused(run_torchless(script, model, *args),
              f"{model}: {size} bytes, but its sidecar {side} records {recorded} (it was written for b.onnx): "
              f"the file is truncated or was replaced; {ADVICE}")
 
@@ -145,7 +129,7 @@ def test_unchecksummed_sidecar_of_another_model(exported, tmp_path):
     """A format-1 sidecar (no checksum) is still checked against the model's input and output."""
     model, side = _case(exported, tmp_path, onnx="a", sidecar="b")
     _edit_sidecar(side, format_version=1, onnx_bytes=_DROP, onnx_sha256=_DROP)
-    _refused(_run("predict.py", model, exported / "img.png"),
+    _refused(run_torchless("predict.py", model, exported / "img.png"),
              f"{model} does not match its sidecar {side}: the model outputs [batch, 5], the sidecar "
              f"describes 3 classes; {ADVICE}")
 
@@ -162,15 +146,15 @@ def test_unchecksummed_sidecar_of_another_model(exported, tmp_path):
 def test_malformed_sidecar(exported, tmp_path, change, line):
     model, side = _case(exported, tmp_path)
     _edit_sidecar(side, **change)
-    _refused(_run("predict.py", model, exported / "img.png"), f"sidecar {side}: {line}; {ADVICE}")
+    _refused(run_torchless("predict.py", model, exported / "img.png"), f"sidecar {side}: {line}; {ADVICE}")
 
 
 def test_sidecar_that_is_not_json(exported, tmp_path):
     model, side = _case(exported, tmp_path)
     side.write_text('{"input_size": [3, 32')
-    _refused(_run("predict.py", model, exported / "img.png"),
+    _refused(run_torchless("predict.py", model, exported / "img.png"),
              f"sidecar {side}: not valid JSON (Expecting ',' delimiter at line 1 column 22); {ADVICE}")
-    _refused(_run("benchmark.py", model), f"sidecar {side}: not valid JSON (Expecting ',' delimiter at line 1 "
+    _refused(run_torchless("benchmark.py", model), f"sidecar {side}: not valid JSON (Expecting ',' delimiter at line 1 "
                                           f"column 22); {ADVICE}")
 
 
@@ -180,18 +164,18 @@ def test_file_onnxruntime_cannot_load(exported, tmp_path):
     _edit_sidecar(side, format_version=1, onnx_bytes=_DROP, onnx_sha256=_DROP)  # nothing to compare with
     expected = (f"{model}: onnxruntime cannot load it (INVALID_PROTOBUF: Protobuf parsing failed.); the file "
                 "is damaged or not an ONNX model: re-export it")
-    _refused(_run("predict.py", model, exported / "img.png"), expected)
+    _refused(run_torchless("predict.py", model, exported / "img.png"), expected)
     side.unlink()  # benchmark.py runs without a sidecar
-    _refused(_run("benchmark.py", model, "--iters", "1"), expected)
+    _refused(run_torchless("benchmark.py", model, "--iters", "1"), expected)
 
 
 def test_missing_sidecar_and_unreadable_image(exported, tmp_path):
     model, side = _case(exported, tmp_path, sidecar=None)
-    _refused(_run("predict.py", model, exported / "img.png"), f"no sidecar {side} beside {model} (pass --sidecar PATH)")
+    _refused(run_torchless("predict.py", model, exported / "img.png"), f"no sidecar {side} beside {model} (pass --sidecar PATH)")
     model, side = _case(exported, tmp_path)
     bad = tmp_path / "bad.png"
     bad.write_text("not an image")
-    _refused(_run("predict.py", model, bad), f"cannot read image {bad}: cannot identify image file '{bad}'")
+    _refused(run_torchless("predict.py", model, bad), f"cannot read image {bad}: cannot identify image file '{bad}'")
 
 
 def test_validation_in_process(exported, tmp_path):

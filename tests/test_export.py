@@ -20,6 +20,7 @@ import torch
 from PIL import Image
 from torch import nn
 
+from conftest import run_torchless
 from jas_prune import deploy as ex
 from jas_prune.deploy import latency, onnx_export, record
 from jas_prune.errors import ExportVerificationError
@@ -400,28 +401,6 @@ def test_benchmark_exports_times_a_runs_models_together(dense, pruned, tmp_path)
 # the torch-free deployment side
 
 
-_BLOCKER = (
-    "import runpy, sys\n"
-    "for m in ('torch', 'torchvision', 'timm', 'jas_prune', 'onnx', 'onnxscript'):\n"
-    "    sys.modules[m] = None\n"
-    "script = sys.argv[1]\n"
-    "sys.argv = sys.argv[1:]\n"
-    "try:\n"
-    "    runpy.run_path(script, run_name='__main__')\n"
-    "finally:\n"
-    "    leaked = sorted(m for m in sys.modules if m.split('.')[0] in ('torch', 'timm', 'jas_prune')\n"
-    "                    and sys.modules[m] is not None)\n"
-    "    assert not leaked, leaked\n"
-)
-
-
-def _run_torchless(script: str, *args: str) -> subprocess.CompletedProcess:
-    env = {k: v for k, v in os.environ.items() if k != "PYTHONPATH"}
-    env["OMP_NUM_THREADS"] = "1"
-    return subprocess.run([sys.executable, "-c", _BLOCKER, str(ROOT / "export" / script), *map(str, args)],
-                          capture_output=True, text=True, env=env, timeout=60, cwd=ROOT.parent)
-
-
 def _pngs(dest: Path) -> list[Path]:
     rng = np.random.default_rng(0)
     paths = []
@@ -437,7 +416,7 @@ def test_predict_script_without_torch(dense, pruned, tmp_path):
 
     images = _pngs(tmp_path)
     model, path, info = dense
-    proc = _run_torchless("predict.py", path, *images, "--threads", "1")
+    proc = run_torchless("predict.py", path, *images, "--threads", "1")
     assert proc.returncode == 0, proc.stderr
     assert proc.stderr == ""
     lines = proc.stdout.splitlines()
@@ -455,26 +434,26 @@ def test_predict_script_without_torch(dense, pruned, tmp_path):
         assert abs(float(block[1].split()[1]) - float(ref[k, order[0]])) < 1e-3
 
     pmodel, ppath, _ = pruned
-    proc = _run_torchless("predict.py", ppath, images[1], "--top", "2")
+    proc = run_torchless("predict.py", ppath, images[1], "--top", "2")
     assert proc.returncode == 0 and proc.stderr == "", proc.stderr
     out = proc.stdout.splitlines()
     assert len(out) == 4
     names = {ln.split()[2]: int(ln.split("(label ")[1].rstrip(")")) for ln in out[2:]}
     assert all(NAMES[label] == name and label in KEPT_LABELS for name, label in names.items())
 
-    proc = _run_torchless("predict.py", path, tmp_path / "missing.png")
+    proc = run_torchless("predict.py", path, tmp_path / "missing.png")
     assert proc.returncode == 2 and "image not found" in proc.stderr
 
 
 def test_benchmark_script_without_torch(pruned):
     _, path, _ = pruned
-    proc = _run_torchless("benchmark.py", path, "--batch", "1", "3", "--threads", "1", "--warmup", "1",
+    proc = run_torchless("benchmark.py", path, "--batch", "1", "3", "--threads", "1", "--warmup", "1",
                           "--iters", "3")
     assert proc.returncode == 0 and proc.stderr == "", proc.stderr
     assert "provider: CPUExecutionProvider  threads: 1" in proc.stdout
     rows = [ln.split() for ln in proc.stdout.splitlines()[3:]]
     assert [int(r[0]) for r in rows] == [1, 3] and all(float(r[1]) > 0 for r in rows)
-    proc = _run_torchless("benchmark.py", path, "--batch", "2", "--iters", "2", "--warmup", "0", "--json")
+    proc = run_torchless("benchmark.py", path, "--batch", "2", "--iters", "2", "--warmup", "0", "--json")
     assert proc.returncode == 0, proc.stderr
     recs = json.loads(proc.stdout)
     assert recs[0]["provider"] == "CPUExecutionProvider" and recs[0]["batch_size"] == 2

@@ -24,6 +24,7 @@ import pytest
 import torch
 
 from jas_prune.errors import JasPruneError, UnsupportedModelError
+from jas_prune.models import FAMILIES as REGISTERED
 from jas_prune.models import discover_ffn, split_fused_glu
 
 CELLS = ("locate cls", "locate all", "prune", "reconstruct", "export")
@@ -141,6 +142,31 @@ def _images(model, n: int = 4, dtype=torch.float32, seed: int = 0) -> torch.Tens
 def _ffn_modules(model) -> set[int]:
     info = discover_ffn(model)
     return {id(m) for layer in info.layers for m in (*layer.inputs, layer.fc2, layer.norm) if m is not None}
+
+
+# -- every registered family, on its own example (a new family is tested without listing it) --------
+
+
+@pytest.mark.parametrize("name", REGISTERED.names())
+def test_every_registered_family_locates_and_prunes_its_example(name):
+    from jas_prune import locate
+    from jas_prune.models import family_of, input_size
+    from jas_prune.pruning.prune import prune_ffn
+
+    family = REGISTERED.get(name)
+    assert family.example is not None, f"family {name!r} registers no example model"
+    if name.startswith("hf"):
+        pytest.importorskip("transformers")
+    model = family.example()
+    assert family_of(model) is family
+    info = discover_ffn(model)
+    x = _images(model, n=2)
+    res = locate(model, x, model(x).argmax(1), steps=2, scope="all", internal_batch_size=4)
+    assert res.paths.shape[:2] == (2, info.depth) and torch.isfinite(res.jas).all()
+    pruned = copy.deepcopy(model)
+    prune_ffn(pruned, {layer.index: torch.rand(layer.hidden) for layer in info.layers}, ratio=0.5)
+    assert discover_ffn(pruned).widths == [w - round(0.5 * w) for w in info.widths]
+    assert pruned(x).shape == model(x).shape and tuple(input_size(pruned)) == tuple(input_size(model))
 
 
 # -- the neuron site -------------------------------------------------------------------------------

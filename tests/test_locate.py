@@ -13,7 +13,7 @@ import numpy as np
 import pytest
 import torch
 
-from jas_prune.attribution import JointAttribution, locate, path_jas
+from jas_prune.attribution import METHODS, JointAttribution, locate, path_jas
 from jas_prune.testing import random_vit
 from jas_prune.errors import AttributionSettingError, RecipeError
 from jas_prune.neurons import edit
@@ -329,7 +329,7 @@ def _all_hooks(model):
     return sum(len(m._forward_hooks) + len(m._forward_pre_hooks) + len(m._backward_hooks) for m in model.modules())
 
 
-@pytest.mark.parametrize("method", ["jas", "activation", "influence_pattern", "knowledge"])
+@pytest.mark.parametrize("method", METHODS.names())  # every registered attribution method, without a list
 def test_model_left_unchanged(model, images, labels, method):
     state = {k: v.clone() for k, v in model.state_dict().items()}
     model.train()

@@ -5,9 +5,11 @@ import json
 
 import pytest
 
+from conftest import replace_stage, run_recipe
 from jas_prune import load_pruned
 from jas_prune.cli import main
 from jas_prune.models import discover_ffn
+from jas_prune.pipeline import STAGES
 
 RECIPE = """version: 1
 data: {images_per_class: 3, batch_size: 16}
@@ -21,11 +23,15 @@ export: {onnx: {benchmark: false}}
 
 
 @pytest.fixture
-def run_dir(tmp_path, tiny_builtin):
-    recipe = tmp_path / "r.yaml"
-    recipe.write_text(RECIPE)
+def run_dir(tmp_path, tiny_builtin, monkeypatch):
+    """The recipe above run once; it enables every registered stage, and each one runs (a new
+    stage fails here until the recipe enables it)."""
+    ran = []
+    for stage in STAGES:
+        replace_stage(monkeypatch, stage.name, lambda ctx, stage=stage: (ran.append(stage.name), stage.run(ctx)))
     out = tmp_path / "run"
-    assert main(["recipe", "run", str(recipe), "--out", str(out)]) == 0
+    assert run_recipe(tmp_path, RECIPE, out) == 0
+    assert ran == list(STAGES.names())
     return out
 
 

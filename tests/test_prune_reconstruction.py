@@ -11,6 +11,7 @@ import json
 import pytest
 import torch
 
+from conftest import run_recipe
 from jas_prune import load_pruned, reconstruct, save_pruned
 from jas_prune.cli import main
 from jas_prune.data import build_source
@@ -137,10 +138,8 @@ prune:
 
 @pytest.fixture
 def recon_run(tmp_path, tiny_builtin):
-    recipe = tmp_path / "r.yaml"
-    recipe.write_text(RUN)
     out = tmp_path / "run"
-    assert main(["recipe", "run", str(recipe), "--out", str(out)]) == 0
+    assert run_recipe(tmp_path, RUN, out) == 0
     return out
 
 

@@ -6,11 +6,9 @@ from __future__ import annotations
 import dataclasses
 import subprocess
 import sys
-import warnings
 
 import pytest
 import torch
-import torch_pruning as tp
 
 from jas_prune.errors import InvalidArgumentError
 from jas_prune.pruning.criteria import CRITERIA, Criterion, CriterionScores, MasksRef, ScoringInputs, criterion_scores
@@ -20,16 +18,10 @@ from jas_prune.pruning.criteria.random import random_scores
 from jas_prune.pruning.criteria.taylor import taylor_scores
 from jas_prune.pruning.criteria.vit_slim import VitSlimOptions, vit_slim_scores
 from jas_prune.pruning.plugin import JASImportance
+from jas_prune.testing import meta_prune
 from jas_prune.pruning.stats import ffn_activation_stats
 
 N_CLASSES = 6  # the six-class model, batch and loader fixtures live in conftest.py
-
-
-def _meta_prune(model, imp, ratio, **kw):
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")
-        pruner = tp.pruner.MetaPruner(model, torch.randn(1, 3, 32, 32), importance=imp, pruning_ratio=ratio, **kw)
-        pruner.step()
 
 
 def test_activation_statistics_match_hooks(model, loader, batch):
@@ -100,7 +92,7 @@ def test_every_baseline_prunes_through_metapruner(tiny_vit, loader, method):
     scores = criterion_scores(method, model, loader, vit_slim={"lambda": 1e-3, "epochs": 1, "lr": 0.01})
     n = model.blocks[0].mlp.fc1.out_features
     assert set(scores) == {0, 1} and all(s.shape == (n,) for s in scores.values())
-    _meta_prune(model, JASImportance(scores), 0.5)
+    meta_prune(model, JASImportance(scores), 0.5)
     assert [b.mlp.fc1.out_features for b in model.blocks] == [n // 2, n // 2]
     assert torch.isfinite(model(loader[0][0])).all()
 

@@ -19,15 +19,9 @@ from jas_prune.errors import ClassSelectionError, FingerprintMismatchError, Inva
 from jas_prune.pruning.criteria.random import random_scores
 from jas_prune.pruning.graph import dependency_graph, update_attention_geometry
 from jas_prune.pruning.plugin import JASImportance
+from jas_prune.testing import meta_prune
 
 N_CLASSES = 6  # the six-class model, batch and loader fixtures live in conftest.py
-
-
-def _meta_prune(model, imp, ratio, **kw):
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")
-        pruner = tp.pruner.MetaPruner(model, torch.randn(1, 3, 32, 32), importance=imp, pruning_ratio=ratio, **kw)
-        pruner.step()
 
 
 def _kept_rows(before: torch.Tensor, after: torch.Tensor) -> list[int]:
@@ -69,7 +63,7 @@ def test_metapruner_local_prunes_only_ffn_top_scores(model, ratio):
     before_b1 = [b.mlp.fc1.bias.detach().clone() for b in model.blocks]
     other = _non_ffn_state(model)
     n = model.blocks[0].mlp.fc1.out_features
-    _meta_prune(model, JASImportance(scores), ratio)
+    meta_prune(model, JASImportance(scores), ratio)
     n_keep = int(n * (1 - ratio))  # Torch-Pruning's rounding
     for i, blk in enumerate(model.blocks):
         assert blk.mlp.fc1.out_features == n_keep and blk.mlp.fc2.in_features == n_keep
@@ -89,7 +83,7 @@ def test_metapruner_global_exact_total_and_no_collapse(model):
     n = model.blocks[0].mlp.fc1.out_features
     total = 3 * n
     other = _non_ffn_state(model)
-    _meta_prune(model, JASImportance(scores), 0.8, global_pruning=True)
+    meta_prune(model, JASImportance(scores), 0.8, global_pruning=True)
     widths = [b.mlp.fc1.out_features for b in model.blocks]
     assert sum(widths) == int(total * (1 - 0.8))
     assert min(widths) >= math.ceil(0.05 * n)  # no layer collapses
@@ -103,7 +97,7 @@ def test_global_without_normalizer_uses_floor(tiny_vit):
     scores = random_scores(model, seed=1)
     scores[0] = scores[0] * 1e-6
     n = model.blocks[0].mlp.fc1.out_features
-    _meta_prune(model, JASImportance(scores, normalizer="none", min_keep=5), 0.6, global_pruning=True)
+    meta_prune(model, JASImportance(scores, normalizer="none", min_keep=5), 0.6, global_pruning=True)
     assert model.blocks[0].mlp.fc1.out_features == 5  # only the floor survives the raw ranking
     assert model.blocks[1].mlp.fc1.out_features > 5
 
@@ -112,7 +106,7 @@ def test_protect_survives_metapruner(model):
     scores = random_scores(model, seed=2)
     weakest = torch.argsort(scores[1])[:3].tolist()
     before = model.blocks[1].mlp.fc1.weight.detach().clone()
-    _meta_prune(model, JASImportance(scores, protect={1: weakest}), 0.5)
+    meta_prune(model, JASImportance(scores, protect={1: weakest}), 0.5)
     kept = _kept_rows(before, model.blocks[1].mlp.fc1.weight.detach())
     assert set(weakest) <= set(kept)
 
@@ -120,7 +114,7 @@ def test_protect_survives_metapruner(model):
 def test_blocks_without_scores_are_left_alone(model):
     scores = random_scores(model, seed=0)
     n = model.blocks[0].mlp.fc1.out_features
-    _meta_prune(model, JASImportance({1: scores[1]}), 0.5)
+    meta_prune(model, JASImportance({1: scores[1]}), 0.5)
     assert [b.mlp.fc1.out_features for b in model.blocks] == [n, n // 2, n]
 
 
@@ -141,16 +135,16 @@ def test_bad_scores_raise_named_errors(model):
     with pytest.raises(InvalidArgumentError, match="protect: block 1"):
         JASImportance({0: torch.rand(n)}, protect={1: [0]})
     with pytest.raises(InvalidArgumentError, match=r"scores\[1\]: 5 scores but block 1 has 64 neurons"):
-        _meta_prune(model, JASImportance({1: torch.rand(5)}), 0.5)
+        meta_prune(model, JASImportance({1: torch.rand(5)}), 0.5)
     with pytest.raises(InvalidArgumentError, match="block 7 does not exist"):
-        _meta_prune(model, JASImportance({7: torch.rand(n)}), 0.5)
+        meta_prune(model, JASImportance({7: torch.rand(n)}), 0.5)
 
 
 def test_iterative_pruning_asks_for_fresh_scores(model):
     imp = JASImportance(random_scores(model, seed=0))
-    _meta_prune(model, imp, 0.5)
+    meta_prune(model, imp, 0.5)
     with pytest.raises(InvalidArgumentError, match="pruned already"):
-        _meta_prune(model, imp, 0.5)
+        meta_prune(model, imp, 0.5)
 
 
 def test_from_loader_real_locate(model, loader, batch):
@@ -236,7 +230,7 @@ def test_from_run_for_another_model_is_a_fingerprint_error(model, monkeypatch, t
                         types.SimpleNamespace(load_masks=lambda run_dir: _fake_masks(n + 8)))
     imp = JASImportance.from_run(tmp_path)
     with pytest.raises(FingerprintMismatchError, match=str(tmp_path)):
-        _meta_prune(model, imp, 0.5)
+        meta_prune(model, imp, 0.5)
     with pytest.raises(FingerprintMismatchError, match=str(tmp_path)):
         prune_ffn(model, imp, ratio=0.5)
 
@@ -269,12 +263,12 @@ def test_one_instance_prunes_a_model_whose_modules_were_replaced(model):
     imp = JASImportance(random_scores(model, seed=0))
     n = model.blocks[0].mlp.fc1.out_features
     template = copy.deepcopy(model)
-    _meta_prune(model, imp, 0.5)
+    meta_prune(model, imp, 0.5)
     assert _ffn_widths(model) == [n // 2] * 3
     before = id(model)
     model.blocks = copy.deepcopy(template.blocks)  # dense FFNs again, every fc1 a new module
     assert id(model) == before and _ffn_widths(model) == [n] * 3
-    _meta_prune(model, imp, 0.5)
+    meta_prune(model, imp, 0.5)
     assert _ffn_widths(model) == [n // 2] * 3
 
 
@@ -284,7 +278,7 @@ def test_one_instance_prunes_every_fresh_copy(model):
     n = model.blocks[0].mlp.fc1.out_features
     for _ in range(6):
         m = copy.deepcopy(model)
-        _meta_prune(m, imp, 0.5)
+        meta_prune(m, imp, 0.5)
         assert _ffn_widths(m) == [n // 2] * 3
         del m
         gc.collect()
@@ -293,7 +287,7 @@ def test_one_instance_prunes_every_fresh_copy(model):
 def test_cache_keeps_no_model_alive(tiny_vit):
     m = tiny_vit(num_classes=N_CLASSES, depth=2)
     imp = JASImportance(random_scores(m, seed=0))
-    _meta_prune(m, imp, 0.5)
+    meta_prune(m, imp, 0.5)
     assert len(imp._fc1_blocks) == 2
     ref = weakref.ref(m.blocks[0].mlp.fc1)
     del m

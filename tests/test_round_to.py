@@ -9,7 +9,7 @@ import json
 import pytest
 import torch
 
-from jas_prune.cli import main
+from conftest import run_recipe
 from jas_prune.errors import BudgetError, InvalidArgumentError, PruneSettingError
 from jas_prune.models import discover_ffn
 from jas_prune.pruning.prune import prune_ffn, round_kept, uniform_widths
@@ -125,13 +125,6 @@ export: null
 """
 
 
-def _run(tmp_path, out, *sets, resume=False):
-    recipe = tmp_path / "r.yaml"
-    recipe.write_text(RUN)
-    args = ["recipe", "run", str(recipe), "--out", str(out), *[a for s in sets for a in ("--set", s)]]
-    return main(args + (["--resume"] if resume else []))
-
-
 def _pruned(out):
     return json.loads((out / "metrics.json").read_text())["pruned"]
 
@@ -143,7 +136,7 @@ def _kept_lines(capsys) -> list[str]:
 
 def test_pipeline_round_to_names_records_and_resumes(tmp_path, tiny_builtin, capsys):
     out = tmp_path / "run"
-    assert _run(tmp_path, out, "prune.round_to=16") == 0
+    assert run_recipe(tmp_path, RUN, out, "prune.round_to=16") == 0
     entries = _pruned(out)
     assert [e["checkpoint"] for e in entries] == [
         f"pruned-{m}-r{r}{s}-rt16.safetensors" for m in ("magnitude", "random") for r in (70, 30) for s in ("", "-bc")]
@@ -153,20 +146,20 @@ def test_pipeline_round_to_names_records_and_resumes(tmp_path, tiny_builtin, cap
     # the same round_to: every entry kept, one log line each
     mtimes = {e["checkpoint"]: (out / e["checkpoint"]).stat().st_mtime_ns for e in entries}
     capsys.readouterr()
-    assert _run(tmp_path, out, "prune.round_to=16", resume=True) == 0
+    assert run_recipe(tmp_path, RUN, out, "prune.round_to=16", resume=True) == 0
     assert _kept_lines(capsys) == [f"prune {e['checkpoint'].removesuffix('.safetensors')}: kept {e['checkpoint']} "
                     "(already on disk, made with the same settings)" for e in entries]
     assert {e["checkpoint"]: (out / e["checkpoint"]).stat().st_mtime_ns for e in _pruned(out)} == mtimes
     # another round_to is another entry: recomputed under its own name; null drops the suffix
-    assert _run(tmp_path, out, "prune.round_to=32", resume=True) == 0
+    assert run_recipe(tmp_path, RUN, out, "prune.round_to=32", resume=True) == 0
     assert {e["round_to"] for e in _pruned(out)} == {32}
     assert {e["widths"]["0"] for e in _pruned(out)} == {32}  # 0.7 keeps 19 -> 32, 0.3 keeps 45 -> 32
-    assert _run(tmp_path, out, resume=True) == 0
+    assert run_recipe(tmp_path, RUN, out, resume=True) == 0
     assert all("round_to" not in e and "-rt" not in e["checkpoint"] for e in _pruned(out))
 
 
 def test_round_to_wider_than_the_ffn_is_refused_naming_the_key(tmp_path, tiny_builtin, capsys):
-    assert _run(tmp_path, tmp_path / "run", "prune.round_to=128") == 2
+    assert run_recipe(tmp_path, RUN, tmp_path / "run", "prune.round_to=128") == 2
     err = capsys.readouterr().err.strip().splitlines()
     assert err[-1] == "jas-prune: error: prune.round_to: 128 exceeds the FFN width 64 of block 0; lower prune.round_to"
 
@@ -176,16 +169,16 @@ def test_resumed_run_writes_entries_in_the_uninterrupted_order(tmp_path, tiny_bu
     order, not the end of the list; class subsets come after prune.classes."""
     sets = ["prune.class_subsets={count: 1, size: 3, ratios: [0.5], head: cut}"]
     whole = tmp_path / "whole"
-    assert _run(tmp_path, whole, *sets) == 0
+    assert run_recipe(tmp_path, RUN, whole, *sets) == 0
     order = [e["checkpoint"] for e in _pruned(whole)]
     assert order[:8] == [f"pruned-{m}-r{r}{s}.safetensors" for m in ("magnitude", "random") for r in (70, 30)
                          for s in ("", "-bc")]
     assert len(order) == 8 + 4 and all("-c" in c for c in order[8:])
     broken = tmp_path / "broken"
-    assert _run(tmp_path, broken, *sets) == 0
+    assert run_recipe(tmp_path, RUN, broken, *sets) == 0
     for name in (order[0], order[5], order[8]):  # the first of each selection, and one in the middle
         (broken / name).unlink()
     capsys.readouterr()
-    assert _run(tmp_path, broken, *sets, resume=True) == 0
+    assert run_recipe(tmp_path, RUN, broken, *sets, resume=True) == 0
     assert [e["checkpoint"] for e in _pruned(broken)] == order
     assert [line.split()[1].rstrip(":") for line in _kept_lines(capsys)] == [c.removesuffix(".safetensors") for c in order if c not in (order[0], order[5], order[8])]

@@ -4,7 +4,8 @@
 checkpoint, or weights already in the local cache), the shipped ``builtin:shapes-vit``, or a
 Hugging Face directory (``hf:DIR``). ``discover_ffn`` finds, for each block, the FFN whose
 neurons jas-prune attributes and prunes (:mod:`.ffn` defines the neuron for plain and gated
-FFNs). One module per family registers it in :data:`FAMILIES`:
+FFNs). One module per family registers it in :data:`FAMILIES` (``@FAMILIES.register``; every
+module of this package is imported here, so a new family is one new file):
 
 ``timm_vit``  timm ``VisionTransformer`` (vit_*, deit_*, DeiT-3, DINOv2, CLIP/SigLIP towers...)
 ``eva``       timm ``Eva`` (EVA-02: RoPE, SwiGLU)
@@ -15,11 +16,11 @@ FFNs). One module per family registers it in :data:`FAMILIES`:
 
 from __future__ import annotations
 
-from . import timm_vit as _timm_vit  # noqa: F401 - registration order = the order in messages
-from . import eva as _eva  # noqa: F401
-from . import beit as _beit  # noqa: F401
-from . import relpos as _relpos  # noqa: F401
-from . import hf as _hf  # noqa: F401
+from ..registry import import_submodules
+
+# first: registration order = the order in messages and the order families are tried in
+import_submodules(__name__, __path__, first=("timm_vit", "eva", "beit", "relpos", "hf"))
+
 from .builtin import BUILTIN_MODELS, BUILTIN_PREFIX
 from .families import FAMILIES, Family, discover_ffn, family_of, model_label, num_outputs
 from .ffn import FFN_KINDS, FFNInfo, FFNLayer, split_fused_glu
@@ -33,6 +34,7 @@ from .loading import (
     load_state_dict_file,
 )
 from .spec import model_spec, spec_json
+
 
 __all__ = [
     "BUILTIN_PREFIX",

@@ -10,7 +10,7 @@ from torch import nn
 from .eva import decode_arch
 from .families import FAMILIES, Family
 from .ffn import FFNInfo, timm_mlp_ffn
-from .timm_common import factory_args, patch_kwargs, timm_image_size, timm_info, tuples
+from .timm_common import factory_args, patch_kwargs, timm_image_size, timm_info, tiny_timm, tuples
 
 __all__ = ["arch_kwargs"]
 
@@ -48,12 +48,15 @@ def arch_kwargs(model: nn.Module) -> dict[str, Any]:
     return kw
 
 
-FAMILIES.add(Family(
-    name="timm-beit",
-    label="timm Beit",
-    matches=_is_beit,
-    discover=_discover,
-    image_size=timm_image_size,
-    arch_kwargs=arch_kwargs,
-    decode_arch=decode_arch,
-))
+@FAMILIES.register
+def _timm_beit_family() -> Family:
+    return Family(
+        name="timm-beit",
+        label="timm Beit",
+        matches=_is_beit,
+        discover=_discover,
+        image_size=timm_image_size,
+        arch_kwargs=arch_kwargs,
+        decode_arch=decode_arch,
+        example=lambda: tiny_timm("beit_base_patch16_224", init_values=0.5),
+    )

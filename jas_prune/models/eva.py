@@ -9,7 +9,7 @@ from torch import nn
 
 from .families import FAMILIES, Family
 from .ffn import FFNInfo, timm_mlp_ffn
-from .timm_common import factory_args, patch_kwargs, timm_image_size, timm_info, tuples
+from .timm_common import factory_args, patch_kwargs, timm_image_size, timm_info, tiny_timm, tuples
 
 __all__ = ["arch_kwargs", "decode_arch"]
 
@@ -67,12 +67,15 @@ def decode_arch(arch: Mapping[str, Any]) -> dict[str, Any]:
     return kw
 
 
-FAMILIES.add(Family(
-    name="timm-eva",
-    label="timm Eva",
-    matches=_is_eva,
-    discover=_discover,
-    image_size=timm_image_size,
-    arch_kwargs=arch_kwargs,
-    decode_arch=decode_arch,
-))
+@FAMILIES.register
+def _timm_eva_family() -> Family:
+    return Family(
+        name="timm-eva",
+        label="timm Eva",
+        matches=_is_eva,
+        discover=_discover,
+        image_size=timm_image_size,
+        arch_kwargs=arch_kwargs,
+        decode_arch=decode_arch,
+        example=lambda: tiny_timm("eva02_tiny_patch14_224", img_size=28, patch_size=14, ref_feat_shape=(2, 2)),
+    )

@@ -35,6 +35,9 @@ class Family:
         rebuild: ``(name, arch, num_classes) -> model`` when ``create_model`` cannot rebuild it
             (models that are not timm names); None: ``create_model(name, **decode_arch(arch))``.
         head: ``model -> nn.Module`` the classifier.
+        example: ``() -> model``, a tiny random-init member (two blocks, a few dozen pixels, no
+            download): the tests run every registered family on its example, so a new family is
+            tested without being listed anywhere.
     """
 
     name: str
@@ -46,6 +49,7 @@ class Family:
     decode_arch: Callable[[Mapping[str, Any]], dict[str, Any]] = dict
     rebuild: Callable[[str, Mapping[str, Any], int], nn.Module] | None = None
     head: Callable[[nn.Module], Any] = lambda m: getattr(m, "head", None)
+    example: Callable[[], nn.Module] | None = None
 
 
 FAMILIES: Registry[Family] = Registry("model family")

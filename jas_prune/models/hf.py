@@ -304,13 +304,25 @@ def load_hf(name: str, *, checkpoint: Any = None, pretrained: bool = False,
     return wrap_hf(model, source=f"{HF_PREFIX}{path}", data_config=data_config)
 
 
-FAMILIES.add(Family(
-    name="hf-vit",
-    label="Hugging Face ViT/DeiT",
-    matches=_is_hf,
-    discover=_discover,
-    image_size=_image_size,
-    arch_kwargs=_arch,
-    rebuild=_rebuild,
-    head=lambda m: m.head if isinstance(m, HFImageClassifier) else None,
-))
+def _example() -> nn.Module:
+    """A two-block random-init ``ViTForImageClassification`` on 32-px images, wrapped."""
+    import transformers
+
+    cfg = transformers.ViTConfig(image_size=32, patch_size=8, hidden_size=32, num_hidden_layers=2,
+                                 num_attention_heads=2, intermediate_size=64, num_labels=5)
+    return wrap_hf(transformers.ViTForImageClassification(cfg).eval(), source="hf:example")
+
+
+@FAMILIES.register
+def _hf_vit_family() -> Family:
+    return Family(
+        name="hf-vit",
+        label="Hugging Face ViT/DeiT",
+        matches=_is_hf,
+        discover=_discover,
+        image_size=_image_size,
+        arch_kwargs=_arch,
+        rebuild=_rebuild,
+        head=lambda m: m.head if isinstance(m, HFImageClassifier) else None,
+        example=_example,
+    )

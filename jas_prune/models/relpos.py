@@ -11,7 +11,7 @@ from torch import nn
 from ..errors import UnsupportedModelError
 from .families import FAMILIES, Family
 from .ffn import FFNInfo, timm_mlp_ffn
-from .timm_common import factory_args, patch_kwargs, timm_image_size, timm_info, tuples
+from .timm_common import factory_args, patch_kwargs, timm_image_size, timm_info, tiny_timm, tuples
 
 __all__ = ["arch_kwargs", "decode_arch"]
 
@@ -64,12 +64,15 @@ def decode_arch(arch: Mapping[str, Any]) -> dict[str, Any]:
     return kw
 
 
-FAMILIES.add(Family(
-    name="timm-relpos",
-    label="timm VisionTransformerRelPos",
-    matches=_is_relpos,
-    discover=_discover,
-    image_size=timm_image_size,
-    arch_kwargs=arch_kwargs,
-    decode_arch=decode_arch,
-))
+@FAMILIES.register
+def _timm_relpos_family() -> Family:
+    return Family(
+        name="timm-relpos",
+        label="timm VisionTransformerRelPos",
+        matches=_is_relpos,
+        discover=_discover,
+        image_size=timm_image_size,
+        arch_kwargs=arch_kwargs,
+        decode_arch=decode_arch,
+        example=lambda: tiny_timm("vit_relpos_small_patch16_224", init_values=0.5),
+    )

@@ -9,8 +9,8 @@ from torch import nn
 
 from .ffn import FFNInfo, FFNLayer, timm_mlp_ffn
 
-__all__ = ["timm_image_size", "timm_tokens", "timm_info", "pair", "act_name", "patch_kwargs", "factory_args",
-           "tuples"]
+__all__ = ["tiny_timm", "timm_image_size", "timm_tokens", "timm_info", "pair", "act_name", "patch_kwargs",
+           "factory_args", "tuples"]
 
 
 def pair(v: Any) -> list[int]:
@@ -103,3 +103,16 @@ def factory_args(model: nn.Module) -> dict[str, Any]:
 def tuples(arch: dict[str, Any]) -> dict[str, Any]:
     """Lists (as JSON stores them) back to tuples, which timm's constructors expect."""
     return {k: tuple(v) if isinstance(v, list) else v for k, v in arch.items()}
+
+
+def tiny_timm(name: str, **overrides: Any) -> nn.Module:
+    """A two-block random-init timm model of architecture ``name`` on 32-px images (a family's
+    ``example``), fused SwiGLU split as :func:`~jas_prune.models.load_model` does."""
+    import timm
+
+    from .ffn import split_fused_glu
+
+    args = dict(pretrained=False, img_size=32, patch_size=8, embed_dim=32, depth=2, num_heads=2, num_classes=5)
+    model = timm.create_model(name, **{**args, **overrides}).eval()
+    split_fused_glu(model)
+    return model

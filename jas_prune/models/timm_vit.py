@@ -10,7 +10,7 @@ from torch import nn
 from ..errors import UnsupportedModelError
 from .families import FAMILIES, Family
 from .ffn import FFNInfo, timm_mlp_ffn
-from .timm_common import act_name, factory_args, patch_kwargs, timm_image_size, timm_info, tuples
+from .timm_common import act_name, factory_args, patch_kwargs, timm_image_size, timm_info, tiny_timm, tuples
 
 __all__ = ["arch_kwargs", "decode_arch"]
 
@@ -102,13 +102,16 @@ def decode_arch(arch: Mapping[str, Any]) -> dict[str, Any]:
     return kw
 
 
-FAMILIES.add(Family(
-    name="timm-vit",
-    label="timm VisionTransformer",
-    matches=_is_vit,
-    discover=_discover,
-    image_size=timm_image_size,
-    arch_kwargs=arch_kwargs,
-    decode_arch=decode_arch,
-))
+@FAMILIES.register
+def _timm_vit_family() -> Family:
+    return Family(
+        name="timm-vit",
+        label="timm VisionTransformer",
+        matches=_is_vit,
+        discover=_discover,
+        image_size=timm_image_size,
+        arch_kwargs=arch_kwargs,
+        decode_arch=decode_arch,
+        example=lambda: tiny_timm("vit_tiny_patch16_224"),
+    )
 

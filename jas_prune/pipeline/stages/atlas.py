@@ -21,5 +21,7 @@ def _check(recipe) -> None:
         raise StageNotAvailableError("report.atlas: needs the attribution section (the atlas shows its paths' neurons)")
 
 
-STAGES.add(Stage("atlas", "each class's path neurons: top images, patch heatmaps, per-class use -> atlas/",
-                 enabled=lambda r: r.report.atlas is not None, run=run_atlas, check=_check))
+@STAGES.register
+def _atlas_stage() -> Stage:
+    return Stage("atlas", "each class's path neurons: top images, patch heatmaps, per-class use -> atlas/",
+                 enabled=lambda r: r.report.atlas is not None, run=run_atlas, check=_check, order=45)

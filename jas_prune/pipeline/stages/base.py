@@ -1,4 +1,4 @@
-"""The stage registry: one :class:`Stage` per module of this package, run in registration order."""
+"""The stage registry: one :class:`Stage` per module of this package, run in ``order``."""
 
 from __future__ import annotations
 
@@ -32,6 +32,8 @@ class Stage:
             (raises :class:`~jas_prune.errors.StageNotAvailableError` naming the key).
         shared: every torchrun rank runs it (locating); other stages run on rank 0 alone, after
             every shared stage.
+        order: its place in the run, lowest first (the stages so far are 10, 20, ... 80, atlas 45: a new
+            one takes a number between its neighbours).
     """
 
     name: str
@@ -40,6 +42,7 @@ class Stage:
     run: Callable[["RunContext"], None]
     check: Callable[["Recipe"], None] = _nothing_to_check
     shared: bool = False
+    order: int = 0
 
 
-STAGES: Registry[Stage] = Registry("stage")
+STAGES: Registry[Stage] = Registry("stage", order=lambda stage: stage.order)

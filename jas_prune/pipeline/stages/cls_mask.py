@@ -99,5 +99,7 @@ def _check(recipe) -> None:
             "evaluate.protocols: 'paper_cls_mask' needs the attribution and masks sections (it keeps the class TopK)")
 
 
-STAGES.add(Stage("cls_mask", "the paper's CLS-token masking protocol (+ ablation) -> metrics.paper.cls_mask",
-                 enabled=lambda r: "paper_cls_mask" in r.evaluate.protocols, run=run_cls_mask, check=_check))
+@STAGES.register
+def _cls_mask_stage() -> Stage:
+    return Stage("cls_mask", "the paper's CLS-token masking protocol (+ ablation) -> metrics.paper.cls_mask",
+                 enabled=lambda r: "paper_cls_mask" in r.evaluate.protocols, run=run_cls_mask, check=_check, order=60)

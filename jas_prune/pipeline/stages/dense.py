@@ -25,5 +25,7 @@ def run_dense(ctx) -> None:
              acc["top1"], acc["top5"], size["params"], size["macs"], acc["n"])
 
 
-STAGES.add(Stage("dense", "top-1/top-5 of the dense model on the test partition, params, MACs -> metrics.dense",
-                 enabled=lambda r: True, run=run_dense))
+@STAGES.register
+def _dense_stage() -> Stage:
+    return Stage("dense", "top-1/top-5 of the dense model on the test partition, params, MACs -> metrics.dense",
+                 enabled=lambda r: True, run=run_dense, order=30)

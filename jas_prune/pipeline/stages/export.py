@@ -217,6 +217,8 @@ def run_export(ctx) -> None:
                                       "(figures in metrics.json)")
 
 
-STAGES.add(Stage("export", "ONNX of the dense and every pruned model, parity and ONNX Runtime latency -> *.onnx, "
+@STAGES.register
+def _export_stage() -> Stage:
+    return Stage("export", "ONNX of the dense and every pruned model, parity and ONNX Runtime latency -> *.onnx, "
                  "metrics.export", enabled=lambda r: r.export is not None and r.export.onnx is not None,
-                 run=run_export))
+                 run=run_export, order=80)

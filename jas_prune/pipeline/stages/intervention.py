@@ -33,5 +33,7 @@ def _check(recipe) -> None:
         raise StageNotAvailableError("evaluate.intervention: needs the attribution section")
 
 
-STAGES.add(Stage("intervention", "paper Table 1 on the test partition -> metrics.paper.intervention",
-                 enabled=lambda r: r.evaluate.intervention, run=run_intervention, check=_check))
+@STAGES.register
+def _intervention_stage() -> Stage:
+    return Stage("intervention", "paper Table 1 on the test partition -> metrics.paper.intervention",
+                 enabled=lambda r: r.evaluate.intervention, run=run_intervention, check=_check, order=50)

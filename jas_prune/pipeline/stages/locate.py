@@ -144,13 +144,19 @@ def locate_part(ctx, part: str, *, resume: bool) -> None:
              f" on {dist.world} ranks" if dist.enabled else "")
 
 
-STAGES.add(Stage(
-    "locate", "neuron paths of every probe image with every attribution.method -> paths/probe/, metrics.locate",
-    enabled=lambda r: r.attribution is not None,
-    run=lambda ctx: locate_part(ctx, "probe", resume=ctx.resume),
-    shared=True))
-STAGES.add(Stage(
-    "locate_test", "paths of the test images for Table 1 (evaluate.intervention) -> paths/test/",
-    enabled=lambda r: r.attribution is not None and r.evaluate.intervention,
-    run=lambda ctx: locate_part(ctx, "test", resume=ctx.resume),
-    shared=True))
+@STAGES.register
+def _locate_stage() -> Stage:
+    return Stage(
+        "locate", "neuron paths of every probe image with every attribution.method -> paths/probe/, metrics.locate",
+        enabled=lambda r: r.attribution is not None,
+        run=lambda ctx: locate_part(ctx, "probe", resume=ctx.resume),
+        shared=True, order=10)
+
+
+@STAGES.register
+def _locate_test_stage() -> Stage:
+    return Stage(
+        "locate_test", "paths of the test images for Table 1 (evaluate.intervention) -> paths/test/",
+        enabled=lambda r: r.attribution is not None and r.evaluate.intervention,
+        run=lambda ctx: locate_part(ctx, "test", resume=ctx.resume),
+        shared=True, order=20)

@@ -51,5 +51,7 @@ def _check(recipe) -> None:
         raise StageNotAvailableError("masks: needs the attribution section (the masks are built from its paths)")
 
 
-STAGES.add(Stage("masks", "class masks, similarity and importance from paths/probe/ -> masks.safetensors",
-                 enabled=lambda r: r.masks is not None, run=run_masks, check=_check))
+@STAGES.register
+def _masks_stage() -> Stage:
+    return Stage("masks", "class masks, similarity and importance from paths/probe/ -> masks.safetensors",
+                 enabled=lambda r: r.masks is not None, run=run_masks, check=_check, order=40)

@@ -354,6 +354,8 @@ def _check(recipe) -> None:
         check_head_methods(recipe.prune.methods)
 
 
-STAGES.add(Stage("prune", "structured FFN pruning, every method × ratio × reconstruction (× class subset) "
+@STAGES.register
+def _prune_stage() -> Stage:
+    return Stage("prune", "structured FFN pruning, every method × ratio × reconstruction (× class subset) "
                  "-> pruned-*.safetensors, metrics.pruned", enabled=lambda r: r.prune is not None, run=run_prune,
-                 check=_check))
+                 check=_check, order=70)

@@ -12,8 +12,10 @@ the package is, so **adding a criterion is one new file here** (plus its test)::
         ...                                   # a score map: block -> per-neuron scores
         return CriterionScores(scores)
 
-    CRITERIA.add(Criterion(name="mine", label="Mine", colour="#e377c2", summary="...",
-                           needs_data=False, score=_score))
+    @CRITERIA.register
+    def _mine() -> Criterion:
+        return Criterion(name="mine", label="Mine", colour="#e377c2", summary="...",
+                         needs_data=False, score=_score)
 
 Importing this package is cheap: no Torch-Pruning, no timm (the CLI imports it for ``--help``
 and recipe checks); a criterion imports what it computes with inside its ``score`` function.
@@ -21,16 +23,14 @@ and recipe checks); a criterion imports what it computes with inside its ``score
 
 from __future__ import annotations
 
-import importlib
 import os
-import pkgutil
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any, Callable, Iterable, Mapping
 
 import pydantic
 
 from ...errors import InvalidArgumentError, one_line
-from ...registry import Registry
+from ...registry import Registry, import_submodules
 
 if TYPE_CHECKING:  # pragma: no cover
     import torch
@@ -213,13 +213,5 @@ def criterion_scores(method: str, model: "nn.Module", loader: Iterable | None = 
     return criterion.score(inputs).scores
 
 
-def _register_all() -> None:
-    """Import every criterion module: the original seven first (their order is the one recipes
-    and reports have always used), then any other module of this package, by name."""
-    first = ("jas", "vit_slim", "magnitude", "taylor", "activation", "random")
-    others = sorted(m.name for m in pkgutil.iter_modules(__path__) if not m.name.startswith("_"))
-    for name in [*first, *(m for m in others if m not in first)]:
-        importlib.import_module(f"{__name__}.{name}")
-
-
-_register_all()
+# the original seven first: the order recipes and reports have always used; new ones follow by name
+import_submodules(__name__, __path__, first=("jas", "vit_slim", "magnitude", "taylor", "activation", "random"))

@@ -40,13 +40,20 @@ def variance_scores(model: nn.Module, loader: Iterable, *, classes: Sequence[int
     return _stat(_stats(model, loader, classes, device, max_batches, stats), "var")
 
 
-CRITERIA.add(Criterion(
-    name="activation", label="activation", colour="#ff7f0e", needs_data=True,
-    score=lambda inputs: CriterionScores(_stat(inputs.activation_stats(), "mean_abs")),
-    summary="mean |activation| of each neuron over all probe tokens",
-))
-CRITERIA.add(Criterion(
-    name="variance", label="act. variance", colour="#8c564b", needs_data=True,
-    score=lambda inputs: CriterionScores(_stat(inputs.activation_stats(), "var")),
-    summary="activation variance over probe tokens (VBP): near-constant neurons go, bias compensation keeps their mean",
-))
+@CRITERIA.register
+def _activation_criterion() -> Criterion:
+    return Criterion(
+        name="activation", label="activation", colour="#ff7f0e", needs_data=True,
+        score=lambda inputs: CriterionScores(_stat(inputs.activation_stats(), "mean_abs")),
+        summary="mean |activation| of each neuron over all probe tokens",
+    )
+
+
+@CRITERIA.register
+def _variance_criterion() -> Criterion:
+    return Criterion(
+        name="variance", label="act. variance", colour="#8c564b", needs_data=True,
+        score=lambda inputs: CriterionScores(_stat(inputs.activation_stats(), "var")),
+        summary="activation variance over probe tokens (VBP): near-constant neurons go, bias compensation keeps "
+                "their mean",
+    )

@@ -106,7 +106,9 @@ def _score(inputs: ScoringInputs) -> CriterionScores:
                                           device=inputs.device, max_batches=inputs.max_batches))
 
 
-CRITERIA.add(Criterion(
-    name="hessian", label="Hessian (OBD)", colour="#e377c2", needs_data=True, score=_score,
-    summary="Optimal Brain Damage: Torch-Pruning group Hessian Σ w²·E[g²], per-image gradients on the probe data",
-))
+@CRITERIA.register
+def _hessian_criterion() -> Criterion:
+    return Criterion(
+        name="hessian", label="Hessian (OBD)", colour="#e377c2", needs_data=True, score=_score,
+        summary="Optimal Brain Damage: Torch-Pruning group Hessian Σ w²·E[g²], per-image gradients on the probe data",
+    )

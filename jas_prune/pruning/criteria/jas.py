@@ -24,7 +24,9 @@ def jas_scores(inputs: ScoringInputs) -> CriterionScores:
     return CriterionScores(imp.scores)
 
 
-CRITERIA.add(Criterion(
-    name="jas", label="JAS", colour="#d62728", needs_data=True, score=jas_scores,
-    summary="Joint Attribution Score: mean layer-progressive candidate score JAS(P ∪ {j}) over probe images",
-))
+@CRITERIA.register
+def _jas_criterion() -> Criterion:
+    return Criterion(
+        name="jas", label="JAS", colour="#d62728", needs_data=True, score=jas_scores,
+        summary="Joint Attribution Score: mean layer-progressive candidate score JAS(P ∪ {j}) over probe images",
+    )

@@ -19,8 +19,10 @@ def magnitude_scores(model: nn.Module, example_inputs: torch.Tensor | None = Non
     return {b: scorer(g).detach().float().cpu() for b, g in fc1_groups(model, example_inputs)}
 
 
-CRITERIA.add(Criterion(
-    name="magnitude", label="magnitude", colour="#2ca02c", needs_data=False,
-    score=lambda inputs: CriterionScores(magnitude_scores(inputs.model, inputs.example_inputs)),
-    summary="Torch-Pruning group L2 magnitude of each neuron's fc1 row and fc2 column",
-))
+@CRITERIA.register
+def _magnitude_criterion() -> Criterion:
+    return Criterion(
+        name="magnitude", label="magnitude", colour="#2ca02c", needs_data=False,
+        score=lambda inputs: CriterionScores(magnitude_scores(inputs.model, inputs.example_inputs)),
+        summary="Torch-Pruning group L2 magnitude of each neuron's fc1 row and fc2 column",
+    )

@@ -17,8 +17,10 @@ def random_scores(model: nn.Module, *, seed: int = 0) -> dict[int, torch.Tensor]
     return {l.index: torch.rand(l.hidden, generator=gen) for l in info.layers}
 
 
-CRITERIA.add(Criterion(
-    name="random", label="random", colour="#7f7f7f", needs_data=False,
-    score=lambda inputs: CriterionScores(random_scores(inputs.model, seed=inputs.seed)),
-    summary="uniform random scores, seeded by runtime.seed",
-))
+@CRITERIA.register
+def _random_criterion() -> Criterion:
+    return Criterion(
+        name="random", label="random", colour="#7f7f7f", needs_data=False,
+        score=lambda inputs: CriterionScores(random_scores(inputs.model, seed=inputs.seed)),
+        summary="uniform random scores, seeded by runtime.seed",
+    )

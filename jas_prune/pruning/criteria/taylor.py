@@ -66,7 +66,9 @@ def _score(inputs: ScoringInputs) -> CriterionScores:
                                          device=inputs.device, max_batches=inputs.max_batches))
 
 
-CRITERIA.add(Criterion(
-    name="taylor", label="Taylor", colour="#9467bd", needs_data=True, score=_score,
-    summary="Torch-Pruning group Taylor |w · dL/dw| with cross-entropy gradients on the probe data",
-))
+@CRITERIA.register
+def _taylor_criterion() -> Criterion:
+    return Criterion(
+        name="taylor", label="Taylor", colour="#9467bd", needs_data=True, score=_score,
+        summary="Torch-Pruning group Taylor |w · dL/dw| with cross-entropy gradients on the probe data",
+    )

@@ -101,7 +101,9 @@ def _score(inputs: ScoringInputs) -> CriterionScores:
                                            device=inputs.device))
 
 
-CRITERIA.add(Criterion(
-    name="vit_slim", label="ViT-Slim", colour="#1f77b4", needs_data=True, score=_score, options=VitSlimOptions,
-    summary="ViT-Slim-style soft mask: per-neuron scales trained with cross-entropy + λ·Σ|scale|, score |scale|",
-))
+@CRITERIA.register
+def _vit_slim_criterion() -> Criterion:
+    return Criterion(
+        name="vit_slim", label="ViT-Slim", colour="#1f77b4", needs_data=True, score=_score, options=VitSlimOptions,
+        summary="ViT-Slim-style soft mask: per-neuron scales trained with cross-entropy + λ·Σ|scale|, score |scale|",
+    )
