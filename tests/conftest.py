@@ -1,7 +1,12 @@
-"""Shared fixtures: tiny random-init timm ViTs, so the suite stays fast on a 2-core CPU."""
+"""Shared fixtures and helpers: tiny random-init timm ViTs (so the suite stays fast on a 2-core
+CPU), running a recipe through the CLI, running a deployment script without Torch, replacing a
+stage, comparing two run directories' results. Tests import the plain helpers with
+``from conftest import ...``; tiny models and references shared with the benchmarks live in
+:mod:`jas_prune.testing`."""
 
 from __future__ import annotations
 
+import json
 import os
 import subprocess
 import sys
@@ -130,6 +135,38 @@ def run_torchless(script: str, *args: object, timeout: float = 120) -> subproces
     env["OMP_NUM_THREADS"] = "1"
     return subprocess.run([sys.executable, "-c", _TORCHLESS, str(REPO / "export" / script), *map(str, args)],
                           capture_output=True, text=True, env=env, timeout=timeout, cwd=REPO.parent)
+
+
+# -- comparing two run directories by their results (the resume and torchrun tests) ------------------
+
+#: metrics that measure time or the history of the run, not its results
+NOT_RESULTS = {"seconds", "images_per_second", "images_this_run", "chunks_resumed", "world_size",
+               "seconds_per_rank"}
+
+
+def results(run: Path) -> dict:
+    """Paths, masks and metrics of a run directory, timings and run history left out."""
+    from safetensors.torch import load_file
+
+    def strip(obj):
+        if isinstance(obj, dict):
+            return {k: strip(v) for k, v in obj.items() if k not in NOT_RESULTS and not k.endswith("_seconds")}
+        if isinstance(obj, list):
+            return [strip(v) for v in obj]
+        return obj
+
+    out = {"metrics": strip(json.loads((run / "metrics.json").read_text()))}
+    for f in sorted((run / "paths").rglob("chunk-*.safetensors")) + [run / "masks.safetensors"]:
+        out[str(f.relative_to(run))] = {k: v.tolist() for k, v in load_file(f).items()}
+    return out
+
+
+def assert_same_results(a: Path, b: Path) -> None:
+    """Same files and identical content, naming the first part that differs."""
+    ra, rb = results(a), results(b)
+    assert sorted(ra) == sorted(rb)
+    for key in ra:
+        assert ra[key] == rb[key], f"{key} differs between {a.name} and {b.name}"
 
 
 def pytest_collection_modifyitems(config, items):

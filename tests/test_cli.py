@@ -36,7 +36,7 @@ def test_run_dense_end_to_end(tmp_path, tiny_builtin, capsys):
 
 
 # User errors (bad recipe, data, model, checkpoint, output directory, --set, ...) through the CLI:
-# the matrix in tests/test_bad_input.py.
+# the matrix in tests/test_cli_bad_input.py.
 
 
 @pytest.mark.parametrize("text, needle", [

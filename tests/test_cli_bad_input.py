@@ -11,7 +11,7 @@ Covered elsewhere (not repeated here):
 - an existing run directory without ``--resume``: tests/test_cli.py ``test_run_dense_end_to_end``;
 - resuming with other attribution settings: tests/test_aggregate.py
   ``test_run_locate_masks_intervention_and_resume``;
-- ``JASImportance.from_run`` scores applied to another model: tests/test_importance.py
+- ``JASImportance.from_run`` scores applied to another model: tests/test_pruning_plugin.py
   ``test_from_run_for_another_model_is_a_fingerprint_error``;
 - ``load_pruned`` on missing / garbage / truncated / plain files: tests/test_checkpoint.py
   ``test_bad_files_raise_checkpoint_error``;
@@ -493,7 +493,7 @@ def test_error_after_locate_keeps_the_work_and_resume_reuses_it(tmp_path, tiny_b
 @pytest.mark.parametrize("suffix", [".safetensors", ".pt"])
 def test_a_write_that_dies_half_way_leaves_the_old_file(tmp_path, tiny_builtin, monkeypatch, suffix):
     """Checkpoints (like metrics.json, masks, paths/ chunks, figures and report.md, which all go
-    through ``jas_prune.io.atomic_write``; ONNX files: tests/test_export.py
+    through ``jas_prune.io.atomic_write``; ONNX files: tests/test_deploy.py
     ``test_failed_export_leaves_nothing``) are written to a temporary file and renamed: a write
     interrupted half-way leaves the previous file intact and no stray temporary behind."""
     import safetensors.torch

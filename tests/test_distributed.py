@@ -19,7 +19,7 @@ import pytest
 import torch
 
 from jas_prune.cli import main
-from run_results import assert_same_results, results
+from conftest import assert_same_results, results
 
 RECIPE = """version: 1
 data: {images_per_class: 3, batch_size: 64}

@@ -7,7 +7,7 @@ shares no code with jas-prune's neuron sites: a family whose site were the wrong
 activation before the gate of a SwiGLU) would fail here.
 
 Set ``JAS_COVERAGE_TABLE=FILE`` to append one JSON line per (family, cell) result; the README's
-coverage table is rendered from it with ``python tests/test_families.py FILE``.
+coverage table is rendered from it with ``python tests/test_models_families.py FILE``.
 """
 
 from __future__ import annotations
@@ -458,5 +458,5 @@ def test_onnx_export_parity(fam, models, tmp_path):
     _record(fam, "export", f"✓ (pruned: max abs Δlogit {r['parity_max_abs']:.0e}, top-1 {r['top1_agreement']:.0%})")
 
 
-if __name__ == "__main__":  # python tests/test_families.py FILE -> the README table
+if __name__ == "__main__":  # python tests/test_models_families.py FILE -> the README table
     print(render_table(sys.argv[1]))

@@ -22,7 +22,7 @@ import pytest
 import torch
 
 from jas_prune.cli import main
-from run_results import assert_same_results
+from conftest import assert_same_results
 
 RECIPE = """version: 1
 data: {images_per_class: 3, batch_size: 64}

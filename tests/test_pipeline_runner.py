@@ -137,7 +137,7 @@ prune: {methods: [jas], ratios: [0.8], classes: [red-circle, 9, blue-star], head
 
 
 # An unknown prune.classes entry, and protected class masks larger than the keep budget (a user error
-# found only in the prune stage, after locate): tests/test_bad_input.py.
+# found only in the prune stage, after locate): tests/test_cli_bad_input.py.
 
 
 def test_export_latency_is_sized_by_the_recipe(run_dir):

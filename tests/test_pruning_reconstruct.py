@@ -255,7 +255,7 @@ def test_bad_arguments_name_the_argument(dense, images, tiny_vit):
     assert issubclass(InvalidArgumentError, ValueError)
 
 
-# -- every supported family (the tiny models of tests/test_families.py) ---------------------------
+# -- every supported family (the tiny models of tests/test_models_families.py) ---------------------------
 
 from test_families import FAMILIES, IDS, _halves, _images  # noqa: E402
 
