@@ -187,7 +187,7 @@ def _locate_fit(args: argparse.Namespace, recipe, model, source) -> Any:
 
 
 def main(argv: list[str] | None = None) -> dict[str, Any]:
-    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap = argparse.ArgumentParser(prog="python -m benchmarks.bench_select", description=__doc__.split("\n\n")[0])
     ap.add_argument("--recipe", type=Path, default=None,
                     help="the recipe whose model, data, attribution and prune settings are tuned "
                          "(default: the built-in model, 10 images per class, scope all / ig)")
