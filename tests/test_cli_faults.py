@@ -239,8 +239,8 @@ def prepare_subprocess() -> None:
 
 DRIVER = f"""import sys
 sys.path.insert(0, {str(TESTS)!r})
-import test_faults
-test_faults.prepare_subprocess()
+import test_cli_faults
+test_cli_faults.prepare_subprocess()
 from jas_prune.cli import main
 sys.argv[0] = "jas-prune"
 main()

@@ -257,7 +257,7 @@ def test_bad_arguments_name_the_argument(dense, images, tiny_vit):
 
 # -- every supported family (the tiny models of tests/test_models_families.py) ---------------------------
 
-from test_families import FAMILIES, IDS, _halves, _images  # noqa: E402
+from test_models_families import FAMILIES, IDS, _halves, _images  # noqa: E402
 
 from jas_prune.errors import PruneSettingError  # noqa: E402
 
