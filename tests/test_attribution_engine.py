@@ -4,7 +4,7 @@ accumulation dtype.
 ``tangent`` (the kept stream advanced with forward-mode autograd) and ``reverse`` (every pass
 backpropagated to the first edited block) must give the same numbers to rounding; a model whose
 block lacks a forward-mode derivative must fall back to ``reverse``. ``joint_ig`` is checked
-against a brute-force reference built from the helpers of ``test_locate`` (their own hooks, one
+against a brute-force reference built from the helpers of ``test_attribution_api`` (their own hooks, one
 image and one step at a time).
 """
 
