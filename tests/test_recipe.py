@@ -100,7 +100,7 @@ def test_billion_laughs_is_refused_in_bounded_time_and_memory(tmp_path):
     import time
     import tracemalloc
 
-    from test_bad_input import _laughs
+    from test_cli_bad_input import _laughs
 
     path = tmp_path / "laughs.yaml"
     deep = tmp_path / "deep.yaml"
