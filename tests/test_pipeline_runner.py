@@ -19,6 +19,7 @@ prune: {methods: [jas, random], ratios: [0.5], bias_compensation: [false, true]}
 evaluate: {protocols: [structured, paper_cls_mask], intervention: true,
            cls_mask: {fractions: [0.5], depth: 1, ablation: {topk: [1, 2], depth: [1, 2]}}}
 export: {onnx: {benchmark: false}}
+report: {atlas: {images: 2, classes: [red-circle, 5]}}
 """
 
 
