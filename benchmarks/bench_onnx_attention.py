@@ -1,6 +1,6 @@
 """ONNX Runtime speed-up of attention, FFN and joint pruning on ViT-B/16 geometry (random init).
 
-Same method as ``jas_prune.bench_onnx`` (export, verify against PyTorch, time every model
+Same method as ``benchmarks.bench_onnx`` (export, verify against PyTorch, time every model
 interleaved with :func:`jas_prune.deploy.benchmark_many`; a speed-up is the median over rounds of
 dense / pruned), for these variants: FFN-only (uniform share of FFN neurons, magnitude), heads-only
 (uniform share of each block's heads, magnitude), head-dims-only, and joint (both). MACs:
@@ -21,7 +21,7 @@ from typing import Any
 
 import torch
 
-from jas_prune.bench_onnx import build_model
+from benchmarks.bench_onnx import build_model
 from jas_prune.deploy import benchmark_many, export_onnx, verify_onnx
 from jas_prune.evaluate import count_params_macs
 from jas_prune.io import atomic_write_json

@@ -9,10 +9,10 @@ from __future__ import annotations
 
 import pytest
 import torch
-from test_locate import ref_rule
+from test_attribution_api import ref_rule
 
 from jas_prune.attribution import JointAttribution, LocateSettings, locate, path_jas
-from jas_prune.bench_locate import random_vit
+from jas_prune.testing import random_vit
 from jas_prune.errors import AttributionSettingError, UnsupportedModelError
 
 B, HEADS, D = 2, 4, 16

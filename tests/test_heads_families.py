@@ -9,7 +9,7 @@ import copy
 
 import pytest
 import torch
-from test_families import FAMILIES, IDS, _images, models  # noqa: F401 - the fixture
+from test_models_families import FAMILIES, IDS, _images, models  # noqa: F401 - the fixture
 
 from jas_prune.attribution import JointAttribution
 from jas_prune.errors import UnsupportedModelError

@@ -9,7 +9,7 @@ import copy
 import pytest
 import torch
 
-from jas_prune.bench_locate import random_vit
+from jas_prune.testing import random_vit
 from jas_prune.errors import PruneSettingError, UnsupportedModelError
 from jas_prune.pruning.attention import (HEAD_CRITERIA, AttentionSettings, HeadScores, head_scores,
                                          prune_attention)
