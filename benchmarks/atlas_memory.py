@@ -12,7 +12,7 @@ the atlas's own work (model loaded and warmed up first), so the figures are the 
 Bounded memory means the growth does not follow N. Run (CPU; ViT-B at 2 s per image on a loaded
 2-core machine: about 10 minutes)::
 
-    PYTHONPATH=. python benchmarks/atlas_memory.py
+    python -m benchmarks.atlas_memory
 """
 
 from __future__ import annotations

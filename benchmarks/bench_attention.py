@@ -22,7 +22,7 @@ attention matmuls ``2·T²·H·d`` a second time; :func:`summary` takes them out
   same number of heads picked by activation, by magnitude (the same heads for every image) or at
   random; the mean drop of the label's probability and the top-1 after the intervention.
 
-    OMP_NUM_THREADS=1 python benchmarks/bench_attention.py --seeds 0 1 2 --out runs/bench-attn
+    OMP_NUM_THREADS=1 python -m benchmarks.bench_attention --seeds 0 1 2 --out runs/bench-attn
 """
 
 from __future__ import annotations
@@ -38,7 +38,7 @@ import torch
 
 from jas_prune.aggregate import per_image_importance
 from jas_prune.attribution import LocateSettings, locate
-from jas_prune.bench_select import fit_val_samples
+from benchmarks.bench_select import fit_val_samples
 from jas_prune.data import make_loader, model_transform
 from jas_prune.evaluate import accuracy, count_params_macs, predict_logits
 from jas_prune.io import atomic_write_json, read_json

@@ -7,7 +7,7 @@ dense / pruned), for these variants: FFN-only (uniform share of FFN neurons, mag
 Torch-Pruning's count (it includes the attention matmuls; an earlier version of this script added
 them a second time, ``macs_counting`` absent in its JSON).
 
-    OMP_NUM_THREADS=1 python benchmarks/bench_onnx_attention.py --out runs/onnx-attn
+    OMP_NUM_THREADS=1 python -m benchmarks.bench_onnx_attention --out runs/onnx-attn
 """
 
 from __future__ import annotations
