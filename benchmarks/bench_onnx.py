@@ -119,7 +119,7 @@ def _quantized(models: list[dict[str, Any]], precisions: Sequence[str], example:
     """``--precision``: INT8 copies of every model, timed with them (labels ``LABEL@PRECISION``).
     Static calibration reads 16 random images (weights are random too: only the time counts) and
     quantises every matrix product (the ladder's first rung)."""
-    from .deploy.quantize import precision_path, quantize_dynamic_file, quantize_static_file
+    from jas_prune.deploy.quantize import precision_path, quantize_dynamic_file, quantize_static_file
 
     calib = torch.randn(16, *example.shape[1:], generator=torch.Generator().manual_seed(seed)).numpy()
     out = []
