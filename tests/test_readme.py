@@ -2,6 +2,7 @@
 model), their recipes parse, and their links lead somewhere."""
 
 import re
+import textwrap
 from pathlib import Path
 
 import pytest
@@ -13,7 +14,10 @@ DOCS = sorted((ROOT / "docs").glob("*.md"))
 
 
 def _blocks(path: Path, lang: str) -> list[str]:
-    return re.findall(rf"```{lang}\n(.*?)```", path.read_text(encoding="utf-8"), flags=re.S)
+    """The ``lang`` code blocks of a markdown page (also those indented inside a list). A fragment
+    that cannot run alone is marked ``py`` instead of ``python``."""
+    return [textwrap.dedent(b) for b in
+            re.findall(rf"^[ \t]*```{lang}\n(.*?)^[ \t]*```", path.read_text(encoding="utf-8"), flags=re.S | re.M)]
 
 
 def _run_blocks(path: Path) -> int:
