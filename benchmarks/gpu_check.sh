@@ -5,7 +5,7 @@
 #   bash benchmarks/gpu_check.sh OUT_DIR --device cpu --dry-run   # rehearsal on any CPU (CI-sized)
 #
 # No network is needed: packages the machine lacks (torch-pruning, pydantic and its helpers) are
-# installed from the wheels in .whl/ (see README "GPU check"), the project itself from this
+# installed from the wheels in .whl/ (see docs/gpu.md "GPU check"), the project itself from this
 # checkout without dependencies. Everything lands in OUT_DIR:
 #   gpu_check.json / gpu_check.md   builtin paths on the device vs CPU; exact-JAS images/s on ViT-B/16
 #                                   in fp32 / TF32 / bf16 (picks vs fp32, peak memory, internal_batch_size)

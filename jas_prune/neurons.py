@@ -9,7 +9,7 @@ the site that are always removed again (also when the forward raises), so the mo
 unchanged. Shared by locating (:mod:`jas_prune.attribution`), the evaluation metrics and the
 pruning baselines.
 
-Scopes (README "What faithful means here"): ``"cls"`` reads/edits token position 0 only (needs a class token); ``"all"``
+Scopes (docs/faithfulness.md): ``"cls"`` reads/edits token position 0 only (needs a class token); ``"all"``
 reads/edits every token position.
 """
 

@@ -6,7 +6,7 @@ The brute-force reference reads and replaces the *input of fc2* with its own pre
 shares no code with jas-prune's neuron sites: a family whose site were the wrong module (e.g. the
 activation before the gate of a SwiGLU) would fail here.
 
-Set ``JAS_COVERAGE_TABLE=FILE`` to append one JSON line per (family, cell) result; the README's
+Set ``JAS_COVERAGE_TABLE=FILE`` to append one JSON line per (family, cell) result; docs/models.md's
 coverage table is rendered from it with ``python tests/test_models_families.py FILE``.
 """
 
@@ -33,7 +33,7 @@ CELLS = ("locate cls", "locate all", "prune", "reconstruct", "export")
 @dataclass(frozen=True)
 class Fam:
     key: str
-    label: str  # the README row
+    label: str  # the docs/models.md row
     build: Callable[..., torch.nn.Module]
     kind: str  # FFN kind of its blocks
     has_cls: bool
@@ -105,7 +105,7 @@ def _record(fam: Fam, cell: str, value: str) -> None:
 
 
 def render_table(path: str) -> str:
-    """The README's coverage table (markdown) from a ``JAS_COVERAGE_TABLE`` file."""
+    """The coverage table of docs/models.md (markdown) from a ``JAS_COVERAGE_TABLE`` file."""
     rows: dict[str, dict[str, str]] = {}
     labels: dict[str, str] = {}
     for line in open(path, encoding="utf-8"):
@@ -458,5 +458,5 @@ def test_onnx_export_parity(fam, models, tmp_path):
     _record(fam, "export", f"✓ (pruned: max abs Δlogit {r['parity_max_abs']:.0e}, top-1 {r['top1_agreement']:.0%})")
 
 
-if __name__ == "__main__":  # python tests/test_models_families.py FILE -> the README table
+if __name__ == "__main__":  # python tests/test_models_families.py FILE -> the docs/models.md table
     print(render_table(sys.argv[1]))

@@ -48,7 +48,7 @@ STEPS_MAX = 10_000
 
 
 class LocateSettings(Strict):
-    """How :func:`jas_prune.locate` finds neuron paths (README "What faithful means
+    """How :func:`jas_prune.locate` finds neuron paths (docs/faithfulness.md, "What faithful means
     here").
 
     Attributes:

@@ -1,4 +1,4 @@
-"""Closed-form reconstruction of pruned FFNs (README "Python API" and "Pruning benchmark").
+"""Closed-form reconstruction of pruned FFNs (docs/torch-pruning.md and docs/benchmarks.md).
 
 After some hidden neurons of a block's FFN are removed, the block's ``fc2`` (weight and bias) is
 refit so that, on calibration tokens, the pruned FFN output matches a target computed with the
