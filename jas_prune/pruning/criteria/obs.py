@@ -1,0 +1,232 @@
+"""``obs``: greedy structured Optimal Brain Surgeon on each FFN (reconstruction-aware selection).
+
+A score that ignores the refit keeps neurons that the others reconstruct linearly. Structured OBS
+(ZipLM, SlimGPT; Hassibi & Stork 1993 per column) chooses what to drop *jointly with* the
+closed-form update of ``fc2``: on the calibration tokens of each block, with the hidden ``h`` and
+the dense FFN output ``y``, the block's error after removing the set S and refitting the remaining
+``fc2`` columns (ridge least squares with an undamped intercept, the ``lsq`` reconstruction of
+:mod:`jas_prune.pruning.reconstruct`) is
+
+    E(S) = min_{W: W[:, S] = 0, b}  mean ‖W h + b − y‖²  (+ λ‖W‖²),
+
+and from the optimum, removing neuron q raises it by ``‖W[:, q]‖² / [A⁻¹]_qq`` (A the damped
+covariance of h). At every step the neuron with the smallest rise goes, ``W`` takes the optimal
+update of the remaining columns and ``A⁻¹`` a rank-one downdate, in float64, for all blocks of
+one width at once (batched). The removal order is the ranking; a neuron's score is the block's
+relative error (over the target's energy) once it is removed, so uniform pruning at any ratio
+removes exactly the greedy prefix and global pruning compares blocks by relative error.
+
+``obs_jas`` is the JAS-guided variant: the rise of each candidate is multiplied by its JAS
+importance (normalised to mean 1 in its block) to the power ``alpha``, so a neuron the classes'
+attribution needs is dropped later at equal reconstruction cost. With uniform importance it is
+``obs``.
+
+Cost: one pass over the probe images (the ``fc2`` statistics, :class:`~jas_prune.pruning.
+reconstruct.LinearFit`) and O(n³) per block for the n − 1 greedy steps (``group`` > 1 removes
+that many neurons per step with a rank-``group`` update: fewer, larger matrix products).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Iterable, Sequence
+
+import torch
+from pydantic import BaseModel, ConfigDict, Field
+
+from . import CRITERIA, Criterion, CriterionScores, ScoringInputs
+
+__all__ = ["ObsOptions", "ObsJasOptions", "GreedyObs", "greedy_obs", "ffn_fits", "obs_scores"]
+
+
+class ObsOptions(BaseModel):
+    """``prune.obs``."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    #: relative ridge damping of the covariance (times its mean diagonal), as ``prune.calibration``
+    damping: float = Field(default=1e-3, ge=0.0, allow_inf_nan=False)
+    #: neurons removed per greedy step (1: exact greedy; more: faster on wide FFNs)
+    group: int = Field(default=1, ge=1)
+
+
+class ObsJasOptions(ObsOptions):
+    """``prune.obs_jas``: ``obs`` with each rise multiplied by (JAS importance / block mean)^alpha."""
+
+    alpha: float = Field(default=1.0, ge=0.0, allow_inf_nan=False)
+
+
+@dataclass
+class GreedyObs:
+    """A greedy OBS removal sequence per block (batched over blocks of one width).
+
+    ``order[l, k]`` is the k-th neuron removed from block l (the last one is never removed);
+    ``error[l, k]`` the block's error after removing ``order[l, :k + 1]`` and refitting;
+    ``base`` the error of the full refit (no neuron removed).
+    """
+
+    order: torch.Tensor  # [L, n] long
+    error: torch.Tensor  # [L, n] float64 (the last entry is +inf: the kept neuron)
+    base: torch.Tensor  # [L] float64
+
+
+def greedy_obs(cov: torch.Tensor, cov_hy: torch.Tensor, var_y: torch.Tensor, *, damping: float = 1e-3,
+               weights: torch.Tensor | None = None, group: int = 1) -> GreedyObs:
+    """Greedy structured OBS on centred statistics (batched: a leading block dimension).
+
+    Args:
+        cov: ``Cov(h)`` [L, n, n]; cov_hy: ``Cov(h, y)`` [L, n, d]; var_y: ``tr Cov(y)`` [L].
+        damping: ridge λ relative to the mean diagonal of ``cov`` (the error then includes λ‖W‖²).
+        weights: [L, n] positive multipliers of each candidate's rise (``obs_jas``); None: 1.
+        group: neurons removed per step; each step's set is the ``group`` smallest rises, removed
+            jointly with the exact rank-``group`` update.
+    """
+    cov, cov_hy, var_y = cov.double(), cov_hy.double(), var_y.double()
+    nb, n, _ = cov.shape
+    scale = cov.diagonal(dim1=-2, dim2=-1).mean(-1).clamp_min(torch.finfo(torch.float64).tiny)
+    eye = torch.eye(n, dtype=torch.float64, device=cov.device)
+    a = cov + (damping * scale)[:, None, None] * eye
+    chol, info = torch.linalg.cholesky_ex(a)
+    hinv = torch.cholesky_inverse(chol) if int(info.max()) == 0 else torch.linalg.pinv(a, hermitian=True)
+    w = (hinv @ cov_hy).transpose(1, 2).contiguous()  # the optimal W [L, d, n]
+    base = (var_y - (w.transpose(1, 2) * cov_hy).sum((1, 2))).clamp_min(0.0)
+    removed = torch.zeros(nb, n, dtype=torch.bool, device=cov.device)
+    order = torch.empty(nb, n, dtype=torch.long, device=cov.device)
+    error = torch.full((nb, n), float("inf"), dtype=torch.float64, device=cov.device)
+    rows = torch.arange(nb, device=cov.device)
+    total, done = base.clone(), 0
+    while done < n - 1:
+        g = min(group, n - 1 - done)
+        diag = hinv.diagonal(dim1=-2, dim2=-1).clamp_min(torch.finfo(torch.float64).tiny)
+        rise = w.pow(2).sum(1) / diag
+        obj = rise if weights is None else rise * weights
+        obj = obj.masked_fill(removed, float("inf"))
+        if g == 1:
+            q = obj.argmin(1)
+            hq = hinv[rows, q]  # [L, n]
+            dq = hq[rows, q][:, None]
+            wq = w[rows, :, q]  # [L, d]
+            total = total + rise[rows, q]
+            w = w - wq[:, :, None] * (hq / dq)[:, None, :]
+            hinv = hinv - hq[:, :, None] * (hq / dq)[:, None, :]
+            qs = q[:, None]
+        else:
+            qs = obj.topk(g, dim=1, largest=False).indices  # [L, g]
+            hs = torch.gather(hinv, 1, qs[:, :, None].expand(nb, g, n))  # rows [L, g, n]
+            hss = torch.gather(hs, 2, qs[:, None, :].expand(nb, g, g))  # [L, g, g]
+            ws = torch.gather(w, 2, qs[:, None, :].expand(nb, w.shape[1], g))  # [L, d, g]
+            sol = torch.linalg.solve(hss, hs)  # Hss⁻¹ H[S, :]
+            total = total + (torch.linalg.solve(hss, ws.transpose(1, 2)) * ws.transpose(1, 2)).sum((1, 2))
+            w = w - ws @ sol
+            hinv = hinv - hs.transpose(1, 2) @ sol
+        # the removed columns are exactly zero: clear the rounding left in them
+        removed[rows[:, None], qs] = True
+        w = w.masked_fill(removed[:, None, :], 0.0)
+        hinv = hinv.masked_fill(removed[:, None, :] | removed[:, :, None], 0.0)
+        order[:, done:done + qs.shape[1]] = qs
+        error[:, done:done + qs.shape[1]] = total[:, None]
+        done += qs.shape[1]
+    order[:, n - 1] = (~removed).long().argmax(1)
+    return GreedyObs(order=order, error=error, base=base)
+
+
+def ffn_fits(model: torch.nn.Module, loader: Iterable, *, classes: Sequence[int] | None = None,
+             device: torch.device | str | None = None, max_batches: int | None = None) -> dict[int, "LinearFit"]:
+    """The ``fc2`` statistics of every FFN on the probe tokens: hidden (the input of ``fc2``) and
+    the dense FFN output (its output), one :class:`~jas_prune.pruning.reconstruct.LinearFit` per block.
+
+    Raises:
+        InvalidArgumentError: no probe image (of ``classes``).
+    """
+    from ...models import discover_ffn
+    from ...torchutil import frozen_eval
+    from ..reconstruct import LinearFit
+    from ..stats import device_of, iter_batches, no_images
+
+    dev = device_of(model, device)
+    layers = [l for l in discover_ffn(model).layers if l.prunable]
+    fits = {l.index: LinearFit(l.fc2.in_features, l.fc2.out_features, device=dev) for l in layers}
+
+    def hook(index: int):
+        return lambda _m, args, out: fits[index].add(args[0], out)
+
+    handles = [l.fc2.register_forward_hook(hook(l.index)) for l in layers]
+    seen = 0
+    try:
+        with torch.no_grad(), frozen_eval(model):
+            for images, _ in iter_batches(loader, classes=classes, device=dev, max_batches=max_batches):
+                model(images)
+                seen += len(images)
+    finally:
+        for h in handles:
+            h.remove()
+    if seen == 0:
+        raise no_images(classes)
+    return fits
+
+
+def obs_scores(fits: dict[int, "LinearFit"], *, damping: float = 1e-3, group: int = 1,
+               importance: dict[int, torch.Tensor] | None = None, alpha: float = 1.0) -> dict[int, torch.Tensor]:
+    """Per-neuron scores from the greedy OBS order: the block's relative error once the neuron is
+    removed (later = higher; the neuron never removed scores above all). ``importance``: the JAS
+    scores that weigh each rise (``obs_jas``)."""
+    by_width: dict[int, list[int]] = {}
+    for b, fit in fits.items():
+        by_width.setdefault(fit.n_in, []).append(b)
+    out: dict[int, torch.Tensor] = {}
+    for blocks in by_width.values():
+        moments = [fits[b].moments() for b in blocks]
+        cov = torch.stack([m[2] for m in moments])
+        cov_hy = torch.stack([m[3] for m in moments])
+        var_y = torch.stack([(fits[b].sum_yy / fits[b].count - m[1].pow(2).sum()) for b, m in zip(blocks, moments)])
+        weights = None
+        if importance is not None:
+            s = torch.stack([importance[b].double().to(cov.device).clamp_min(0.0) for b in blocks])
+            s = s / s.mean(1, keepdim=True).clamp_min(torch.finfo(torch.float64).tiny)
+            weights = s.clamp_min(1e-6).pow(alpha)
+        greedy = greedy_obs(cov, cov_hy, var_y, damping=damping, weights=weights, group=group)
+        energy = var_y.clamp_min(torch.finfo(torch.float64).tiny)
+        n = cov.shape[-1]
+        for i, b in enumerate(blocks):
+            rel = (greedy.error[i] / energy[i]).clamp(max=1e6)
+            rel[-1] = rel[-2] + 1.0 if n > 1 else 1.0  # the neuron never removed
+            # strictly increasing in removal order (ties of equal error broken by the order)
+            rel = torch.cummax(rel, 0).values + torch.arange(n, dtype=torch.float64) * 1e-12
+            score = torch.empty(n, dtype=torch.float64)
+            score[greedy.order[i].cpu()] = rel.cpu()
+            out[b] = score.float()
+    return out
+
+
+def _fits(inputs: ScoringInputs, name: str) -> dict:
+    cache = inputs._cache
+    if "ffn_fits" not in cache:
+        cache["ffn_fits"] = ffn_fits(inputs.model, inputs.require_loader(name), classes=inputs.classes,
+                                     device=inputs.device, max_batches=inputs.max_batches)
+    return cache["ffn_fits"]
+
+
+def _score_obs(inputs: ScoringInputs) -> CriterionScores:
+    opts = inputs.options_as(ObsOptions, "prune.obs")
+    return CriterionScores(obs_scores(_fits(inputs, "obs"), damping=opts.damping, group=opts.group))
+
+
+def _score_obs_jas(inputs: ScoringInputs) -> CriterionScores:
+    from dataclasses import replace
+
+    opts = inputs.options_as(ObsJasOptions, "prune.obs_jas")
+    jas = CRITERIA.get("jas").score(replace(inputs, options=None))
+    scores = obs_scores(_fits(inputs, "obs_jas"), damping=opts.damping, group=opts.group,
+                        importance=jas.scores, alpha=opts.alpha)
+    return CriterionScores(scores, jas.protect)
+
+
+CRITERIA.add(Criterion(
+    name="obs", label="OBS", colour="#17becf", needs_data=True, score=_score_obs, options=ObsOptions,
+    summary="greedy structured OBS: drop the neuron whose removal with the optimal fc2 update raises the "
+            "block's calibration error least",
+))
+CRITERIA.add(Criterion(
+    name="obs_jas", label="OBS×JAS", colour="#bcbd22", needs_data=True, score=_score_obs_jas, options=ObsJasOptions,
+    summary="greedy structured OBS with each neuron's error rise weighted by its JAS importance^alpha",
+))
