@@ -25,6 +25,7 @@ _EXPORTS = {
     "load_model": "models",
     "prune_ffn": "pruning.prune",
     "reconstruct": "pruning.reconstruct",
+    "recover": "pruning.recover",
 }
 
 __all__ = ["JasPruneError", "JointAttribution", "LocateResult", "LocateSettings", "locate", "path_jas",
@@ -37,6 +38,7 @@ if TYPE_CHECKING:  # pragma: no cover
     from .models import discover_ffn, load_model
     from .pruning.prune import prune_ffn
     from .pruning.reconstruct import reconstruct
+    from .pruning.recover import recover
 
 
 __getattr__, __dir__ = lazy_exports(__name__, _EXPORTS)

@@ -373,6 +373,8 @@ class PrunedEntry(Section):
     removed_fraction: float | None = None
     widths: dict[str, int] | None = None  # block -> kept FFN width (JSON keys are strings)
     finetune: dict[str, Any] | None = None
+    #: ``prune.recover``: its settings and what the distillation did (steps, losses, seconds)
+    recover: dict[str, Any] | None = _opt()
     score_seconds: float | None = None
     importance: str | None = _opt()  # JAS only: the masks' importance aggregation
     #: the checkpoint's file record ``{"file", "bytes", "sha256"}`` (``io.file_record``), taken
@@ -424,7 +426,8 @@ class PrunedEntry(Section):
                 "round_to": self.round_to,
                 "budget": None if self.budget is None else {k: self.budget[k] for k in self.BUDGET_SPEC
                                                             if k in self.budget},
-                "attention": None if self.attention is None else {k: self.attention[k] for k in ("heads", "head_dims")}}
+                "attention": None if self.attention is None else {k: self.attention[k] for k in ("heads", "head_dims")},
+                "recover": self.recover["settings"] if self.recover else None}
 
     @property
     def reconstruction_name(self) -> str:

@@ -25,6 +25,7 @@ from ..schema import Strict, each_once, finite
 from .choices import DEFAULT_DAMPING, DEFAULT_TARGET, EPOCHS_MAX, RECONSTRUCTIONS, TARGETS as RECONSTRUCTION_TARGETS
 from .attention import AttentionSettings
 from .criteria import CRITERIA
+from .recover import RecoverSettings
 
 if TYPE_CHECKING:  # pragma: no cover
     from torch import nn
@@ -162,6 +163,8 @@ class _PruneFields(Strict):
     bias_compensation: bool | list[bool] | None = None
     calibration: CalibrationSettings = CalibrationSettings()
     finetune: FinetuneSettings | None = None
+    #: distillation from the dense model after pruning (jas_prune.pruning.recover)
+    recover: RecoverSettings | None = None
     #: kept FFN widths a multiple of this (the nearest; null or 1: not rounded)
     round_to: int | None = Field(default=None, ge=1, strict=True)
     #: a MACs / params / latency target, met by the smallest uniform ratio (adds entries)
@@ -380,7 +383,8 @@ class ResolvedPrune:
                                "criterion_options": self.criterion_options(method, sel.classes),
                                "round_to": self.round_to,
                                "budget": self.budget.spec() if ratio is None and self.budget is not None else None,
-                               "attention": p.attention.model_dump() if p.attention is not None else None}
+                               "attention": p.attention.model_dump() if p.attention is not None else None,
+                               "recover": p.recover.model_dump(mode="json") if p.recover and p.recover.steps else None}
         if ratio is not None:
             out["ratio"] = ratio
         if recon != "none":

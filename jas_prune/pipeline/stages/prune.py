@@ -19,7 +19,7 @@ in :mod:`jas_prune.pipeline.prune_plan`; the settings come resolved once (``ctx.
 
 One entry is made by named steps, in this order: :func:`_score` (the criterion's importance,
 once per method and selection) -> :func:`_prune` (once per ratio) -> :func:`_reconstruct` ->
-:func:`_recover` (fine-tune; the place for any later recovery) -> :func:`_evaluate` ->
+:func:`_recover` (distillation ``prune.recover``, then fine-tune) -> :func:`_evaluate` ->
 :func:`_record` (checkpoint and ``metrics.json`` entry). What they share for one class selection
 (test batches, dense accuracy, calibration batches, the budget's ratio) is prepared once by
 :func:`_prepare`."""
@@ -198,10 +198,10 @@ def _prune_selection(ctx, index: int, sel: Selection, todo: dict[str, list[tuple
                 recon = sel.reconstructions[r]
                 model = base if i == len(recon_ids) - 1 else copy.deepcopy(base)
                 rec = _reconstruct(ctx, bench, model, recon)
-                ft = _recover(ctx, bench, model)
+                ft, kd = _recover(ctx, bench, model, f"recover {method} {bench.slot(ctx, j)[1]:g}")
                 acc = _evaluate(ctx, bench, model, method)
                 _record(ctx, bench, entries, (index, m, j, r), model, method=method, recon=recon, summary=summary,
-                        rec=rec, ft=ft, acc=acc, score_seconds=score_seconds, attention=attention)
+                        rec=rec, ft=ft, kd=kd, acc=acc, score_seconds=score_seconds, attention=attention)
 
 
 def _score(ctx, bench: _Bench, method: str) -> tuple[Any, float]:
@@ -266,19 +266,21 @@ def _reconstruct(ctx, bench: _Bench, model: nn.Module, recon: str) -> Any:
         raise PruneSettingError(f"prune.reconstruction: {recon} ({bench.sel.where}): {exc}") from None
 
 
-def _recover(ctx, bench: _Bench, model: nn.Module) -> dict[str, Any] | None:
-    """Recover accuracy after pruning: the optional fine-tune on the probe images
-    (``prune.finetune``; its record, None without). Further recovery (e.g. distillation) goes
-    here, after the reconstruction and before the evaluation."""
+def _recover(ctx, bench: _Bench, model: nn.Module, desc: str) -> tuple[dict[str, Any] | None, dict[str, Any] | None]:
+    """Recover accuracy after pruning, after the reconstruction and before the evaluation: the
+    distillation from the dense model (``prune.recover``), then the optional fine-tune on the
+    probe images (``prune.finetune``); their records (None without)."""
     from ...pruning.finetune import finetune
+    from ...pruning.recover import recover_entry
 
+    kd = recover_entry(ctx, ctx.prune.settings.recover, model, bench.sel.classes, bench.sel.head_classes, desc=desc)
     ft = ctx.prune.settings.finetune
     if ft is None or ft.epochs <= 0:
-        return None
+        return None, kd
     if bench.probe_loader is None:
         bench.probe_loader, _ = ctx.loader("probe", bench.sel.classes)
     return finetune(model, bench.probe_loader, epochs=ft.epochs, lr=ft.lr, head_classes=bench.sel.head_classes,
-                    device=ctx.device)
+                    device=ctx.device), kd
 
 
 def _evaluate(ctx, bench: _Bench, model: nn.Module, method: str) -> dict[str, Any]:
@@ -289,8 +291,8 @@ def _evaluate(ctx, bench: _Bench, model: nn.Module, method: str) -> dict[str, An
 
 
 def _record(ctx, bench: _Bench, entries: Entries, key: tuple[int, int, int, int], model: nn.Module, *,
-            method: str, recon: str, summary: Any, rec: Any, ft: dict[str, Any] | None, acc: dict[str, Any],
-            score_seconds: float, attention: Any = None) -> None:
+            method: str, recon: str, summary: Any, rec: Any, ft: dict[str, Any] | None,
+            kd: dict[str, Any] | None, acc: dict[str, Any], score_seconds: float, attention: Any = None) -> None:
     """Save the checkpoint, add its ``metrics.json`` entry (the identity it was made with, then
     what was measured) and rewrite ``metrics.json``."""
     from ...checkpoint import save_pruned
@@ -317,7 +319,7 @@ def _record(ctx, bench: _Bench, entries: Entries, key: tuple[int, int, int, int]
     size = count_params_macs(model, bench.size_in)
     entry = PrunedEntry(
         **{**identity, "ratio": ratio, "budget": dict(bench.budget) if budget else None,
-           "attention": attention.to_dict() if attention is not None else None},
+           "attention": attention.to_dict() if attention is not None else None, "recover": kd},
         top1=acc["top1"], top5=acc["top5"], params=size["params"], macs=size["macs"],
         bias_compensation=recon == "bias", checkpoint=ckpt.name, dense_top1=bench.dense["top1"],
         dense_top5=bench.dense["top5"], test_images=acc["n"], removed_fraction=summary.removed_fraction,
