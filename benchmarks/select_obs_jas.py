@@ -1,0 +1,80 @@
+"""Choose ``prune.obs_jas.alpha`` on the probe partition only (docs/deep-pruning.md).
+
+Pre-declared candidates: alpha in {0.5, 1, 2} (the OBS rise times (JAS / block mean)^alpha), with
+OBS (alpha 0) and JAS as yardsticks, each pruned uniformly at 70 % and 90 % removed and refit by
+least squares (residual target, damping 1e-3). Importance, OBS statistics and calibration read
+the *fit* images: the 32 probe images per class that a run of ``recipes/benchmark-shapes.yaml``
+uses (its JAS importance read from that run's masks); val top-1 on other probe images of the
+same seed (``bench_select.fit_val_samples``). The test partition is never read. The winner is the
+highest mean val top-1 over the two ratios; a candidate replaces alpha 1 only by more than 0.1 pt.
+
+    python benchmarks/select_obs_jas.py --run runs/bench-s0 --out runs/select-obs-jas
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+from pathlib import Path
+
+import torch
+
+from jas_prune.bench_select import Bench, Setting, fit_val_samples
+from jas_prune.data import make_loader, model_transform
+from jas_prune.evaluate import accuracy, predict_logits
+from jas_prune.io import read_json
+from jas_prune.models import input_size, load_model
+from jas_prune.pathstore import weights_digest
+from jas_prune.pruning.calibration import cached_batches, per_class_cap
+from jas_prune.pruning.criteria import CRITERIA, MasksRef, ScoringInputs
+from jas_prune.recipe import load_recipe
+
+ALPHAS = (0.5, 1.0, 2.0)
+RATIOS = (0.7, 0.9)
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("--recipe", type=Path, default=Path("recipes/benchmark-shapes.yaml"))
+    ap.add_argument("--run", type=Path, required=True, help="a finished run of the recipe (its masks)")
+    ap.add_argument("--out", type=Path, required=True)
+    ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--val-images-per-class", type=int, default=32)
+    args = ap.parse_args()
+    recipe = load_recipe(args.recipe, [f"runtime.seed={args.seed}"])
+    model = load_model(recipe.model.name)
+    transform = model_transform(model)
+    fit, val, _ = fit_val_samples(recipe, args.seed)
+    val = per_class_cap(val, args.val_images_per_class)
+    fit_loader = cached_batches(make_loader(fit, transform, batch_size=64, seed=args.seed))
+    val_batches = cached_batches(make_loader(val, transform, batch_size=256, seed=args.seed))
+    args.out.mkdir(parents=True, exist_ok=True)
+    memo = read_json(args.out / "cells.json") if (args.out / "cells.json").is_file() else {}
+    bench = Bench(model, fit_loader, val_batches, [s.id for s in val], args.out, memo=memo)
+    masks = MasksRef(args.run, recipe.masks.importance, weights_digest(model))
+    inputs = ScoringInputs(model=model, loader=fit_loader, example_inputs=torch.zeros(1, *input_size(model)),
+                           seed=args.seed, masks=masks)
+    setting = Setting(target=recipe.prune.calibration.target, damping=recipe.prune.calibration.damping)
+    configs = {"jas": ("jas", None), "obs (alpha 0)": ("obs", {"damping": 1e-3})}
+    configs.update({f"obs_jas alpha {a:g}": ("obs_jas", {"damping": 1e-3, "alpha": a}) for a in ALPHAS})
+    dense = accuracy(*predict_logits(model, val_batches, sample_ids=bench.val_ids, desc="val"))["top1"]
+    rows = {}
+    for label, (method, options) in configs.items():
+        def scores(method=method, options=options):
+            from dataclasses import replace
+
+            return CRITERIA.get(method).score(replace(inputs, options=options)).scores
+        accs = [bench.top1(label, scores, r, setting) for r in RATIOS]
+        rows[label] = accs
+        print(f"{label}: " + ", ".join(f"{100 * a:.2f}" for a in accs), flush=True)
+    best = max((k for k in rows if k.startswith("obs_jas")), key=lambda k: sum(rows[k]))
+    if sum(rows[best]) - sum(rows["obs_jas alpha 1"]) <= 2 * 0.001:
+        best = "obs_jas alpha 1"
+    result = {"seed": args.seed, "fit_images": len(fit), "val_images": len(val), "dense_val_top1": dense,
+              "ratios": list(RATIOS), "val_top1": rows, "chosen": best}
+    (args.out / "select.json").write_text(json.dumps(result, indent=1))
+    print(f"dense val {100 * dense:.2f}; chosen: {best}")
+
+
+if __name__ == "__main__":
+    main()
