@@ -104,11 +104,11 @@ def greedy_obs(cov: torch.Tensor, cov_hy: torch.Tensor, var_y: torch.Tensor, *, 
         if g == 1:
             q = obj.argmin(1)
             hq = hinv[rows, q]  # [L, n]
-            dq = hq[rows, q][:, None]
+            scaled = hq / hq[rows, q][:, None]
             wq = w[rows, :, q]  # [L, d]
             total = total + rise[rows, q]
-            w = w - wq[:, :, None] * (hq / dq)[:, None, :]
-            hinv = hinv - hq[:, :, None] * (hq / dq)[:, None, :]
+            w.baddbmm_(wq[:, :, None], scaled[:, None, :], alpha=-1.0)  # in place: no copy of A⁻¹ per step
+            hinv.baddbmm_(hq[:, :, None], scaled[:, None, :], alpha=-1.0)
             qs = q[:, None]
         else:
             qs = obj.topk(g, dim=1, largest=False).indices  # [L, g]
@@ -117,12 +117,14 @@ def greedy_obs(cov: torch.Tensor, cov_hy: torch.Tensor, var_y: torch.Tensor, *, 
             ws = torch.gather(w, 2, qs[:, None, :].expand(nb, w.shape[1], g))  # [L, d, g]
             sol = torch.linalg.solve(hss, hs)  # Hss⁻¹ H[S, :]
             total = total + (torch.linalg.solve(hss, ws.transpose(1, 2)) * ws.transpose(1, 2)).sum((1, 2))
-            w = w - ws @ sol
-            hinv = hinv - hs.transpose(1, 2) @ sol
-        # the removed columns are exactly zero: clear the rounding left in them
+            w.baddbmm_(ws, sol, alpha=-1.0)
+            hinv.baddbmm_(hs.transpose(1, 2), sol, alpha=-1.0)
+        # the removed rows and columns are exactly zero: clear the rounding left in them
         removed[rows[:, None], qs] = True
-        w = w.masked_fill(removed[:, None, :], 0.0)
-        hinv = hinv.masked_fill(removed[:, None, :] | removed[:, :, None], 0.0)
+        sel = rows[:, None].expand_as(qs)
+        w[sel, :, qs] = 0.0
+        hinv[sel, qs, :] = 0.0
+        hinv[sel, :, qs] = 0.0
         order[:, done:done + qs.shape[1]] = qs
         error[:, done:done + qs.shape[1]] = total[:, None]
         done += qs.shape[1]
