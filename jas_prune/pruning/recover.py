@@ -16,6 +16,7 @@ Every criterion gets the same budget (steps × batch size); AdamW, linear warm-u
 
 from __future__ import annotations
 
+import functools
 import math
 import time
 from typing import Any, Iterable, Iterator, Literal, Sequence
@@ -221,23 +222,31 @@ class _ShapesTrain(torch.utils.data.Dataset):
 def recovery_loader(settings: RecoverSettings, *, kind: str, transform: Any, seed: int,
                     classes: Sequence[int] | None, probe_loader: Any = None) -> Iterable:
     """The images a recovery reads: ``train`` renders steps × batch size images of the shapes
-    train split (of ``classes``), each once; ``probe`` is the given probe loader.
+    train split (of ``classes``), each once, and holds them in memory when small, so that every
+    pruned model of a run distills on the same images rendered once; ``probe`` is the given
+    probe loader.
 
     Raises:
         InvalidArgumentError: ``train`` on data other than the built-in shapes.
     """
     if settings.data == "probe":
         return probe_loader
-    from .. import shapes
-
     if kind != "shapes":
         raise InvalidArgumentError("prune.recover.data: 'train' needs the built-in shapes data; "
                                    "use 'probe' for an ImageFolder")
-    wanted = list(range(shapes.NUM_CLASSES)) if classes is None else sorted(int(c) for c in classes)
-    n = settings.steps * settings.batch_size
+    return _train_images(settings.steps * settings.batch_size, settings.batch_size, transform, seed,
+                         None if classes is None else tuple(sorted(int(c) for c in classes)))
+
+
+@functools.lru_cache(maxsize=1)
+def _train_images(n: int, batch_size: int, transform: Any, seed: int, classes: tuple[int, ...] | None) -> Iterable:
+    from .. import shapes
+    from .calibration import cached_batches
+
+    wanted = list(range(shapes.NUM_CLASSES)) if classes is None else list(classes)
     indices = [c + shapes.NUM_CLASSES * k for k in range(-(-n // len(wanted))) for c in wanted][:n]
-    return torch.utils.data.DataLoader(_ShapesTrain(seed, indices, transform), batch_size=settings.batch_size,
-                                       shuffle=False)
+    return cached_batches(torch.utils.data.DataLoader(_ShapesTrain(seed, indices, transform),
+                                                      batch_size=batch_size, shuffle=False))
 
 
 def recover_entry(ctx, settings: RecoverSettings | None, model: nn.Module, classes: list[int] | None,
