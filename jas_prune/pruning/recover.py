@@ -112,7 +112,9 @@ def recover(pruned: nn.Module, dense: nn.Module, loader: Iterable, *, steps: int
         device: where to train (default: the student's device).
 
     Returns:
-        ``{"steps", "loss_first", "loss_last", "seconds"}`` (losses: running means).
+        ``{"steps", "loss_first", "loss_last", "seconds", "cpu_seconds"}`` (losses: running
+        means; ``cpu_seconds``: this process's CPU time, the wall time on an otherwise idle machine
+        when Torch uses one thread).
 
     Raises:
         InvalidArgumentError: a bad setting (named), a teacher of another shape, a loader without images.
@@ -140,9 +142,9 @@ def recover(pruned: nn.Module, dense: nn.Module, loader: Iterable, *, steps: int
     if head_classes is None:
         head_classes = getattr(vit, "jas_head_classes", None)
     dev = torch.device(device) if device is not None else model_device(pruned)
-    t0 = time.perf_counter()
+    t0, c0 = time.perf_counter(), time.process_time()
     if steps == 0:
-        return {"steps": 0, "loss_first": math.nan, "loss_last": math.nan, "seconds": 0.0}
+        return {"steps": 0, "loss_first": math.nan, "loss_last": math.nan, "seconds": 0.0, "cpu_seconds": 0.0}
     params = list(pruned.parameters())
     flags = [p.requires_grad for p in params]
     for p in params:  # every weight of the student learns (a model loaded frozen too)
@@ -198,7 +200,8 @@ def recover(pruned: nn.Module, dense: nn.Module, loader: Iterable, *, steps: int
             p.requires_grad_(flag)
         bar.close()
         pruned.eval()
-    return {"steps": steps, "loss_first": first, "loss_last": last, "seconds": time.perf_counter() - t0}
+    return {"steps": steps, "loss_first": first, "loss_last": last, "seconds": time.perf_counter() - t0,
+            "cpu_seconds": time.process_time() - c0}
 
 
 class _ShapesTrain(torch.utils.data.Dataset):
