@@ -20,7 +20,7 @@ from typing import Any, Mapping, Sequence
 
 from ..io import read_json
 from ..metrics import Metrics
-from .stats import _per_run, _recon_rank, as_metrics, paired_differences
+from .stats import RECONSTRUCTION_ORDER, as_metrics, paired_differences
 
 __all__ = ["t_quantile", "PairedInterval", "paired_interval", "paired_rows", "main"]
 
@@ -63,10 +63,33 @@ def paired_interval(diffs: Sequence[float]) -> PairedInterval:
     return PairedInterval(n, mean, mean - half, mean + half, sd, detect)
 
 
-def paired_rows(runs: Sequence[Metrics | Mapping[str, Any]], methods: Sequence[str]) -> list[dict[str, Any]]:
+def method_label(e: Any, options: bool) -> str:
+    """The criterion's name, with its options when ``options`` (``obs_jas(alpha=0.5,damping=0.001)``)."""
+    if not options or not e.criterion_options:
+        return e.method
+    return f"{e.method}({','.join(f'{k}={v}' for k, v in sorted(e.criterion_options.items()))})"
+
+
+def _top1_by_setting(metrics: Metrics, options: bool = False) -> dict[tuple, float]:
+    """(selection, ratio, reconstruction, method) -> top-1 of one run (class subsets: their mean)."""
+    groups: dict[tuple, list[float]] = {}
+    for e in metrics.pruned or []:
+        sel = ("subsets", len(e.classes or [])) if e.class_subset is not None else \
+            ("all",) if e.classes is None else ("classes", *e.classes)
+        groups.setdefault((sel, float(e.ratio), e.reconstruction_name, method_label(e, options)), []).append(e.top1)
+    return {k: (sum(v) / len(v) if k[0][0] == "subsets" else v[-1]) for k, v in groups.items()}
+
+
+def _recon_rank(name: str) -> int:
+    return RECONSTRUCTION_ORDER.index(name) if name in RECONSTRUCTION_ORDER else len(RECONSTRUCTION_ORDER)
+
+
+def paired_rows(runs: Sequence[Metrics | Mapping[str, Any]], methods: Sequence[str], *,
+                options: bool = False) -> list[dict[str, Any]]:
     """For every setting that all ``methods`` have in every run: each pair's paired interval (points)
-    and each method's difference to the best other criterion of each run."""
-    per_run = [_per_run(m) for m in map(as_metrics, runs)]
+    and each method's difference to the best other criterion of each run (``options``: criteria
+    named with their options, so that two settings of one criterion are told apart)."""
+    per_run = [_top1_by_setting(m, options) for m in map(as_metrics, runs)]
     settings = sorted({k[:3] for pr in per_run for k in pr},
                       key=lambda k: (k[0] != ("all",), str(k[0]), k[1], _recon_rank(k[2])))
     out = []
@@ -74,11 +97,11 @@ def paired_rows(runs: Sequence[Metrics | Mapping[str, Any]], methods: Sequence[s
         have = [m for m in methods if all((sel, ratio, recon, m) in pr for pr in per_run)]
         for i, a in enumerate(have):
             for b in have[i + 1:]:
-                diffs = [100 * (pr[(sel, ratio, recon, a)]["top1"] - pr[(sel, ratio, recon, b)]["top1"])
+                diffs = [100 * (pr[(sel, ratio, recon, a)] - pr[(sel, ratio, recon, b)])
                          for pr in per_run]
                 out.append({"selection": sel, "ratio": ratio, "reconstruction": recon, "a": a, "b": b,
                             "interval": paired_interval(diffs)})
-    for m in methods:
+    for m in methods if not options else []:
         for d in paired_differences(runs, m):
             out.append({"selection": d.selection, "ratio": d.ratio, "reconstruction": d.reconstruction, "a": m,
                         "b": "best other", "interval": paired_interval([100 * x for x, _ in d.per_run])})
@@ -87,11 +110,16 @@ def paired_rows(runs: Sequence[Metrics | Mapping[str, Any]], methods: Sequence[s
 
 def main(argv: list[str] | None = None) -> list[dict[str, Any]]:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    ap.add_argument("runs", nargs="+", type=Path, help="run directories of one recipe, one per seed")
+    ap.add_argument("runs", nargs="+", help="run directories of one recipe, one per seed (DIR,DIR2: the "
+                                           "entries of several directories of the same seed together)")
     ap.add_argument("--methods", nargs="+", required=True, help="criteria compared pairwise")
+    ap.add_argument("--options", action="store_true", help="name criteria with their options (obs_jas(alpha=0.5,...))")
     args = ap.parse_args(argv)
-    runs = [Metrics.from_dict(read_json(r / "metrics.json")) for r in args.runs]
-    rows = paired_rows(runs, args.methods)
+    runs = []
+    for arg in args.runs:
+        parts = [read_json(Path(d) / "metrics.json") for d in arg.split(",")]
+        runs.append(Metrics.from_dict({**parts[0], "pruned": [e for p in parts for e in p.get("pruned") or []]}))
+    rows = paired_rows(runs, args.methods, options=args.options)
     print("| selection | removed | reconstruction | a − b | mean (pt) | 95 % interval | sd | detectable (80 % power) |")
     print("|---|---:|---|---|---:|---|---:|---:|")
     for r in rows:
