@@ -32,17 +32,16 @@ from dataclasses import dataclass
 from typing import Iterable, Sequence
 
 import torch
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import Field
 
+from ...schema import Strict
 from . import CRITERIA, Criterion, CriterionScores, ScoringInputs
 
 __all__ = ["ObsOptions", "ObsJasOptions", "GreedyObs", "greedy_obs", "ffn_fits", "obs_scores"]
 
 
-class ObsOptions(BaseModel):
+class ObsOptions(Strict):
     """``prune.obs``."""
-
-    model_config = ConfigDict(extra="forbid")
 
     #: relative ridge damping of the covariance (times its mean diagonal), as ``prune.calibration``
     damping: float = Field(default=1e-3, ge=0.0, allow_inf_nan=False)
