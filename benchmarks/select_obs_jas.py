@@ -8,7 +8,7 @@ uses (its JAS importance read from that run's masks); val top-1 on other probe i
 same seed (``bench_select.fit_val_samples``). The test partition is never read. The winner is the
 highest mean val top-1 over the ratios; a candidate replaces alpha 1 only by more than 0.1 pt.
 
-    python benchmarks/select_obs_jas.py --run runs/bench-s0 --out runs/select-obs-jas
+    python -m benchmarks.select_obs_jas --run runs/bench-s0 --out runs/select-obs-jas
 """
 
 from __future__ import annotations
@@ -19,7 +19,7 @@ from pathlib import Path
 
 import torch
 
-from jas_prune.bench_select import Bench, Setting, fit_val_samples
+from benchmarks.bench_select import Bench, Setting, fit_val_samples
 from jas_prune.data import make_loader, model_transform
 from jas_prune.evaluate import accuracy, predict_logits
 from jas_prune.io import read_json
