@@ -39,9 +39,8 @@ def hidden_covariance(model: nn.Module, loader: Iterable, *, classes: Sequence[i
     Raises:
         InvalidArgumentError: the loader yielded no image (of ``classes``).
     """
-    from ..torchutil import frozen_eval
     from .graph import find_vit
-    from .stats import device_of, iter_batches, no_images
+    from .stats import device_of, forward_probe
 
     _, info = find_vit(model)
     dev = device_of(model, device)
@@ -57,18 +56,8 @@ def hidden_covariance(model: nn.Module, loader: Iterable, *, classes: Sequence[i
             acc[2] += h.T @ h
         return hook
 
-    handles = [l.fc2.register_forward_pre_hook(hook_for(l.index)) for l in info.layers]
-    seen = 0
-    try:
-        with frozen_eval(model):
-            for images, _ in iter_batches(loader, classes=classes, device=dev, max_batches=max_batches):
-                model(images)
-                seen += len(images)
-    finally:
-        for h in handles:
-            h.remove()
-    if seen == 0:
-        raise no_images(classes)
+    forward_probe(model, loader, [l.fc2.register_forward_pre_hook(hook_for(l.index)) for l in info.layers],
+                  classes=classes, device=dev, max_batches=max_batches)
     out = {}
     for block, (n, s, ss) in sums.items():
         mu = s / n

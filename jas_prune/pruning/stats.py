@@ -15,7 +15,7 @@ from torch import nn
 
 from ..errors import InvalidArgumentError
 
-__all__ = ["ActivationStats", "ffn_activation_stats", "iter_batches", "device_of", "no_images"]
+__all__ = ["ActivationStats", "ffn_activation_stats", "iter_batches", "device_of", "no_images", "forward_probe"]
 
 #: per-block activation statistics as returned by :func:`jas_prune.neurons.activation_stats`:
 #: ``{"mean_abs": [n], "mean": [n], "var": [n], "count": int}``
@@ -59,6 +59,31 @@ def iter_batches(loader: Iterable, *, classes: Sequence[int] | None = None,
                 continue
             images, labels = images[mask.to(images.device)], labels[mask.to(labels.device)]
         yield images.to(device), labels.to(device)
+
+
+def forward_probe(model: nn.Module, loader: Iterable, hooks: Sequence[Any], *, classes: Sequence[int] | None = None,
+                  device: torch.device | str = "cpu", max_batches: int | None = None) -> int:
+    """One forward pass over the probe images (of ``classes``) without gradients, in eval mode,
+    for the statistics the registered forward ``hooks`` gather; the hooks are removed after.
+    Returns the number of images.
+
+    Raises:
+        InvalidArgumentError: the loader yielded no image (of ``classes``).
+    """
+    from ..torchutil import frozen_eval
+
+    seen = 0
+    try:
+        with torch.no_grad(), frozen_eval(model):
+            for images, _ in iter_batches(loader, classes=classes, device=device, max_batches=max_batches):
+                model(images)
+                seen += len(images)
+    finally:
+        for h in hooks:
+            h.remove()
+    if seen == 0:
+        raise no_images(classes)
+    return seen
 
 
 class _Batches:

@@ -140,9 +140,8 @@ def ffn_fits(model: torch.nn.Module, loader: Iterable, *, classes: Sequence[int]
         InvalidArgumentError: no probe image (of ``classes``).
     """
     from ...models import discover_ffn
-    from ...torchutil import frozen_eval
     from ..reconstruct import LinearFit
-    from ..stats import device_of, iter_batches, no_images
+    from ..stats import device_of, forward_probe
 
     dev = device_of(model, device)
     layers = [l for l in discover_ffn(model).layers if l.prunable]
@@ -151,18 +150,8 @@ def ffn_fits(model: torch.nn.Module, loader: Iterable, *, classes: Sequence[int]
     def hook(index: int):
         return lambda _m, args, out: fits[index].add(args[0], out)
 
-    handles = [l.fc2.register_forward_hook(hook(l.index)) for l in layers]
-    seen = 0
-    try:
-        with torch.no_grad(), frozen_eval(model):
-            for images, _ in iter_batches(loader, classes=classes, device=dev, max_batches=max_batches):
-                model(images)
-                seen += len(images)
-    finally:
-        for h in handles:
-            h.remove()
-    if seen == 0:
-        raise no_images(classes)
+    forward_probe(model, loader, [l.fc2.register_forward_hook(hook(l.index)) for l in layers], classes=classes,
+                  device=dev, max_batches=max_batches)
     return fits
 
 
