@@ -1,14 +1,13 @@
 """jas-prune: Joint Attribution Score neuron paths, FFN pruning and ONNX export for timm ViTs.
 
-The attribution names are bound eagerly (they need only torch); the other public names are
-imported on first use, so the CLI does not pay for importing timm and Torch-Pruning up front.
+Every public name is imported on first use, so the CLI does not pay for importing PyTorch, timm
+and Torch-Pruning before it needs them (it refuses a bad recipe before importing any of them).
 """
 
 from __future__ import annotations
 
 from typing import TYPE_CHECKING
 
-from .attribution import JointAttribution, LocateResult, LocateSettings, locate, path_jas
 from .errors import JasPruneError
 from .lazy import lazy_exports
 
@@ -16,6 +15,11 @@ __version__ = "0.1.0"
 
 #: public name -> module that defines it
 _EXPORTS = {
+    "JointAttribution": "attribution",
+    "LocateResult": "attribution",
+    "LocateSettings": "attribution",
+    "locate": "attribution",
+    "path_jas": "attribution",
     "ClassMasks": "aggregate",
     "load_masks": "aggregate",
     "load_pruned": "checkpoint",
@@ -28,11 +32,11 @@ _EXPORTS = {
     "recover": "pruning.recover",
 }
 
-__all__ = ["JasPruneError", "JointAttribution", "LocateResult", "LocateSettings", "locate", "path_jas",
-           *sorted(_EXPORTS)]
+__all__ = ["JasPruneError", *sorted(_EXPORTS)]
 
 if TYPE_CHECKING:  # pragma: no cover
     from .aggregate import ClassMasks, load_masks
+    from .attribution import JointAttribution, LocateResult, LocateSettings, locate, path_jas
     from .checkpoint import load_pruned, save_pruned
     from .pruning.plugin import JASImportance
     from .models import discover_ffn, load_model

@@ -9,9 +9,8 @@ from pathlib import Path
 
 import click
 
-from .distributed import Interrupted
-from .errors import JasPruneError, one_line
-from .train import BUILTIN_TRAINING
+from .errors import Interrupted, JasPruneError, one_line
+from .shapes import BUILTIN_TRAINING
 
 __all__ = ["cli", "main"]
 
@@ -31,15 +30,25 @@ def recipe() -> None:
     """Validate and run YAML recipes."""
 
 
+def _read_recipe(path: Path, overrides: tuple[str, ...]):
+    """The validated recipe. The YAML is read and bounded before the package's heavy modules (and
+    PyTorch) are imported, so a hostile file is refused in a fraction of a second."""
+    from .document import read_document
+
+    data = read_document(path, overrides)
+    from .recipe import parse_recipe
+
+    return parse_recipe(data, source=str(path))
+
+
 @recipe.command("validate")
 @click.argument("recipe_file", metavar="RECIPE", type=click.Path(dir_okay=False, path_type=Path))
 @click.option("--set", "overrides", multiple=True, metavar="KEY=VALUE", help=_SET_HELP)
 def recipe_validate(recipe_file: Path, overrides: tuple[str, ...]) -> None:
     """Check a recipe (schema, values, available stages) without running it."""
+    r = _read_recipe(recipe_file, overrides)
     from .pipeline import check_stages
-    from .recipe import load_recipe
 
-    r = load_recipe(recipe_file, overrides)
     check_stages(r)
     stages = ["dense"] + [k for k in ("attribution", "masks", "prune", "export") if getattr(r, k) is not None]
     click.echo(f"{recipe_file}: valid (stages: {', '.join(stages)})")
@@ -57,11 +66,10 @@ def recipe_run(recipe_file: Path, out: Path | None, overrides: tuple[str, ...], 
     Under ``torchrun --nproc_per_node=N -m jas_prune recipe run ...`` the N processes share the
     locating; rank 0 writes the run directory and prints the summary.
     """
+    r = _read_recipe(recipe_file, overrides)
     from .distributed import env_rank
     from .pipeline import run_recipe
-    from .recipe import load_recipe
 
-    r = load_recipe(recipe_file, overrides)
     out = out or Path("runs") / recipe_file.stem
     rank = env_rank()[0]
     if rank != 0:  # rank 0 speaks for the run; the others log to run.rank<N>.log

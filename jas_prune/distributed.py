@@ -53,7 +53,7 @@ from typing import Any, Callable, Iterator
 
 import torch
 
-from .errors import OutputDirError, PeerFailedError, StageNotAvailableError
+from .errors import Interrupted, OutputDirError, PeerFailedError, StageNotAvailableError
 from .io import storage_errors
 
 __all__ = [
@@ -78,16 +78,6 @@ _FAILURES_KEY = "failures"
 _FAILED_KEY = "failed"
 #: File rank 0 writes in ``--out`` for the other ranks to find (removed once they have).
 SHARED_TOKEN = ".jas-prune-shared-dir"
-
-
-class Interrupted(BaseException):
-    """The process received SIGTERM (exit code 143 = 128 + 15)."""
-
-    exit_code = 143
-
-    def __init__(self, signum: int = signal.SIGTERM):
-        super().__init__(f"interrupted by {signal.Signals(signum).name}")
-        self.signum = signum
 
 
 def env_rank() -> tuple[int, int, int]:

@@ -10,6 +10,7 @@ Classes that describe a bad argument also subclass ``ValueError``, so Python cal
 
 from __future__ import annotations
 
+import signal
 from typing import Any
 
 __all__ = [
@@ -35,6 +36,7 @@ __all__ = [
     "ExportVerificationError",
     "MetricsSchemaError",
     "PeerFailedError",
+    "Interrupted",
 ]
 
 
@@ -173,3 +175,15 @@ class PeerFailedError(JasPruneError):
     def __init__(self, message: str, exit_code: int = 1) -> None:
         super().__init__(message)
         self.exit_code = exit_code
+
+
+class Interrupted(BaseException):
+    """The process received SIGTERM (exit code 143 = 128 + 15). A ``BaseException``, like
+    ``KeyboardInterrupt``: no ``except Exception`` swallows it; the CLI turns it into the exit
+    code, finished work being on disk."""
+
+    exit_code = 143
+
+    def __init__(self, signum: int = signal.SIGTERM):
+        super().__init__(f"interrupted by {signal.Signals(signum).name}")
+        self.signum = signum

@@ -17,6 +17,7 @@ __all__ = [
     "IMAGE_SIZE",
     "EVAL_PER_CLASS",
     "TRAIN_PER_CLASS",
+    "BUILTIN_TRAINING",
     "SPLIT_IDS",
     "class_folder_names",
     "label_of",
@@ -41,6 +42,9 @@ SUPERSAMPLE = 3
 #: Images per class in the evaluation split (partitioned into probe/test) and the train split.
 EVAL_PER_CLASS = 100
 TRAIN_PER_CLASS = 1000
+#: The documented recipe of ``builtin:shapes-vit`` (``jas-prune train`` uses these defaults); here,
+#: beside its data, so that the command line shows them without importing PyTorch.
+BUILTIN_TRAINING = {"seed": 0, "epochs": 32.0, "per_class": TRAIN_PER_CLASS, "batch_size": 128, "lr": 1e-3}
 SPLIT_IDS = {"train": 0, "eval": 1}
 
 

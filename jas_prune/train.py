@@ -15,13 +15,12 @@ from torch import nn
 from tqdm.auto import tqdm
 
 from . import shapes
+from .shapes import BUILTIN_TRAINING
 
-__all__ = ["FitConfig", "fit", "ShapesTrainBatches", "train_builtin", "BUILTIN_TRAINING"]
+__all__ = ["FitConfig", "fit", "ShapesTrainBatches", "train_builtin"]
 
 log = logging.getLogger("jas_prune")
 
-#: The documented recipe of ``builtin:shapes-vit`` (``jas-prune train`` uses these defaults).
-BUILTIN_TRAINING = {"seed": 0, "epochs": 32.0, "per_class": shapes.TRAIN_PER_CLASS, "batch_size": 128, "lr": 1e-3}
 
 
 @dataclass(frozen=True)

@@ -14,7 +14,7 @@ PKG = Path(__file__).resolve().parents[1] / "jas_prune"
 #: sits on one floor and imports only from its own floor and the floors below. This is the one
 #: place the order is declared (the architecture page of the docs points here).
 FLOORS: tuple[frozenset[str], ...] = tuple(frozenset(f.split()) for f in (
-    "errors io lazy registry schema torchutil lock metrics shapes classes distributed",  # plumbing
+    "errors io lazy registry schema document torchutil lock metrics shapes classes distributed",  # plumbing
     "models pathstore rundir semantic integrity",  # models; the run directory and what it holds
     "data neurons train checkpoint aggregate",  # images, per-neuron views, saved models
     "attribution evaluate atlas",  # locating paths; accuracy, MACs; the neuron atlas

@@ -531,3 +531,33 @@ def test_non_finite_attribution_scores_name_image_and_block():
     with pytest.raises(NonFiniteOutputError, match=r"^locate probe \(jas\): attribution scores are not finite "
                                                    r"for image img-b in block 3$"):
         _check_finite(ok, chunk, "locate probe (jas)")
+
+
+def test_billion_laughs_refused_before_torch_is_imported(tmp_path):
+    """Issue 18: the command line bounds the YAML before importing PyTorch (alone ~0.6 GB and
+    seconds): the "billion laughs" recipe is refused in < 2 s and < 200 MB (the process's own
+    peak resident memory, read from /proc at exit)."""
+    import subprocess
+    import sys
+    import time
+
+    recipe, seen = _recipe(tmp_path, _laughs("model: {name: *i}")), tmp_path / "seen.txt"
+    child = (
+        "import atexit, runpy, sys\n"
+        "def seen():\n"
+        "    hwm = next(l for l in open('/proc/self/status') if l.startswith('VmHWM')).split()[1]\n"
+        f"    open({str(seen)!r}, 'w').write(hwm + ' ' + str('torch' in sys.modules))\n"
+        "atexit.register(seen)\n"
+        f"sys.argv = ['jas-prune', 'recipe', 'validate', {str(recipe)!r}]\n"
+        "runpy.run_module('jas_prune', run_name='__main__', alter_sys=True)\n")
+    t0 = time.perf_counter()
+    proc = subprocess.run([sys.executable, "-c", child], capture_output=True, text=True, timeout=120)
+    seconds = time.perf_counter() - t0
+    assert proc.returncode == 2
+    assert proc.stderr.strip().splitlines() == [
+        f"jas-prune: error: {recipe}: more than 100000 values once its YAML aliases are expanded; "
+        "a recipe is a few dozen settings"]
+    peak_kb, torch_imported = seen.read_text().split()
+    assert torch_imported == "False"
+    assert int(peak_kb) < 200 * 1024, peak_kb
+    assert seconds < 2.0, seconds

@@ -13,7 +13,7 @@ from typing import Any, Mapping, Sequence
 import torch
 from torch import nn
 
-from ..errors import ExportVerificationError
+from ..errors import ExportVerificationError, StorageError
 from ..io import storage_errors
 from .latency import benchmark_many, benchmark_onnx, benchmark_torch
 from .onnx_export import DEFAULT_OPSET, export_onnx
@@ -114,6 +114,8 @@ def export_and_verify(
             sidecar_path(path).unlink(missing_ok=True)
             os.replace(staged, path)
             os.replace(sidecar_path(staged), sidecar_path(path))
+    except StorageError as err:  # name the files the user asked for, not their staging copies
+        raise StorageError(str(err).replace(str(stage), str(path.parent))) from err.__cause__
     finally:
         shutil.rmtree(stage, ignore_errors=True)
     if benchmark and batch_sizes:

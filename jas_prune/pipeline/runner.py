@@ -22,8 +22,8 @@ from pathlib import Path
 import torch
 
 from ..data import DataSource, model_transform, source_for
-from ..distributed import Dist, Interrupted, init_from_env, sigterm_raises
-from ..errors import JasPruneError, StorageError
+from ..distributed import Dist, init_from_env, sigterm_raises
+from ..errors import Interrupted, JasPruneError, StorageError
 from ..io import atomic_write_text, storage_error
 from ..metrics import DataInfo, Metrics, RunInfo, read_metrics
 from ..models import load_model
@@ -48,7 +48,7 @@ def run_recipe(recipe: Recipe, out: str | os.PathLike[str], *, resume: bool = Fa
     share the locating (the probe partition, and the test partition for
     ``evaluate.intervention``); rank 0 alone writes the run directory, runs every other stage and
     returns the metrics; the other ranks return ``None`` once their locating is done. SIGTERM
-    raises :class:`~jas_prune.distributed.Interrupted` (finished chunks and checkpoints are kept:
+    raises :class:`~jas_prune.errors.Interrupted` (finished chunks and checkpoints are kept:
     continue with ``resume=True``).
     """
     check_stages(recipe)
