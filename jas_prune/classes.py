@@ -1,4 +1,5 @@
-"""The one class resolver: class names or indices -> sorted class indices.
+"""The one class resolver: class names or indices -> sorted class indices, the names a model's
+outputs carry, and the deterministic choice of a few classes to show (report figures, atlas).
 
 Used for ``prune.classes``, ``JASImportance.from_run(classes=...)`` and a cut classifier head, so
 that a class list means the same everywhere.
@@ -8,10 +9,13 @@ from __future__ import annotations
 
 import operator
 from collections.abc import Sequence
+from typing import Any
+
+import numpy as np
 
 from .errors import ClassSelectionError
 
-__all__ = ["resolve_classes", "output_class_names"]
+__all__ = ["resolve_classes", "output_class_names", "choose_classes"]
 
 
 def output_class_names(model, data_names: Sequence[str] | None = None) -> list[str] | None:
@@ -68,3 +72,27 @@ def resolve_classes(classes: Sequence[int | str] | int | str, class_names: Seque
     if not out:
         raise ClassSelectionError(f"{key}: must list at least one class (or be null for every class)")
     return sorted(out)
+
+
+def choose_classes(counts: Sequence[int], similarity: Any = None, k: int = 4) -> list[int]:
+    """A deterministic choice of ``k`` well-populated, mutually dissimilar classes.
+
+    Candidates are the classes with at least the median number of probe images (of classes that
+    have any). Start from the class with the most probe images (lowest index on ties), then add,
+    one at a time, the candidate whose highest similarity to the chosen ones is lowest (ties: more
+    images, then lower index). Without a similarity matrix: the ``k`` best-populated classes.
+    """
+    counts = np.asarray(counts, dtype=np.int64)
+    have = np.flatnonzero(counts > 0)
+    if have.size == 0:
+        return []
+    cand = [int(c) for c in have if counts[c] >= np.median(counts[have])]
+    cand.sort(key=lambda c: (-counts[c], c))
+    if similarity is None:
+        return cand[:k]
+    sim = np.asarray(similarity, dtype=np.float64)
+    chosen = [cand[0]]
+    while len(chosen) < min(k, len(cand)):
+        rest = [c for c in cand if c not in chosen]
+        chosen.append(min(rest, key=lambda c: (sim[c, chosen].max(), -counts[c], c)))
+    return chosen

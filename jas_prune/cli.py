@@ -364,7 +364,7 @@ def report(run_dirs: tuple[Path, ...], combine: bool, out: Path | None) -> None:
 def atlas(run_dir: Path, classes: tuple[str, ...], neurons: tuple[str, ...], images: int | None) -> None:
     """What each path neuron of a finished run sees: top probe images with patch heatmaps, its
     activation per class and its share of each class's paths -> RUN_DIR/atlas/atlas.html."""
-    from .atlas.command import atlas_command, split_list
+    from .reporting.atlas_command import atlas_command, split_list
 
     info = atlas_command(run_dir, classes=split_list(classes), neurons=neurons, images=images)
     click.echo(f"wrote {Path(run_dir) / info.page} ({len(info.classes)} classes, {len(info.neurons)} neurons, "

@@ -16,7 +16,7 @@ one field line each. Adding a setting:
 2. reference it with one field line in the section that holds it (here, or in the owning
    package's section class, e.g. ``recover: RecoverSettings | None = None`` in
    ``PruneSettings``); ``None`` as the default makes the feature opt-in;
-3. document it in ``docs/settings.md``.
+3. document it in ``docs/settings.md`` and ``docs/recipes.md`` (the reference recipe lists every key).
 
 Errors are reworded once (:func:`jas_prune.schema.first_error`): every one names its YAML path,
 e.g. ``attribution.steps: must be ≥ 1``, and echoes at most a short prefix of the value.

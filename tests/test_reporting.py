@@ -268,7 +268,8 @@ def test_combine_refuses_recipes_that_differ_beyond_the_seed(tmp_path, capsys):
 def test_clustered_order_and_class_choice_are_deterministic():
     import numpy as np
 
-    from jas_prune.reporting.path_plots import choose_classes, leaf_order
+    from jas_prune.classes import choose_classes
+    from jas_prune.reporting.path_plots import leaf_order
 
     labels = np.array([0, 1, 2, 0, 1, 2, 0, 1, 2])  # three interleaved groups of similar classes
     sim = np.where(labels[:, None] == labels[None, :], 0.9, 0.1)

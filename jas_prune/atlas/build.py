@@ -17,7 +17,7 @@ import numpy as np
 import torch
 from torch import nn
 
-from ..classes import resolve_classes
+from ..classes import choose_classes, resolve_classes
 from ..data import DataSource, model_transform
 from ..errors import InvalidArgumentError
 from ..io import atomic_write_json, make_dir
@@ -81,7 +81,6 @@ def choose_atlas_classes(source: DataSource, settings: AtlasSettings, classes: S
     at ``settings.max_classes`` (the best-populated ones, lowest index first)."""
     if classes:
         return resolve_classes(list(classes), source.class_names, key=key)
-    from ..reporting.path_plots import choose_classes
 
     counts = np.bincount([s.label for s in source.subset("probe")], minlength=source.num_classes)
     return sorted(choose_classes(counts, None, k=settings.max_classes))

@@ -217,7 +217,8 @@ def _sample_images(data: RunData, classes: Iterable[int]) -> dict[int, np.ndarra
 
 def path_figures(figs: FigureList, data: RunData) -> None:
     """Neuron paths per class, class similarity, similar classes' images, the semantic check."""
-    from .path_plots import choose_classes, neuron_paths_figure, similar_images_figure, similarity_figure
+    from ..classes import choose_classes
+    from .path_plots import neuron_paths_figure, similar_images_figure, similarity_figure
     from .plots import semantic_figure
 
     masks, metrics = data.masks, data.metrics

@@ -12,31 +12,7 @@ import numpy as np
 
 from .plots import new_figure, save_figure
 
-__all__ = ["choose_classes", "leaf_order", "neuron_paths_figure", "similarity_figure", "similar_images_figure"]
-
-
-def choose_classes(counts: Sequence[int], similarity: Any = None, k: int = 4) -> list[int]:
-    """A deterministic choice of ``k`` well-populated, mutually dissimilar classes.
-
-    Candidates are the classes with at least the median number of probe images (of classes that
-    have any). Start from the class with the most probe images (lowest index on ties), then add,
-    one at a time, the candidate whose highest similarity to the chosen ones is lowest (ties: more
-    images, then lower index). Without a similarity matrix: the ``k`` best-populated classes.
-    """
-    counts = np.asarray(counts, dtype=np.int64)
-    have = np.flatnonzero(counts > 0)
-    if have.size == 0:
-        return []
-    cand = [int(c) for c in have if counts[c] >= np.median(counts[have])]
-    cand.sort(key=lambda c: (-counts[c], c))
-    if similarity is None:
-        return cand[:k]
-    sim = np.asarray(similarity, dtype=np.float64)
-    chosen = [cand[0]]
-    while len(chosen) < min(k, len(cand)):
-        rest = [c for c in cand if c not in chosen]
-        chosen.append(min(rest, key=lambda c: (sim[c, chosen].max(), -counts[c], c)))
-    return chosen
+__all__ = ["leaf_order", "neuron_paths_figure", "similarity_figure", "similar_images_figure"]
 
 
 def leaf_order(similarity: Any) -> list[int]:

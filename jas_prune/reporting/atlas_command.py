@@ -14,8 +14,8 @@ from typing import Sequence
 from ..errors import FingerprintMismatchError, OutputDirError, StageNotAvailableError
 from ..metrics import AtlasInfo
 from ..rundir import RunDir
-from .select import parse_neurons
-from .settings import AtlasSettings
+from ..atlas.select import parse_neurons
+from ..atlas.settings import AtlasSettings
 
 __all__ = ["atlas_command", "split_list"]
 
@@ -63,7 +63,7 @@ def atlas_command(run_dir: str | Path, *, classes: Sequence[str] = (), neurons: 
     from ..lock import RunDirLock
     from ..models import discover_ffn, load_model
     from ..pathstore import weights_digest
-    from .build import build_atlas
+    from ..atlas.build import build_atlas
 
     run = RunDir(run_dir)
     recipe, metrics = _open(run)
@@ -95,7 +95,7 @@ def atlas_command(run_dir: str | Path, *, classes: Sequence[str] = (), neurons: 
                                     neurons=chosen, batch_size=recipe.data.batch_size, seed=seed,
                                     class_key="--classes")
         atomic_write_json(run.metrics, metrics.to_dict())
-        from ..reporting import write_report
+        from .single import write_report
 
         write_report(run.root)
     return metrics.atlas
