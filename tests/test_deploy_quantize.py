@@ -106,6 +106,7 @@ def test_nonfinite_export_leaves_nothing_and_predict_refuses_nan(tmp_path, capsy
     ex.export_onnx(model, out)
     img = tmp_path / "x.png"
     Image.fromarray(np.zeros((32, 32, 3), np.uint8)).save(img)
+    capsys.readouterr()  # the exporter's log lines (a console handler an earlier CLI test left on the logger)
     assert _script("predict").main([str(out), str(img)]) == 2
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and "not finite" in err[0]
