@@ -126,3 +126,21 @@ def test_errors_echo_a_short_value():
         with pytest.raises(RecipeError) as info:
             parse_recipe({"version": 1, **data})
         assert len(str(info.value)) < 300, str(info.value)[:400]
+
+
+@pytest.mark.parametrize("text, message", [
+    ("prune: {recover: {steps: -1}}", "prune.recover.steps: must be ≥ 0 (got -1)"),
+    ("prune: {recover: {lr: .inf}}", "prune.recover.lr: input should be a finite number (got inf)"),
+    ("prune: {recover: {targets: [logits, pixels]}}",
+     "prune.recover.targets.1: must be one of 'logits' or 'tokens' (got 'pixels')"),
+    ("prune: {recover: {data: test}}", "prune.recover.data: must be one of 'train' or 'probe' (got 'test')"),
+    ("prune: {methods: [obs_jas], obs_jas: {alpha: -1}}", "prune.obs_jas.alpha: must be ≥ 0.0 (got -1)"),
+    ("prune: {methods: [obs], obs: {group: 0}}", "prune.obs.group: must be ≥ 1 (got 0)"),
+    ("prune: {attention: {heads: 1.5}}", "prune.attention.heads: must be < 1.0 (got 1.5)"),
+    ("attribution: {units: [ffn, mlp]}", "attribution.units.1: must be one of 'ffn' or 'heads' (got 'mlp')"),
+    ("data: {classes: 0}", "data.classes: must be ≥ 1 (got 0)"),
+    ("report: {atlas: {images: 0}}", "report.atlas.images: must be ≥ 1 (got 0)"),
+])
+def test_settings_added_by_issues_18_to_23_refuse_bad_values(refused_recipe, text, message):
+    """Each new setting is validated once, by its package's settings class: exit 2, one line."""
+    assert refused_recipe(f"version: 1\n{text}\n") == f"jas-prune: error: {message}"
