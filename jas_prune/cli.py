@@ -48,9 +48,10 @@ def recipe_validate(recipe_file: Path, overrides: tuple[str, ...]) -> None:
     """Check a recipe (schema, values, available stages) without running it."""
     r = _read_recipe(recipe_file, overrides)
     from .pipeline import check_stages
+    from .pipeline.stages import STAGES
 
     check_stages(r)
-    stages = ["dense"] + [k for k in ("attribution", "masks", "prune", "export") if getattr(r, k) is not None]
+    stages = [s.name for s in STAGES if s.enabled(r)]  # in run order, as recipe run would run them
     click.echo(f"{recipe_file}: valid (stages: {', '.join(stages)})")
 
 
