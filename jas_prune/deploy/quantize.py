@@ -33,10 +33,11 @@ from pathlib import Path
 from typing import Annotated, Any, Callable, Iterator, Literal, Sequence
 
 import numpy as np
-from pydantic import AfterValidator, BaseModel, ConfigDict, Field
+from pydantic import AfterValidator, ConfigDict, Field
 
 from ..errors import InvalidArgumentError
 from ..io import atomic_write_text, sha256_file, storage_errors
+from ..schema import Strict
 from .runtime import create_session
 from .sidecar import INPUT_NAME, OUTPUT_NAME, read_sidecar, sidecar_path
 
@@ -68,7 +69,7 @@ def _with_fp32(v: list[str]) -> list[str]:
 PrecisionList = Annotated[list[Precision], AfterValidator(_with_fp32)]
 
 
-class CalibrationSettings(BaseModel):
+class CalibrationSettings(Strict):
     """``export.onnx.calibration``: the probe images INT8 static calibration reads, and how the
     float groups are chosen.
 
@@ -78,7 +79,7 @@ class CalibrationSettings(BaseModel):
     top-1, accepting a drop of at most ``max_top1_drop`` points.
     """
 
-    model_config = ConfigDict(extra="forbid", frozen=True)
+    model_config = ConfigDict(frozen=True)  # merged with the shared strict base's
 
     images_per_class: int = Field(default=4, ge=1, le=1000)
     method: Literal["minmax", "entropy", "percentile"] = "minmax"
