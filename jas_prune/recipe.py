@@ -177,6 +177,15 @@ class OnnxSection(Strict):
             raise ValueError(f"must list distinct batch sizes ≥ 1 (got {v})")
         return v
 
+    @model_validator(mode="after")
+    def _one_fp16(self) -> "OnnxSection":
+        """``fp16: true`` (the CUDA-only float16 copy timed beside each export) and ``fp16`` in
+        ``precision`` (the tested float16 copy) both write ``MODEL.fp16.onnx``: one of them."""
+        if self.fp16 and "fp16" in self.precision:
+            raise ValueError("fp16: true and precision: [..., fp16] both write MODEL.fp16.onnx; "
+                             "give one (precision: fp16 is tested on every machine, fp16: true only times it on CUDA)")
+        return self
+
 
 class ExportSection(Strict):
     onnx: OnnxSection | None = OnnxSection()

@@ -133,6 +133,8 @@ def test_precision_lists_and_recipe_refusal(refused_recipe):
     assert "precision" in line
     line = refused_recipe("version: 1\nexport:\n  onnx:\n    calibration: {method: median}\n")
     assert "calibration" in line
+    line = refused_recipe("version: 1\nexport:\n  onnx:\n    fp16: true\n    precision: [fp32, fp16]\n")
+    assert "export.onnx" in line and "MODEL.fp16.onnx" in line
 
 
 def test_pareto_front_matches_brute_force():
