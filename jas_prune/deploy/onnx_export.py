@@ -236,7 +236,7 @@ def export_onnx(
     finally:
         tmp.unlink(missing_ok=True)
     atomic_write_text(side_path, json.dumps(side, indent=2) + "\n")
-    log.info("exported %s with the %s exporter in %.1fs%s", path, used, seconds,
+    log.info("exported %s with the %s exporter in %.1fs%s", path.name, used, seconds,
              f" (dynamo exporter failed: {fallback_reason})" if fallback_reason else "")
     return {
         "path": str(path),

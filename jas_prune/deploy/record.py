@@ -114,6 +114,7 @@ def export_and_verify(
             sidecar_path(path).unlink(missing_ok=True)
             os.replace(staged, path)
             os.replace(sidecar_path(staged), sidecar_path(path))
+        log.info("export %s: written to %s%s", path.name, path, " (verified)" if verify else "")
     except StorageError as err:  # name the files the user asked for, not their staging copies
         raise StorageError(str(err).replace(str(stage), str(path.parent))) from err.__cause__
     finally:
