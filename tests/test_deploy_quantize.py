@@ -147,3 +147,34 @@ def test_pareto_front_matches_brute_force():
     undominated = {(p.ms, p.top1) for p in pts if p not in dominated}
     assert {(p.ms, p.top1) for p in front} == undominated
     assert [p.ms for p in front] == sorted(p.ms for p in front)
+
+
+def test_resume_keeps_int8_copies_and_remakes_a_damaged_one(tmp_path, tiny_builtin):
+    """--resume keeps an INT8 copy whose file and sidecar match metrics.json (not rewritten), and
+    remakes one whose file was damaged, with the same figures."""
+    from conftest import run_recipe
+
+    recipe = ("version: 1\ndata: {images_per_class: 2, batch_size: 16}\n"
+              "prune: {methods: [magnitude], ratios: [0.5]}\n"
+              "export: {onnx: {benchmark: false, precision: [fp32, int8_dynamic]}}\n")
+    out = tmp_path / "run"
+    assert run_recipe(tmp_path, recipe, out) == 0
+
+    def copies():
+        m = json.loads((out / "metrics.json").read_text())
+        return {r["model"]: p for r in m["export"] for p in r["precisions"]}
+
+    first = copies()
+    assert len(first) == 2 and all(p["tested"] and not p.get("error") for p in first.values())
+    files = {k: Path(p["path"]) for k, p in first.items()}
+    stamps = {k: f.stat().st_mtime_ns for k, f in files.items()}
+    assert run_recipe(tmp_path, recipe, out, resume=True) == 0
+    assert {k: f.stat().st_mtime_ns for k, f in files.items()} == stamps  # kept, not rewritten
+    damaged = sorted(files)[-1]
+    files[damaged].write_bytes(b"not an onnx file")
+    assert run_recipe(tmp_path, recipe, out, resume=True) == 0
+    again = copies()
+    for k, f in files.items():
+        assert (f.stat().st_mtime_ns == stamps[k]) == (k != damaged)
+        assert again[k]["top1_agreement"] == first[k]["top1_agreement"]
+    ort.InferenceSession(str(files[damaged]), providers=["CPUExecutionProvider"])  # a valid model again
