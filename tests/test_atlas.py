@@ -168,6 +168,12 @@ def test_recipe_run_builds_the_atlas_and_the_cli_refuses_bad_input(tmp_path, tin
         err = capsys.readouterr().err.strip().splitlines()
         assert len(err) == 1 and err[0].startswith("jas-prune: error:") and "Traceback" not in err[0], (args, err)
     assert sorted(p.name for p in out.rglob("*")) == before and not (tmp_path / "nowhere").exists()
+    # a class the data does not have: refused before the locating the atlas needs, nothing written
+    r.write_text(RECIPE.replace("blue-star", "purple-blob"))
+    assert main(["recipe", "run", str(r), "--out", str(tmp_path / "bad")]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "report.atlas.classes" in err[0] and "purple-blob" in err[0], err
+    assert not (tmp_path / "bad" / "paths").exists()
     chromium = shutil.which("chromium")
     if chromium is None:  # the screenshot is an optional extra: Debian's chromium package
         return

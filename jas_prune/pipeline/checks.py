@@ -8,6 +8,7 @@ from dataclasses import dataclass
 from torch import nn
 
 from ..attribution import LocateSettings, ResolvedSettings
+from ..classes import resolve_classes
 from ..data import DataSource
 from ..errors import DataError, RecipeError
 from ..models import discover_ffn, num_outputs
@@ -68,6 +69,7 @@ def check_against_model(recipe: Recipe, model: nn.Module, source: DataSource) ->
             FFN width, ``attribution.scope: cls`` for a model without a class token.
         RecipeError: ``masks.topk`` above an FFN width (naming the block and the width),
             ``evaluate.cls_mask.depth`` above the model's depth.
+        DataError / InvalidArgumentError: a ``report.atlas.classes`` entry that is not a class.
         DataError: a ``prune.classes`` entry that is not a class of the data set, or has no probe
             or no test images.
         PruneSettingError / BudgetError: see :meth:`~jas_prune.pruning.settings.PruneSettings.resolve`.
@@ -94,6 +96,9 @@ def check_against_model(recipe: Recipe, model: nn.Module, source: DataSource) ->
         wide = next((k for k in (ablation.topk if ablation else []) if k > min(info.widths)), None)
         if wide is not None:
             raise RecipeError(f"evaluate.cls_mask.ablation.topk: {wide} exceeds the FFN width {min(info.widths)}")
+    atlas = recipe.report.atlas
+    if atlas is not None and atlas.classes:  # refused now, not after the locating the atlas needs
+        resolve_classes(list(atlas.classes), source.class_names, key="report.atlas.classes")
     prune = None
     if recipe.prune is not None:
         prune = recipe.prune.resolve(model, source, seed=recipe.runtime.seed, masks=recipe.masks)
