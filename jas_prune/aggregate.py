@@ -10,15 +10,17 @@ from __future__ import annotations
 import json
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Iterable, Sequence
+from typing import Any, Iterable, Literal, Sequence
 
 import torch
+from pydantic import Field
 
 from .errors import FingerprintMismatchError, InvalidArgumentError
 from .io import atomic_write
 from .rundir import RunDir
+from .schema import Strict
 
-__all__ = ["ClassMasks", "MaskAccumulator", "aggregate", "aggregate_store", "save_masks", "load_masks",
+__all__ = ["MasksSettings", "ClassMasks", "MaskAccumulator", "aggregate", "aggregate_store", "save_masks", "load_masks",
            "per_image_importance", "IMPORTANCE_AGGREGATIONS", "MASKS_FILE"]
 
 MASKS_FILE = RunDir.MASKS
@@ -268,3 +270,11 @@ def load_masks(run_dir: str | Path) -> ClassMasks:
         return masks
     except (KeyError, ValueError, OSError) as exc:
         raise CheckpointError(f"{path}: not a jas-prune masks file ({exc})") from None
+
+
+class MasksSettings(Strict):
+    """``masks``: TopK neurons kept per class and how per-image scores become importance."""
+
+    topk: int = Field(default=5, ge=1)
+    #: how per-image candidate scores become the importance JAS pruning uses (aggregate.py)
+    importance: Literal["mean", "mean_abs", "mean_abs_centered"] = "mean"

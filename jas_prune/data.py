@@ -11,16 +11,20 @@ import logging
 import os
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Callable, Sequence
+from typing import Any, Callable, Literal, Sequence
 
 import numpy as np
 import torch
+from pydantic import Field, model_validator
 from torch.utils.data import DataLoader, Dataset
 
 from . import shapes
 from .errors import DataError
+from .schema import Strict
 
 __all__ = [
+    "DataSettings",
+    "IMAGES_PER_CLASS_MAX",
     "IMAGE_EXTENSIONS",
     "Sample",
     "DataSource",
@@ -361,3 +365,30 @@ def write_shapes_split(split: str, out: str | os.PathLike[str], *, seed: int = 0
         atomic_write(out / folders[label] / f"{index:06d}.png",
                      lambda tmp: Image.fromarray(arr).save(tmp, format="PNG"))
     return len(items)
+
+
+#: ``data.images_per_class`` at most: the built-in data renders every image of the partition
+#: (48 classes × 10 000 images is already a long run on a GPU)
+IMAGES_PER_CLASS_MAX = 10_000
+
+
+class DataSettings(Strict):
+    """``data``: the built-in shapes or an ImageFolder, split into probe and test partitions
+    (:func:`build_source`), and the loaders' batch size and workers."""
+
+    kind: Literal["shapes", "imagefolder"] = "shapes"
+    root: str | None = None
+    probe_fraction: float = Field(default=0.8, gt=0.0, lt=1.0)
+    images_per_class: int | None = Field(default=None, ge=2, le=IMAGES_PER_CLASS_MAX)
+    #: probe images kept per class for attribution, masks, criteria and calibration; the test
+    #: partition is the same with or without it (the images left out are used nowhere)
+    probe_images_per_class: int | None = Field(default=None, ge=1, le=IMAGES_PER_CLASS_MAX)
+    classes: int | None = Field(default=None, ge=1)  # the data set's first N classes (label order)
+    batch_size: int = Field(default=64, ge=1)
+    workers: int = Field(default=0, ge=0)
+
+    @model_validator(mode="after")
+    def _root_for_imagefolder(self) -> "DataSettings":
+        if self.kind == "imagefolder" and not self.root:
+            raise ValueError("root: required when kind is 'imagefolder'")
+        return self

@@ -2,15 +2,18 @@
 
 from __future__ import annotations
 
-from typing import Iterable, Mapping, Sequence
+from typing import Iterable, Literal, Mapping, Sequence
 
 import torch
+from pydantic import Field, field_validator
 from torch import nn
 from tqdm.auto import tqdm
 
 from .errors import NonFiniteOutputError
+from .schema import Strict
 
-__all__ = ["accuracy", "count_params_macs", "predict_logits", "intervention_metrics", "cls_mask_protocol"]
+__all__ = ["accuracy", "count_params_macs", "predict_logits", "intervention_metrics", "cls_mask_protocol",
+           "EvaluateSettings", "ClsMaskSettings", "ClsMaskAblationSettings"]
 
 
 @torch.no_grad()
@@ -151,3 +154,46 @@ def cls_mask_protocol(model: nn.Module, batches: Iterable, keep: torch.Tensor, l
             logits_all.append(model(x).float().cpu())
         labels_all.append(y)
     return accuracy(torch.cat(logits_all), torch.cat(labels_all))
+
+
+class ClsMaskAblationSettings(Strict):
+    """The paper's Table 3-style ablation: every top-K × depth × fraction for the class TopK
+    masks of the first located method, beside random masks of the same size."""
+
+    topk: list[int] = [1, 5, 10]
+    depth: list[int] | None = None  # None: 1/3, 2/3 and all of the model's blocks
+
+    @field_validator("topk", "depth")
+    @classmethod
+    def _positive(cls, v: list[int] | None) -> list[int] | None:
+        if v is not None:
+            if not v:
+                raise ValueError("must list at least one value")
+            if any(k < 1 for k in v):
+                raise ValueError("every value must be ≥ 1")
+        return v
+
+
+class ClsMaskSettings(Strict):
+    """``evaluate.cls_mask``: the paper's class-mask protocol (fractions of the TopK kept)."""
+
+    fractions: list[float] = [0.5]
+    depth: int | None = Field(default=None, ge=1)
+    ablation: ClsMaskAblationSettings | None = None
+
+    @field_validator("fractions")
+    @classmethod
+    def _fractions(cls, v: list[float]) -> list[float]:
+        for p in v:
+            if not 0.0 <= p <= 1.0:
+                raise ValueError(f"{p} is outside [0, 1]")
+        return v
+
+
+class EvaluateSettings(Strict):
+    """``evaluate``: the structured protocol (pruned models' accuracy) and the paper's CLS-mask
+    and intervention protocols."""
+
+    protocols: list[Literal["structured", "paper_cls_mask"]] = ["structured"]
+    intervention: bool = False
+    cls_mask: ClsMaskSettings = ClsMaskSettings()

@@ -6,11 +6,15 @@ from __future__ import annotations
 import contextlib
 import functools
 from collections.abc import Iterable, Iterator
+from typing import Literal
 
 import torch
+from pydantic import Field
 from torch import nn
 
-__all__ = ["frozen_eval", "model_device", "model_dtype", "forward_ad_ready"]
+from .schema import Strict
+
+__all__ = ["frozen_eval", "model_device", "model_dtype", "forward_ad_ready", "RuntimeSettings"]
 
 
 @functools.cache
@@ -71,3 +75,12 @@ def model_device(model: nn.Module) -> torch.device:
     for p in model.parameters():
         return p.device
     return torch.device("cpu")
+
+
+class RuntimeSettings(Strict):
+    """``runtime``: the seed and where and in which dtype the run computes."""
+
+    #: seeds Python, NumPy and PyTorch (NumPy takes 0 … 2**32 - 1)
+    seed: int = Field(default=0, ge=0, le=2**32 - 1)
+    device: Literal["auto", "cpu", "cuda"] = "auto"
+    dtype: Literal["float32", "float64", "bfloat16"] = "float32"
