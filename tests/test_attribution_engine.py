@@ -14,7 +14,7 @@ import copy
 
 import pytest
 import torch
-from test_attribution_api import ref_clean, ref_grads, ref_rule
+from reference import ref_clean, ref_grads, ref_rule
 
 from jas_prune.attribution import METHODS, JointAttribution, locate
 from jas_prune.attribution import engine as engine_mod

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import pytest
 import torch
-from test_attribution_api import ref_rule
+from reference import ref_rule
 
 from jas_prune.attribution import JointAttribution, LocateSettings, locate, path_jas
 from jas_prune.testing import random_vit

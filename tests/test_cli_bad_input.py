@@ -32,6 +32,7 @@ from typing import Callable
 import pytest
 import torch
 
+from conftest import laughs
 from jas_prune.cli import main
 
 BASE = "version: 1\ndata: {images_per_class: 2, batch_size: 96}\n"
@@ -151,20 +152,12 @@ class Case:
     needle: str  # ``{tmp}`` is replaced by the case's tmp_path
 
 
-def _laughs(use: str) -> str:
-    """A "billion laughs" recipe: nine levels of nine aliases each (9**9 strings once expanded)."""
-    lines = ["version: 1", 'a: &a ["lol", "lol", "lol", "lol", "lol", "lol", "lol", "lol", "lol"]']
-    for prev, name in zip("abcdefgh", "bcdefghi"):
-        lines.append(f"{name}: &{name} [" + ", ".join([f"*{prev}"] * 9) + "]")
-    return "\n".join(lines + [use]) + "\n"
-
-
 #: issue 18: recipes accepted by validation before, then a crash (or a run that never ends);
 #: refused before the run directory exists
 RECIPE_CASES = [
-    Case("billion-laughs", lambda t, m: _run(t, _laughs("model: {name: *i}")),
+    Case("billion-laughs", lambda t, m: _run(t, laughs("model: {name: *i}")),
          "r.yaml: more than 100000 values once its YAML aliases are expanded"),
-    Case("billion-laughs-section", lambda t, m: _run(t, _laughs("model: *i")),
+    Case("billion-laughs-section", lambda t, m: _run(t, laughs("model: *i")),
          "r.yaml: more than 100000 values once its YAML aliases are expanded"),
     Case("recipe-too-big", lambda t, m: _run(t, "version: 1\nprune: {classes: [" + "1, " * 400_000 + "1]}\n"),
          "bytes; a recipe file is at most 1048576 bytes"),
@@ -541,7 +534,7 @@ def test_billion_laughs_refused_before_torch_is_imported(tmp_path):
     import sys
     import time
 
-    recipe, seen = _recipe(tmp_path, _laughs("model: {name: *i}")), tmp_path / "seen.txt"
+    recipe, seen = _recipe(tmp_path, laughs("model: {name: *i}")), tmp_path / "seen.txt"
     child = (
         "import atexit, runpy, sys\n"
         "def seen():\n"

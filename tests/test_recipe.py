@@ -100,16 +100,16 @@ def test_billion_laughs_is_refused_in_bounded_time_and_memory(tmp_path):
     import time
     import tracemalloc
 
-    from test_cli_bad_input import _laughs
+    from conftest import laughs
 
     path = tmp_path / "laughs.yaml"
     deep = tmp_path / "deep.yaml"
-    path.write_text(_laughs("model: {name: *i}"))
+    path.write_text(laughs("model: {name: *i}"))
     deep.write_text("version: 1\nmodel: " + "[" * 5000 + "]" * 5000 + "\n")
     tracemalloc.start()
     t0 = time.perf_counter()
     for p, sets, msg in [(path, [], "more than 100000 values"), (deep, [], "nested deeper than 32"),
-                         (path, ["model.name=" + _laughs("x: *i").replace("\n", ", ")], "more than 100000 values")]:
+                         (path, ["model.name=" + laughs("x: *i").replace("\n", ", ")], "more than 100000 values")]:
         with pytest.raises(RecipeError, match=msg) as info:
             load_recipe(p, sets)
         assert len(str(info.value)) < 300
