@@ -33,6 +33,7 @@ from torch import nn
 from .errors import CheckpointError, InvalidArgumentError
 from .io import atomic_write
 from .models import FAMILIES, create_model, discover_ffn, load_error_reason, model_spec, split_fused_glu
+from .models.elastic import TRANSFORM, make_attention_elastic
 
 log = logging.getLogger("jas_prune")
 
@@ -56,7 +57,7 @@ GEOMETRY_ATTRS = ("num_heads", "head_dim", "attn_dim", "scale", "kv_dim", "num_k
 _ATTENTION = (("qkv", "num_heads", "head_dim", "attn_dim", 3),
               ("q_proj", "num_attention_heads", "head_dim", None, 1))
 #: structural transforms a model may carry (``model.jas_transforms``) and how to redo them
-_TRANSFORMS = {"split_fused_glu": split_fused_glu}
+_TRANSFORMS = {"split_fused_glu": split_fused_glu, TRANSFORM: make_attention_elastic}
 
 
 def vit_arch_kwargs(model: nn.Module) -> dict[str, Any]:

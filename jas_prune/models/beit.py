@@ -10,6 +10,7 @@ from torch import nn
 from .eva import decode_arch
 from .families import FAMILIES, Family
 from .ffn import FFNInfo, timm_mlp_ffn
+from .heads import AttentionLayout, Slot, fused_qkv_slots
 from .timm_common import factory_args, patch_kwargs, timm_image_size, timm_info, tiny_timm, tuples
 
 __all__ = ["arch_kwargs"]
@@ -24,6 +25,29 @@ def _is_beit(model: nn.Module) -> bool:
 def _discover(model: nn.Module, label: str) -> FFNInfo:
     return timm_info(model, label, "timm-beit",
                      lambda i, blk: timm_mlp_ffn(i, blk, label, layer_scale=getattr(blk, "gamma_2", None)))
+
+
+def _per_head(_model: nn.Module, attn: nn.Module) -> list[Slot]:
+    """The relative position bias table: one column per head."""
+    if getattr(attn, "relative_position_bias_table", None) is None:
+        return []
+    return [Slot(attn, "relative_position_bias_table", 1, "h")]
+
+
+def _shared(model: nn.Module) -> str | None:
+    if getattr(model, "rel_pos_bias", None) is not None:
+        return "its relative position bias table is shared by every block (use_shared_rel_pos_bias)"
+    return None
+
+
+def _elastic(_model: nn.Module, attn: nn.Module) -> None:
+    from .elastic import make_elastic
+
+    make_elastic(attn)
+
+
+ATTENTION = AttentionLayout(channels=fused_qkv_slots, per_head=_per_head, shared=_shared,
+                            gamma=lambda blk: getattr(blk, "gamma_1", None), elastic=_elastic)
 
 
 def arch_kwargs(model: nn.Module) -> dict[str, Any]:
@@ -59,4 +83,5 @@ def _timm_beit_family() -> Family:
         arch_kwargs=arch_kwargs,
         decode_arch=decode_arch,
         example=lambda: tiny_timm("beit_base_patch16_224", init_values=0.5),
+        attention=ATTENTION,
     )

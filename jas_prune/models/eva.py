@@ -9,6 +9,7 @@ from torch import nn
 
 from .families import FAMILIES, Family
 from .ffn import FFNInfo, timm_mlp_ffn
+from .heads import AttentionLayout, Slot, fused_qkv_slots
 from .timm_common import factory_args, patch_kwargs, timm_image_size, timm_info, tiny_timm, tuples
 
 __all__ = ["arch_kwargs", "decode_arch"]
@@ -25,6 +26,32 @@ def _discover(model: nn.Module, label: str) -> FFNInfo:
 
     return timm_info(model, label, "timm-eva", lambda i, blk: timm_mlp_ffn(
         i, blk, label, layer_scale=getattr(blk, "gamma_2", None), post_norm=isinstance(blk, EvaBlockPostNorm)))
+
+
+def _channels(attn: nn.Module) -> list[Slot]:
+    """A fused ``qkv`` (biases as separate ``q_bias``/``k_bias``/``v_bias``) or ``q/k/v_proj``."""
+    if attn.qkv is not None:
+        return fused_qkv_slots(attn)
+    return [Slot(getattr(attn, f"{r}_proj"), n, 0, r) for r in "qkv" for n in ("weight", "bias")
+            if getattr(getattr(attn, f"{r}_proj"), n, None) is not None]
+
+
+def _rope(model: nn.Module, attn: nn.Module) -> str | None:
+    if getattr(model, "rope", None) is None:
+        return None
+    return "half" if getattr(attn, "rotate_half", False) else "interleaved"
+
+
+def _elastic(model: nn.Module, attn: nn.Module) -> None:
+    from .elastic import make_elastic
+
+    make_elastic(attn, rope=getattr(model, "rope", None) is not None)
+
+
+#: the rotary table is shared by every block: a block's kept query/key dimensions select its
+#: columns (``jas_rope_keep``), two by two (each rotary pair together)
+ATTENTION = AttentionLayout(channels=_channels, rope=_rope, gamma=lambda blk: getattr(blk, "gamma_1", None),
+                            elastic=_elastic)
 
 
 def _not_identity(module: Any) -> bool:
@@ -78,4 +105,5 @@ def _timm_eva_family() -> Family:
         arch_kwargs=arch_kwargs,
         decode_arch=decode_arch,
         example=lambda: tiny_timm("eva02_tiny_patch14_224", img_size=28, patch_size=14, ref_feat_shape=(2, 2)),
+        attention=ATTENTION,
     )

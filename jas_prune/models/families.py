@@ -38,6 +38,8 @@ class Family:
         example: ``() -> model``, a tiny random-init member (two blocks, a few dozen pixels, no
             download): the tests run every registered family on its example, so a new family is
             tested without being listed anywhere.
+        attention: where its heads' parameters are (:class:`~jas_prune.models.heads.AttentionLayout`),
+            for attention pruning; None: heads are not pruned in this family.
     """
 
     name: str
@@ -50,6 +52,7 @@ class Family:
     rebuild: Callable[[str, Mapping[str, Any], int], nn.Module] | None = None
     head: Callable[[nn.Module], Any] = lambda m: getattr(m, "head", None)
     example: Callable[[], nn.Module] | None = None
+    attention: Any = None
 
 
 FAMILIES: Registry[Family] = Registry("model family")

@@ -12,15 +12,15 @@ concatenated head outputs, read and replaced by a forward pre-hook), ``attn`` th
 
 from __future__ import annotations
 
-from dataclasses import dataclass
-from typing import Any
+from dataclasses import dataclass, field
+from typing import Any, Callable
 
-from torch import nn
+from torch import Tensor, nn
 
 from ..errors import UnsupportedModelError
 from .ffn import FFNInfo
 
-__all__ = ["HeadLayer", "discover_heads", "attention_of"]
+__all__ = ["HeadLayer", "discover_heads", "attention_of", "Slot", "AttentionLayout", "GRAPH_LAYOUT", "fused_qkv_slots"]
 
 
 @dataclass(frozen=True)
@@ -48,6 +48,81 @@ class HeadLayer:
     def head_dim(self) -> int:
         """Value channels per head (columns of ``proj`` per head)."""
         return int(self.proj.in_features) // self.heads
+
+
+@dataclass(frozen=True)
+class Slot:
+    """A tensor that holds attention channels: ``getattr(owner, name)`` along ``dim``, laid out
+    as ``len(roles)`` chunks of ``H·d`` channels (head-major), one chunk per role: ``"qkv"`` for
+    a fused projection, ``"q"`` for a query bias; or, with ``roles == "h"``, one entry per head
+    (a relative-position bias table)."""
+
+    owner: nn.Module
+    name: str
+    dim: int
+    roles: str
+
+    @property
+    def tensor(self) -> Tensor:
+        return getattr(self.owner, self.name)
+
+
+def _no_slots(*_: Any) -> list[Slot]:
+    return []
+
+
+def _no_rope(*_: Any) -> str | None:
+    return None
+
+
+@dataclass(frozen=True)
+class AttentionLayout:
+    """Where a family keeps each head's parameters: what removing heads and head dimensions
+    changes (:func:`jas_prune.pruning.attention.prune_attention`). Registered with the family
+    (:attr:`jas_prune.models.Family.attention`).
+
+    Attributes:
+        channels: ``attn -> slots`` of the query/key/value channels (weights and biases; the
+            output projection's columns are always removed with them).
+        graph: Torch-Pruning's dependency graph removes the channels (it maps the projection's
+            input to every q/k/v row); otherwise they are sliced here, slot by slot, with a
+            shape check, because the graph cannot see them (biases concatenated outside the
+            projection, per-head tables, rotary pairs).
+        per_head: ``(model, attn) -> slots`` with one entry per head (bias tables); a slot
+            owner with a ``num_heads`` attribute gets the new count.
+        shared: ``model -> reason`` heads cannot be removed per block (a table shared by all
+            blocks), None when they can.
+        rope: ``(model, attn) -> "interleaved" | "half" | None``: how rotary embeddings pair
+            the query/key dimensions (removed two by two), None without RoPE.
+        heads_attr / scale_attr: the attention attributes holding the head count and the
+            logit scale.
+        gamma: ``block -> layer scale of the attention branch`` (None: no scale).
+        elastic: ``(model, attn) -> None`` makes the attention's forward accept a width other than the
+            embedding (timm's Eva/BEiT/RelPos reshape the heads back to the input width);
+            recorded as the model transform ``elastic_attention``.
+    """
+
+    channels: Callable[[nn.Module], list[Slot]]
+    graph: bool = False
+    per_head: Callable[[nn.Module, nn.Module], list[Slot]] = _no_slots
+    shared: Callable[[nn.Module], str | None] = _no_rope
+    rope: Callable[[nn.Module, nn.Module], str | None] = _no_rope
+    heads_attr: str = "num_heads"
+    scale_attr: str = "scale"
+    gamma: Callable[[nn.Module], Tensor | None] = field(default=lambda blk: getattr(getattr(blk, "ls1", None),
+                                                                                       "gamma", None))
+    elastic: Callable[[nn.Module, nn.Module], None] | None = None
+
+
+def fused_qkv_slots(attn: nn.Module) -> list[Slot]:
+    """timm's fused ``qkv`` projection, with its bias, or with the ``q_bias``/``k_bias``/``v_bias``
+    that Eva and BEiT keep beside it."""
+    slots = [Slot(attn.qkv, n, 0, "qkv") for n in ("weight", "bias") if getattr(attn.qkv, n, None) is not None]
+    return slots + [Slot(attn, f"{r}_bias", 0, r) for r in "qkv" if getattr(attn, f"{r}_bias", None) is not None]
+
+
+#: timm ``VisionTransformer``: a fused ``qkv`` removed by the dependency graph
+GRAPH_LAYOUT = AttentionLayout(channels=fused_qkv_slots, graph=True)
 
 
 def attention_of(block: nn.Module) -> tuple[nn.Module, nn.Module] | None:

@@ -24,6 +24,7 @@ from torch import Tensor, nn
 from ..errors import CheckpointError, InvalidArgumentError, PretrainedUnavailableError, UnsupportedModelError
 from .families import FAMILIES, Family
 from .ffn import FFNInfo, FFNLayer
+from .heads import AttentionLayout, Slot
 
 __all__ = ["HF_PREFIX", "HF_CLASSES", "MIN_TRANSFORMERS", "HFImageClassifier", "load_hf", "wrap_hf"]
 
@@ -313,6 +314,18 @@ def _example() -> nn.Module:
     return wrap_hf(transformers.ViTForImageClassification(cfg).eval(), source="hf:example")
 
 
+def _channels(attn: nn.Module) -> list[Slot]:
+    """``q_proj``/``k_proj``/``v_proj`` (transformers 5) or ``query``/``key``/``value`` (4.x)."""
+    names = ("q_proj", "k_proj", "v_proj") if hasattr(attn, "q_proj") else ("query", "key", "value")
+    return [Slot(getattr(attn, m), n, 0, r) for m, r in zip(names, "qkv") for n in ("weight", "bias")
+            if getattr(getattr(attn, m), n, None) is not None]
+
+
+#: separate q/k/v projections, which Torch-Pruning's graph links to the output projection's input
+ATTENTION = AttentionLayout(channels=_channels, graph=True, heads_attr="num_attention_heads",
+                            scale_attr="scaling", gamma=lambda blk: None)
+
+
 @FAMILIES.register
 def _hf_vit_family() -> Family:
     return Family(
@@ -325,4 +338,5 @@ def _hf_vit_family() -> Family:
         rebuild=_rebuild,
         head=lambda m: m.head if isinstance(m, HFImageClassifier) else None,
         example=_example,
+        attention=ATTENTION,
     )

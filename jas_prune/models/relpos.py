@@ -11,6 +11,7 @@ from torch import nn
 from ..errors import UnsupportedModelError
 from .families import FAMILIES, Family
 from .ffn import FFNInfo, timm_mlp_ffn
+from .heads import AttentionLayout, Slot, fused_qkv_slots
 from .timm_common import factory_args, patch_kwargs, timm_image_size, timm_info, tiny_timm, tuples
 
 __all__ = ["arch_kwargs", "decode_arch"]
@@ -29,6 +30,33 @@ def _discover(model: nn.Module, label: str) -> FFNInfo:
 
     return timm_info(model, label, "timm-relpos", lambda i, blk: timm_mlp_ffn(
         i, blk, label, layer_scale=getattr(blk, "ls2", None), post_norm=isinstance(blk, ResPostRelPosBlock)))
+
+
+def _per_head(_model: nn.Module, attn: nn.Module) -> list[Slot]:
+    """The block's relative position module: a bias table with one column per head
+    (``RelPosBias``) or an MLP with one output per head (``RelPosMlp``)."""
+    rel = getattr(attn, "rel_pos", None)
+    if rel is None:
+        return []
+    if getattr(rel, "relative_position_bias_table", None) is not None:
+        return [Slot(rel, "relative_position_bias_table", rel.relative_position_bias_table.ndim - 1, "h")]
+    fc2 = rel.mlp.fc2
+    return [Slot(fc2, n, 0, "h") for n in ("weight", "bias") if getattr(fc2, n, None) is not None]
+
+
+def _shared(model: nn.Module) -> str | None:
+    if getattr(model, "shared_rel_pos", None) is not None:
+        return "its relative position module is shared by every block (shared_rel_pos)"
+    return None
+
+
+def _elastic(_model: nn.Module, attn: nn.Module) -> None:
+    from .elastic import make_elastic
+
+    make_elastic(attn)
+
+
+ATTENTION = AttentionLayout(channels=fused_qkv_slots, per_head=_per_head, shared=_shared, elastic=_elastic)
 
 
 def arch_kwargs(model: nn.Module) -> dict[str, Any]:
@@ -75,4 +103,5 @@ def _timm_relpos_family() -> Family:
         arch_kwargs=arch_kwargs,
         decode_arch=decode_arch,
         example=lambda: tiny_timm("vit_relpos_small_patch16_224", init_values=0.5),
+        attention=ATTENTION,
     )

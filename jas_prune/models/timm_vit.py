@@ -10,6 +10,7 @@ from torch import nn
 from ..errors import UnsupportedModelError
 from .families import FAMILIES, Family
 from .ffn import FFNInfo, timm_mlp_ffn
+from .heads import GRAPH_LAYOUT
 from .timm_common import act_name, factory_args, patch_kwargs, timm_image_size, timm_info, tiny_timm, tuples
 
 __all__ = ["arch_kwargs", "decode_arch"]
@@ -113,5 +114,6 @@ def _timm_vit_family() -> Family:
         arch_kwargs=arch_kwargs,
         decode_arch=decode_arch,
         example=lambda: tiny_timm("vit_tiny_patch16_224"),
+        attention=GRAPH_LAYOUT,
     )
 

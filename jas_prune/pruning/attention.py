@@ -16,9 +16,16 @@ are set (:func:`~jas_prune.pruning.graph.update_attention_geometry`).
   the query rows are multiplied by ``sqrt(d'/d)`` and ``scale`` set to ``d'^-0.5``, so the fused
   kernel (which divides by ``sqrt(d')``) and the explicit path agree with the masked model.
 
+Every family registers where its heads' parameters are (:class:`~jas_prune.models.heads.AttentionLayout`).
+timm ``VisionTransformer`` and Hugging Face ViT/DeiT go through the dependency graph as above;
+for timm Eva, BEiT and RelPos the graph cannot see the heads (``q_bias``/``v_bias`` concatenated
+outside the projection, per-head relative-position tables, rotary pairs: its groups there span
+the whole residual stream or map channels to the wrong heads), so the query/key/value channels,
+the projection columns and the per-head tables are sliced here, slot by slot, after checking
+each tensor has the size the geometry says. RoPE dimensions are removed in rotary pairs.
+
 Scores per head and per dimension come from :data:`HEAD_CRITERIA` (``jas``, ``magnitude``,
-``taylor``, ``activation``, ``random``). Supported: timm ``VisionTransformer`` (fused ``qkv``);
-other families are refused in one line naming the family.
+``taylor``, ``activation``, ``random``).
 """
 
 from __future__ import annotations
@@ -32,7 +39,8 @@ from pydantic import Field, model_validator
 from torch import Tensor, nn
 
 from ..errors import BudgetError, PruneSettingError, UnsupportedModelError
-from ..models.heads import HeadLayer, discover_heads
+from ..models import FAMILIES
+from ..models.heads import AttentionLayout, HeadLayer, Slot, discover_heads
 from ..registry import Registry
 from ..schema import Strict
 from .graph import check_group, dependency_graph, find_vit, update_attention_geometry
@@ -40,8 +48,9 @@ from .graph import check_group, dependency_graph, find_vit, update_attention_geo
 __all__ = ["AttentionSettings", "AttentionSummary", "HeadScores", "HEAD_CRITERIA", "head_scores",
            "prune_attention", "head_groups", "attention_macs", "SUPPORTED_FAMILIES"]
 
-#: Families whose heads and head dimensions :func:`prune_attention` removes.
-SUPPORTED_FAMILIES = ("timm-vit",)
+#: Families whose heads and head dimensions :func:`prune_attention` removes (those registering
+#: an attention layout).
+SUPPORTED_FAMILIES = tuple(f.name for f in FAMILIES if f.attention is not None)
 
 
 class AttentionSettings(Strict):
@@ -91,12 +100,18 @@ class AttentionSummary:
                 "head_dim_before": {str(k): v for k, v in self.head_dim_before.items()}}
 
 
-def _heads_of(model: nn.Module) -> tuple[nn.Module, tuple[HeadLayer, ...]]:
+def _layout_of(model: nn.Module) -> tuple[nn.Module, tuple[HeadLayer, ...], AttentionLayout]:
     vit, info = find_vit(model)
-    if info.family not in SUPPORTED_FAMILIES:
+    layout = FAMILIES.get(info.family).attention
+    if layout is None:
         raise UnsupportedModelError(f"prune.attention: model family {info.family} is not supported "
                                     f"(heads and head dimensions are pruned in {', '.join(SUPPORTED_FAMILIES)} only)")
-    return vit, discover_heads(info)
+    return vit, discover_heads(info), layout
+
+
+def _heads_of(model: nn.Module) -> tuple[nn.Module, tuple[HeadLayer, ...]]:
+    vit, heads, _ = _layout_of(model)
+    return vit, heads
 
 
 def head_groups(model: nn.Module, example_inputs: Tensor | None = None,
@@ -111,10 +126,32 @@ def head_groups(model: nn.Module, example_inputs: Tensor | None = None,
         yield h, dg.get_pruning_group(h.proj, tp.prune_linear_in_channels, list(range(h.proj.in_features)))
 
 
-def _allowed(h: HeadLayer) -> list[tuple[nn.Module, Any]]:
+def _allowed(h: HeadLayer, layout: AttentionLayout) -> list[tuple[nn.Module, Any]]:
+    """What a head group may change: the rows of every q/k/v projection, the projection's columns."""
     import torch_pruning as tp
 
-    return [(h.attn.qkv, tp.prune_linear_out_channels), (h.proj, tp.prune_linear_in_channels)]
+    rows = [(s.owner, tp.prune_linear_out_channels) for s in layout.channels(h.attn)
+            if isinstance(s.owner, nn.Linear) and s.name == "weight"]
+    return rows + [(h.proj, tp.prune_linear_in_channels)]
+
+
+def channel_members(h: HeadLayer, layout: AttentionLayout, fn: Callable[[Tensor, Tensor | None], Tensor]) -> Tensor:
+    """A score per projection-input channel ``[H·d]``: the mean over the group's members — the
+    projection's column and each q/k/v weight's rows of that channel (a fused ``qkv`` is one
+    member, its three rows summed) — of ``fn(rows, grads)`` (``[n, fan] -> [n]``). Torch-Pruning's
+    group importances reduce the same way (``group_reduction="mean"``, no bias), which a test
+    checks on the families its graph handles."""
+    A = h.proj.in_features
+    w, g = h.proj.weight, h.proj.weight.grad
+    members = [fn(w.t(), None if g is None else g.t())]
+    for s in layout.channels(h.attn):
+        t = s.tensor
+        if s.name != "weight" or t.ndim != 2:
+            continue
+        rows, grads = (t, t.grad) if s.dim == 0 else (t.t(), None if t.grad is None else t.grad.t())
+        members.append(sum(fn(rows[i * A:(i + 1) * A], None if grads is None else grads[i * A:(i + 1) * A])
+                           for i in range(len(s.roles))))
+    return torch.stack(members).mean(0)
 
 
 def per_channel(channel_scores: Mapping[int, Tensor], model: nn.Module) -> HeadScores:
@@ -143,6 +180,11 @@ HEAD_CRITERIA: Registry[HeadCriterion] = Registry("attention criterion")
 def _magnitude(inputs: Any) -> HeadScores:
     import torch_pruning as tp
 
+    _, heads, layout = _layout_of(inputs.model)
+    if not layout.graph:  # the same group L2 importance, over the family's own slots
+        with torch.no_grad():
+            return per_channel({h.index: channel_members(h, layout, lambda w, _g: w.detach().pow(2).sum(1))
+                                for h in heads}, inputs.model)
     scorer = tp.importance.GroupMagnitudeImportance(p=2, group_reduction="mean", normalizer=None)
     return per_channel({h.index: scorer(g) for h, g in head_groups(inputs.model, inputs.example_inputs)},
                        inputs.model)
@@ -155,11 +197,21 @@ def _taylor(inputs: Any) -> HeadScores:
         return ((h.index, g) for h, g in head_groups(model, example))
 
     def modules(model: nn.Module) -> list[nn.Module]:
-        return [m for h in _heads_of(model)[1] for m in (h.attn.qkv, h.proj)]
+        _, heads, layout = _layout_of(model)
+        if layout.graph and all(hasattr(h.attn, "qkv") for h in heads):
+            return [m for h in heads for m in (h.attn.qkv, h.proj)]
+        return [h.attn for h in heads]
 
+    def explicit(model: nn.Module) -> dict[int, Tensor]:
+        _, heads, layout = _layout_of(model)
+        with torch.no_grad():
+            return {h.index: channel_members(h, layout, lambda w, g: (w * g).abs().sum(1)).float().cpu()
+                    for h in heads}
+
+    graph = _layout_of(inputs.model)[2].graph
     ch = taylor_scores(inputs.model, inputs.require_loader("taylor"), example_inputs=inputs.example_inputs,
                        classes=inputs.classes, device=inputs.device, max_batches=inputs.max_batches,
-                       groups=groups, modules=modules)
+                       groups=groups, modules=modules, score=None if graph else explicit)
     return per_channel(ch, inputs.model)
 
 
@@ -304,6 +356,86 @@ def _lowest(scores: Tensor, ratio: float, protect: list[int] = (), block: int | 
     return sorted(order[:k])
 
 
+def _dims_to_remove(scores: Tensor, ratio: float, rope: str | None) -> list[int]:
+    """The head dimensions removed: the lowest-scoring share, or with RoPE the lowest-scoring
+    share of rotary pairs (``interleaved``: dims 2i and 2i+1; ``half``: i and i+d/2), both
+    dimensions of a pair together (a rotation mixes them)."""
+    if rope is None:
+        return _lowest(scores, ratio)
+    d = len(scores)
+    pairs = [(2 * i, 2 * i + 1) for i in range(d // 2)] if rope == "interleaved" else \
+        [(i, i + d // 2) for i in range(d // 2)]
+    pair_scores = torch.stack([scores[a] + scores[b] for a, b in pairs])
+    return sorted(j for p in _lowest(pair_scores, ratio) for j in pairs[p])
+
+
+def _take(owner: nn.Module, name: str, dim: int, index: Tensor) -> None:
+    """Keep the entries ``index`` of ``owner.name`` along ``dim`` (a parameter or buffer), and a
+    ``nn.Linear``'s sizes with them."""
+    t = getattr(owner, name)
+    new = t.detach().index_select(dim, index.to(t.device)).clone()
+    if name in owner._parameters:
+        owner._parameters[name] = nn.Parameter(new, requires_grad=t.requires_grad)
+    else:
+        owner._buffers[name] = new
+    if isinstance(owner, nn.Linear) and name == "weight":
+        owner.out_features, owner.in_features = new.shape
+    elif isinstance(owner, nn.Linear) and name == "bias":
+        owner.out_features = new.shape[0]
+
+
+def _check_size(slot: Slot, want: int, what: str, b: int) -> None:
+    got = slot.tensor.shape[slot.dim]
+    if got != want:
+        raise RuntimeError(f"prune.attention: block {b}: {type(slot.owner).__name__}.{slot.name} has {got} entries "
+                           f"along dim {slot.dim}, not {want} ({what}); refusing to slice an unknown layout")
+
+
+def _slice_heads(vit: nn.Module, h: HeadLayer, layout: AttentionLayout, keep_h: list[int],
+                 keep_d: list[int]) -> None:
+    """Remove heads and head dimensions by slicing every slot of the layout (checked first)."""
+    H, d = h.heads, h.head_dim
+    A = H * d
+    keep_ch = torch.tensor([i * d + j for i in keep_h for j in keep_d], dtype=torch.long)
+    channels, per_head = layout.channels(h.attn), layout.per_head(vit, h.attn)
+    for s in channels:
+        _check_size(s, len(s.roles) * A, f"{len(s.roles)} x {H} heads x {d} dims", h.index)
+    for s in per_head:
+        _check_size(s, H, f"{H} heads", h.index)
+    if h.proj.in_features != A:
+        raise RuntimeError(f"prune.attention: block {h.index}: projection input {h.proj.in_features} != {A}")
+    for s in channels:
+        _take(s.owner, s.name, s.dim, torch.cat([i * A + keep_ch for i in range(len(s.roles))]))
+    for s in per_head:
+        _take(s.owner, s.name, s.dim, torch.tensor(keep_h, dtype=torch.long))
+    _take(h.proj, "weight", 1, keep_ch)
+    h.proj.in_features = len(keep_ch)
+    for m in h.attn.modules():  # the attention and its per-head modules (relative position MLP/table)
+        if isinstance(getattr(m, "num_heads", None), int):
+            m.num_heads = len(keep_h)
+    setattr(h.attn, layout.heads_attr, len(keep_h))
+    for attr, value in (("head_dim", len(keep_d)), ("attn_dim", len(keep_ch))):
+        if isinstance(getattr(h.attn, attr, None), int):
+            setattr(h.attn, attr, value)
+    rope_keep = getattr(h.attn, "jas_rope_keep", None)
+    if rope_keep is not None:
+        h.attn.jas_rope_keep = rope_keep[torch.tensor(keep_d, dtype=torch.long, device=rope_keep.device)]
+
+
+def _keep_temperature(attn: nn.Module, layout: AttentionLayout, heads: int, d: int, d_new: int) -> None:
+    """Query rows (and biases) times ``sqrt(d'/d)`` and the scale set to ``d'^-0.5``: both the
+    fused kernel (dividing by ``sqrt(d')``) and the explicit path see the logits of the dense
+    model with those dimensions zeroed."""
+    f = math.sqrt(d_new / d)
+    A = heads * d_new
+    for s in layout.channels(attn):
+        t = s.tensor
+        for i, role in enumerate(s.roles):
+            if role == "q":
+                t.narrow(s.dim, i * A, A).mul_(f)
+    setattr(attn, layout.scale_attr, d_new ** -0.5)
+
+
 def prune_attention(model: nn.Module, scores: HeadScores | None, *, heads: float = 0.0, head_dims: float = 0.0,
                     example_inputs: Tensor | None = None,
                     settings: AttentionSettings | None = None) -> AttentionSummary | None:
@@ -312,15 +444,17 @@ def prune_attention(model: nn.Module, scores: HeadScores | None, *, heads: float
     Args:
         scores: per block, head and dimension scores (:func:`head_scores`).
         heads: fraction of each block's heads removed (round(H · heads), one kept at least).
-        head_dims: fraction of each block's head dimensions removed (same indices in every head).
+        head_dims: fraction of each block's head dimensions removed (same indices in every head;
+            with RoPE, that fraction of the rotary pairs).
         settings: ``prune.attention`` (its ``heads``/``head_dims`` replace the two above).
 
     Returns:
         The summary; None when ``scores`` is None (nothing to prune: no ``prune.attention``).
 
     Raises:
-        UnsupportedModelError: a family other than timm VisionTransformer (named), or
-            ``head_dims`` with query/key norms (``qk_norm``: their statistics would change).
+        UnsupportedModelError: a family without an attention layout (named); ``head_dims`` with
+            query/key norms (``qk_norm``: their statistics would change); ``heads`` where a
+            relative-position table is shared by all blocks.
         PruneSettingError: a ratio outside [0, 1).
     """
     import torch_pruning as tp
@@ -332,7 +466,11 @@ def prune_attention(model: nn.Module, scores: HeadScores | None, *, heads: float
     for name, r in (("heads", heads), ("head_dims", head_dims)):
         if not 0.0 <= float(r) < 1.0:
             raise PruneSettingError(f"prune.attention.{name}: {r!r} is outside [0, 1)")
-    vit, layers = _heads_of(model)
+    vit, layers, layout = _layout_of(model)
+    shared = layout.shared(vit)
+    if heads and shared:
+        raise UnsupportedModelError(f"prune.attention.heads: {find_vit(model)[1].family}: {shared}, so heads "
+                                    "cannot be removed per block; prune head_dims only")
     summary = AttentionSummary(float(heads), float(head_dims))
     plan: dict[int, tuple[HeadLayer, list[int], list[int]]] = {}
     for h in layers:
@@ -342,10 +480,14 @@ def prune_attention(model: nn.Module, scores: HeadScores | None, *, heads: float
             raise UnsupportedModelError(f"prune.attention.head_dims: block {h.index} normalises queries and keys "
                                         "(qk_norm); removing dimensions would change the norms — prune heads only")
         gone_h = _lowest(scores.heads[h.index], heads, scores.protect.get(h.index, []), h.index) if heads else []
-        gone_d = _lowest(scores.dims[h.index], head_dims) if head_dims else []
+        gone_d = _dims_to_remove(scores.dims[h.index], head_dims, layout.rope(vit, h.attn)) if head_dims else []
         plan[h.index] = (h, gone_h, gone_d)
         summary.heads_before[h.index], summary.head_dim_before[h.index] = h.heads, h.head_dim
-    dg = dependency_graph(model, example_inputs)
+    if layout.elastic is not None and plan:
+        from ..models.elastic import make_attention_elastic
+
+        make_attention_elastic(model)
+    dg = dependency_graph(model, example_inputs) if layout.graph else None
     new_heads: dict[nn.Module, int] = {}
     for b, (h, gone_h, gone_d) in plan.items():
         H, d = h.heads, h.head_dim
@@ -353,23 +495,20 @@ def prune_attention(model: nn.Module, scores: HeadScores | None, *, heads: float
         keep_d = [j for j in range(d) if j not in set(gone_d)]
         summary.kept_heads[b], summary.kept_dims[b] = keep_h, keep_d
         idxs = sorted({i * d + j for i in gone_h for j in range(d)} | {i * d + j for i in keep_h for j in gone_d})
-        new_heads[h.attn.qkv] = len(keep_h)
+        new_heads[layout.channels(h.attn)[0].owner] = len(keep_h)
         if not idxs:
             continue
-        group = dg.get_pruning_group(h.proj, tp.prune_linear_in_channels, idxs)
-        check_group(group, _allowed(h), f"prune.attention: block {b}")
         with torch.no_grad():
-            group.prune()
+            if dg is not None:
+                group = dg.get_pruning_group(h.proj, tp.prune_linear_in_channels, idxs)
+                check_group(group, _allowed(h, layout), f"prune.attention: block {b}")
+                group.prune()
+            else:
+                _slice_heads(vit, h, layout, keep_h, keep_d)
             if gone_d:  # keep the logits' temperature: q·k over d' dims, scaled as over d
-                qkv, dq = h.attn.qkv, len(keep_h) * len(keep_d)
-                f = math.sqrt(len(keep_d) / d)
-                qkv.weight[:dq].mul_(f)
-                if qkv.bias is not None:
-                    qkv.bias[:dq].mul_(f)
-    update_attention_geometry(vit, new_heads)
-    for b, (h, _, gone_d) in plan.items():
-        if gone_d:
-            h.attn.scale = h.attn.head_dim ** -0.5
+                _keep_temperature(h.attn, layout, len(keep_h), d, len(keep_d))
+    if dg is not None:
+        update_attention_geometry(vit, new_heads)
     return summary
 
 

@@ -14,7 +14,8 @@ def taylor_scores(model: nn.Module, loader: Iterable, *, example_inputs: torch.T
                   classes: Sequence[int] | None = None, device: torch.device | str | None = None,
                   max_batches: int | None = None,
                   groups: Callable[[nn.Module, torch.Tensor | None], Iterator[tuple[int, Any]]] | None = None,
-                  modules: Callable[[nn.Module], list[nn.Module]] | None = None) -> dict[int, torch.Tensor]:
+                  modules: Callable[[nn.Module], list[nn.Module]] | None = None,
+                  score: Callable[[nn.Module], dict[int, torch.Tensor]] | None = None) -> dict[int, torch.Tensor]:
     """Group Taylor importance |w · dL/dw| of each FFN neuron's group (``fc1`` row, ``fc2``
     column; ``tp.importance.GroupTaylorImportance``, mean reduction, no normaliser), with the
     gradients of the cross-entropy summed over the probe batches. The model's parameters,
@@ -22,7 +23,9 @@ def taylor_scores(model: nn.Module, loader: Iterable, *, example_inputs: torch.T
 
     ``groups`` (``(model, example_inputs) -> (block, group)``) and ``modules`` (whose gradients
     the groups read) score other groups the same way (attention heads:
-    :mod:`jas_prune.pruning.attention`); default: the FFN neuron groups.
+    :mod:`jas_prune.pruning.attention`); default: the FFN neuron groups. ``score`` (``model ->
+    {block: scores}``, reading the accumulated ``.grad``) replaces the groups where Torch-Pruning's
+    graph cannot form them.
 
     Raises:
         InvalidArgumentError: no probe image (of ``classes``).
@@ -53,6 +56,8 @@ def taylor_scores(model: nn.Module, loader: Iterable, *, example_inputs: torch.T
                 seen += len(labels)
             if seen == 0:
                 raise no_images(classes)
+            if score is not None:
+                return score(model)
             scorer = tp.importance.GroupTaylorImportance(group_reduction="mean", normalizer=None)
             return {b: scorer(g).detach().float().cpu() for b, g in groups(model, example_inputs)}
     finally:
