@@ -1,7 +1,8 @@
 """Attention heads on every supported family (tiny random-init models of ``test_families``):
 heads are found, the two routes of the engine agree on head paths, and attention pruning either
-matches the family's own geometry with ONNX-grade parity (timm VisionTransformer) or is refused
-in one line naming the family."""
+equals the dense model with those heads and dimensions zeroed (fused and explicit attention),
+refits the output projection, round-trips through save_pruned/load_pruned and exports to ONNX
+with parity, in every family."""
 
 from __future__ import annotations
 
@@ -12,10 +13,9 @@ import torch
 from test_models_families import FAMILIES, IDS, _images, models  # noqa: F401 - the fixture
 
 from jas_prune.attribution import JointAttribution
-from jas_prune.errors import UnsupportedModelError
 from jas_prune.models import discover_ffn
 from jas_prune.models.heads import discover_heads
-from jas_prune.pruning.attention import SUPPORTED_FAMILIES, head_scores, prune_attention
+from jas_prune.pruning.attention import HeadScores, head_scores, prune_attention
 from jas_prune.pruning.criteria import ScoringInputs
 
 
@@ -33,16 +33,89 @@ def test_heads_located_and_routes_agree(fam, models):  # noqa: F811
     torch.testing.assert_close(tan.jas, rev.jas, rtol=1e-4, atol=1e-6)
 
 
+def _attention(model):
+    return [h.attn for h in discover_heads(discover_ffn(model))]
+
+
+def _heads_attr(attn):
+    return "num_attention_heads" if hasattr(attn, "num_attention_heads") else "num_heads"
+
+
+def _masked(model, summary):
+    """The dense model with the removed heads' outputs and removed dimensions zeroed, written
+    without jas-prune's slot layouts: a pre-hook zeroes the projection's removed input channels
+    (removed heads, removed value dimensions), and the key rows of removed dimensions are
+    zeroed (``qkv`` rows ``A + c``, or ``k_proj`` rows ``c``), so q·k loses them."""
+    ref = copy.deepcopy(model)
+    for b, h in enumerate(discover_heads(discover_ffn(ref))):
+        H, d = h.heads, h.head_dim
+        A = H * d
+        keep = torch.zeros(H, d, dtype=torch.bool)
+        for i in summary.kept_heads[b]:
+            keep[i, summary.kept_dims[b]] = True
+        keep = keep.flatten()
+        gone_dims = torch.ones(d, dtype=torch.bool)
+        gone_dims[summary.kept_dims[b]] = False
+        gone_k = gone_dims.repeat(H)
+        with torch.no_grad():
+            qkv = getattr(h.attn, "qkv", None)
+            k_lin, off = (qkv, A) if isinstance(qkv, torch.nn.Linear) else (h.attn.k_proj, 0)
+            k_lin.weight[off:off + A][gone_k] = 0
+            if k_lin.bias is not None:
+                k_lin.bias[off:off + A][gone_k] = 0
+        h.proj.register_forward_pre_hook(lambda _m, a, keep=keep: (a[0] * keep.to(a[0].dtype),))
+    return ref
+
+
+def _set_fused(model, fused: bool) -> None:
+    """The fused kernel (scaled_dot_product_attention) or the explicit softmax(q·kᵀ·scale)·v path."""
+    for attn in _attention(model):
+        if hasattr(attn, "fused_attn"):
+            attn.fused_attn = fused
+        else:
+            attn.config._attn_implementation = "sdpa" if fused else "eager"
+
+
 @pytest.mark.parametrize("fam", FAMILIES, ids=IDS)
-def test_attention_pruning_or_one_line_refusal(fam, models):  # noqa: F811
+def test_pruned_attention_equals_masked_dense_on_both_paths(fam, models):  # noqa: F811
     model = models(fam)
-    family = discover_ffn(model).family
-    if family not in SUPPORTED_FAMILIES:
-        with pytest.raises(UnsupportedModelError, match=f"^prune.attention: model family {family} is not supported"):
-            head_scores("random", ScoringInputs(model=model))
-        return
+    scores = HeadScores({b: torch.randn(2, generator=torch.Generator().manual_seed(b)) for b in (0, 1)},
+                        {b: torch.randn(16, generator=torch.Generator().manual_seed(5 + b)) for b in (0, 1)})
+    pruned = copy.deepcopy(model)
+    s = prune_attention(pruned, scores, heads=0.5, head_dims=0.5)
+    for attn in _attention(pruned):
+        assert getattr(attn, _heads_attr(attn)) == 1
+        assert (attn.proj if hasattr(attn, "proj") else attn.o_proj).in_features == 8
+        assert getattr(attn, "scale", getattr(attn, "scaling", None)) == 8 ** -0.5
+    assert all(len(v) == 8 for v in s.kept_dims.values()) and all(len(v) == 1 for v in s.kept_heads.values())
+    if discover_ffn(model).family == "timm-eva":  # rotary pairs (2i, 2i+1) stay or go together
+        assert all(all((j ^ 1) in v for j in v) for v in s.kept_dims.values())
+    ref = _masked(model, s)
+    x = _images(model, n=3)
+    for fused in (True, False):
+        _set_fused(pruned, fused)
+        _set_fused(ref, fused)
+        torch.testing.assert_close(pruned(x), ref(x), rtol=1e-4, atol=1e-5)
+
+
+@pytest.mark.parametrize("fam", FAMILIES, ids=IDS)
+def test_attention_refit_checkpoint_and_onnx_parity(fam, models, tmp_path):  # noqa: F811
+    pytest.importorskip("onnxruntime")
+    from jas_prune import load_pruned, save_pruned
+    from jas_prune.deploy import export_onnx, verify_onnx
+    from jas_prune.pruning.reconstruct import reconstruct
+
+    model = models(fam)
     pruned = copy.deepcopy(model)
     prune_attention(pruned, head_scores("magnitude", ScoringInputs(model=pruned)), heads=0.5, head_dims=0.5)
-    assert all(b.attn.num_heads == 1 and b.attn.head_dim == 8 for b in pruned.blocks)
-    out = pruned(_images(model, n=2))
-    assert out.shape == (2, 5) and torch.isfinite(out).all()
+    x = _images(model, n=16, seed=1)
+    rep = reconstruct(pruned, model, [x], method="lsq", damping=1e-3)
+    assert [r.block for r in rep.attention] == [0, 1]
+    assert all(r.error_after <= r.error_before and r.width == 8 for r in rep.attention)
+    again = load_pruned(save_pruned(pruned, tmp_path / "p.safetensors"))
+    x = _images(model, n=2)
+    assert [getattr(a, _heads_attr(a)) for a in _attention(again)] == [1, 1]
+    torch.testing.assert_close(again(x), pruned(x), rtol=0, atol=0)
+    export_onnx(pruned, tmp_path / "p.onnx")
+    res = verify_onnx(tmp_path / "p.onnx", pruned, x, providers=["cpu"], atol=1e-4)
+    assert res["passed"] and res["parity_max_abs"] <= 1e-4

@@ -1,6 +1,6 @@
 """Attention pruning (heads and head dimensions): the pruned model equals the masked dense model,
-survives save/load and ONNX export, scores come from every head criterion, other families are
-refused in one line, and the output projection refit never raises the calibration error."""
+survives save/load and ONNX export, scores come from every head criterion, a bias table shared by
+all blocks refuses head removal in one line, and the output projection refit never raises the calibration error."""
 
 from __future__ import annotations
 
@@ -104,13 +104,17 @@ def test_unscored_criterion_and_settings_refused(model):
         AttentionSettings(heads=0.5, ffn=0.2)
 
 
-def test_other_family_refused_in_one_line():
+def test_shared_relative_position_bias_refuses_heads_in_one_line():
     import timm
 
     m = timm.create_model("beit_base_patch16_224", pretrained=False, img_size=16, patch_size=8, depth=1,
-                          embed_dim=16, num_heads=2, num_classes=3)
-    with pytest.raises(UnsupportedModelError, match=r"^prune.attention: model family timm-beit is not supported"):
+                          embed_dim=16, num_heads=2, num_classes=3, use_shared_rel_pos_bias=True,
+                          use_rel_pos_bias=False)
+    with pytest.raises(UnsupportedModelError, match=r"^prune.attention.heads: timm-beit: its relative position bias "
+                                                    r"table is shared by every block"):
         prune_attention(m, HeadScores({0: torch.ones(2)}, {0: torch.ones(8)}), heads=0.5)
+    s = prune_attention(m, HeadScores({0: torch.ones(2)}, {0: torch.arange(8.0)}), head_dims=0.5)
+    assert s.kept_dims[0] == [4, 5, 6, 7] and m(torch.randn(1, 3, 16, 16)).shape == (1, 3)
 
 
 @pytest.mark.parametrize("target", ["local", "global", "residual"])

@@ -639,44 +639,64 @@ class SequentialReconstructor:
             return
         t0 = time.perf_counter()
         (attn, proj), (attn_d, _) = mine, dense
-        blk, blk_d = self.info.layers[block].block, self.dense_info.layers[block].block
+        layer, blk, blk_d = self.info.layers[block], self.info.layers[block].block, self.dense_info.layers[block].block
         if proj.bias is None:
             raise PruneSettingError(f"method: block {block} attention projection has no bias; '{self.method}' refits one")
         ls1 = getattr(blk, "ls1", nn.Identity())
         if self.target == "residual" and not (isinstance(ls1, nn.Identity) or hasattr(ls1, "gamma")):
             raise PruneSettingError(f"target: 'residual' needs block {block}'s attention layer scale (ls1); "
                                     "use target 'local' or 'global'")
+        gamma_of = _attention_gamma(self.pruned)
+        # a post-norm block (x + norm1(attn(x))) cannot pull the stream error back through the
+        # norm: its attention is fitted to the dense attention output (the 'global' target)
+        target = "global" if self.target == "residual" and layer.post_norm else self.target
         fit = LinearFit(proj.in_features, proj.out_features, device=self.device)
         with torch.no_grad(), frozen_eval(self.pruned), frozen_eval(self.dense):
             if self._chunks is None:
                 self._fill_cache()
             for chunk in self._inputs(block):
-                got: dict[str, Tensor] = {}
-                hooks = [_capture(attn, got, "a", output=False), _capture(proj, got, "h", output=False)]
+                got: dict[str, Any] = {}
+                hooks = [attn.register_forward_pre_hook(lambda _m, a, k: got.__setitem__("a", (a, k)),
+                                                        with_kwargs=True),
+                         _capture(proj, got, "h", output=False)]
                 try:
                     _run(blk, chunk["x"], chunk["call"])
                 finally:
                     for h in hooks:
                         h.remove()
-                if self.target == "local":
-                    y = attn_d(got["a"])
+                if target == "local":
+                    args, kwargs = got["a"]
+                    y = _first(attn_d(*args, **kwargs))
                 else:
                     dense_got: dict[str, Tensor] = {}
-                    hook = _capture(attn_d, dense_got, "y", output=True)
+                    hook = attn_d.register_forward_hook(lambda _m, _a, out: dense_got.__setitem__("y", _first(out).clone()))
                     try:
                         _run(blk_d, chunk["xd"], chunk["calld"])
                     finally:
                         hook.remove()
                     y = dense_got["y"]
-                    if self.target == "residual":
-                        gamma = getattr(ls1, "gamma", None)
-                        ls1_d = getattr(blk_d, "ls1", nn.Identity())
-                        y = chunk["xd"] + ls1_d(y) - chunk["x"]
+                    if target == "residual":
+                        gamma, gamma_d = gamma_of(blk), gamma_of(blk_d)
+                        y = chunk["xd"] + (y if gamma_d is None else y * gamma_d) - chunk["x"]
                         y = y if gamma is None else y / gamma
                 fit.add(got["h"], y)
             row = self._solve(fit, proj, block, int(dense[1].in_features), t0)
         self.report.attention.append(row)
         self.report.seconds += row.seconds
+
+
+def _first(out: Any) -> Tensor:
+    """An attention module's output tensor (Hugging Face attention returns ``(output, weights)``)."""
+    return out[0] if isinstance(out, (tuple, list)) else out
+
+
+def _attention_gamma(model: nn.Module) -> Any:
+    """``block -> layer scale of its attention branch`` (None: none) for ``model``'s family."""
+    from ..models import FAMILIES
+    from ..models.heads import GRAPH_LAYOUT
+
+    layout = FAMILIES.get(find_vit(model)[1].family).attention
+    return (layout or GRAPH_LAYOUT).gamma
 
 
 def _narrower_attention(block: nn.Module, dense_block: nn.Module) -> bool:
