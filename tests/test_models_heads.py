@@ -119,3 +119,68 @@ def test_attention_refit_checkpoint_and_onnx_parity(fam, models, tmp_path):  # n
     export_onnx(pruned, tmp_path / "p.onnx")
     res = verify_onnx(tmp_path / "p.onnx", pruned, x, providers=["cpu"], atol=1e-4)
     assert res["passed"] and res["parity_max_abs"] <= 1e-4
+
+
+@pytest.mark.parametrize("fam", [f for f in FAMILIES if f.key in ("vit", "hf-vit", "relpos")], ids=lambda f: f.key)
+def test_explicit_group_scores_equal_torch_pruning(fam, models):  # noqa: F811
+    """Magnitude and Taylor of the families sliced without the graph use channel_members; on
+    families whose graph forms the head group it equals Torch-Pruning's group importances."""
+    import torch_pruning as tp
+
+    from jas_prune.models import FAMILIES as REG
+    from jas_prune.pruning.attention import channel_members, head_groups
+
+    model = models(fam)
+    if fam.key == "relpos":  # the graph maps the relative-position MLP to the wrong channels: drop it
+        for b in model.blocks:
+            b.attn.rel_pos = None
+    x = _images(model, n=2)
+    model.zero_grad()
+    model(x).square().sum().backward()
+    layout = REG.get(discover_ffn(model).family).attention
+    mag = tp.importance.GroupMagnitudeImportance(p=2, group_reduction="mean", normalizer=None)
+    tay = tp.importance.GroupTaylorImportance(group_reduction="mean", normalizer=None)
+    for h, g in head_groups(model) if layout.graph else _groups_anyway(model):
+        with torch.no_grad():
+            torch.testing.assert_close(channel_members(h, layout, lambda w, _g: w.pow(2).sum(1)), mag(g))
+            torch.testing.assert_close(channel_members(h, layout, lambda w, gr: (w * gr).abs().sum(1)), tay(g))
+
+
+def _groups_anyway(model):
+    import torch_pruning as tp
+
+    from jas_prune.pruning.graph import dependency_graph
+
+    dg = dependency_graph(model)
+    for h in discover_heads(discover_ffn(model)):
+        yield h, dg.get_pruning_group(h.proj, tp.prune_linear_in_channels, list(range(h.proj.in_features)))
+
+
+@pytest.mark.parametrize("fam", [f for f in FAMILIES if f.hf], ids=lambda f: f.key)
+def test_hf_save_pretrained_keeps_pruned_heads(fam, models, tmp_path):  # noqa: F811
+    """The transformers config gets the pruned num_attention_heads/head_dim, so the library's own
+    from_pretrained (and load_model('hf:DIR')) rebuilds the pruned model."""
+    from jas_prune.models import load_model
+
+    pruned = models(fam)
+    prune_attention(pruned, head_scores("random", ScoringInputs(model=pruned)), heads=0.5, head_dims=0.5)
+    pruned.save_pretrained(tmp_path / "p")
+    again = load_model(f"hf:{tmp_path / 'p'}")
+    assert (again.model.config.num_attention_heads, again.model.config.head_dim) == (1, 8)
+    x = _images(pruned, n=2)
+    torch.testing.assert_close(again(x), pruned(x), rtol=0, atol=0)
+
+
+@pytest.mark.parametrize("fam", FAMILIES, ids=IDS)
+def test_every_head_criterion_scores_every_family(fam, models):  # noqa: F811
+    from jas_prune.pruning.attention import HEAD_CRITERIA
+
+    model = models(fam)
+    x = _images(model, n=2)
+    batch = (x, torch.tensor([1, 3]))
+    for name in HEAD_CRITERIA.names():
+        s = head_scores(name, ScoringInputs(model=model, loader=[batch], seed=1,
+                                            locate_settings=dict(steps=2, scope="all", formula="ig")))
+        assert set(s.heads) == set(s.dims) == {0, 1}, name
+        assert all(v.shape == (2,) and torch.isfinite(v).all() for v in s.heads.values()), name
+        assert all(v.shape == (16,) and torch.isfinite(v).all() for v in s.dims.values()), name
