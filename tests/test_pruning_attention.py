@@ -85,7 +85,7 @@ def test_save_load_and_onnx_parity(model, batch, tmp_path):
     assert res["passed"] and res["parity_max_abs"] <= 1e-4
 
 
-@pytest.mark.parametrize("name", ["jas", "magnitude", "taylor", "activation", "random"])
+@pytest.mark.parametrize("name", ["jas", "magnitude", "taylor", "activation", "random", "hessian", "vit_slim"])
 def test_every_head_criterion_scores_heads_and_dims(model, batch, name):
     inputs = ScoringInputs(model=model, loader=[batch], seed=1, locate_settings=dict(steps=2, scope="all", formula="ig"))
     s = head_scores(name, inputs)
@@ -96,8 +96,8 @@ def test_every_head_criterion_scores_heads_and_dims(model, batch, name):
 
 
 def test_unscored_criterion_and_settings_refused(model):
-    with pytest.raises(PruneSettingError, match="criterion 'vit_slim' cannot score attention heads"):
-        head_scores("vit_slim", ScoringInputs(model=model))
+    with pytest.raises(PruneSettingError, match="criterion 'obs' cannot score attention heads"):
+        head_scores("obs", ScoringInputs(model=model))
     with pytest.raises(ValueError, match="set heads and/or head_dims"):
         AttentionSettings()
     with pytest.raises(ValueError, match="extra"):
@@ -163,7 +163,7 @@ def test_jas_importance_ranks_heads_by_head_scores_in_metapruner(model):
 
 
 @pytest.mark.parametrize("prune,expect", [
-    ("{methods: [magnitude, vit_slim], attention: {heads: 0.5}}", "prune.attention: criterion 'vit_slim' cannot score"),
+    ("{methods: [magnitude, obs], attention: {heads: 0.5}}", "prune.attention: criterion 'obs' cannot score"),
     ("{methods: [magnitude], attention: {heads: 1.0}}", "prune.attention.heads"),
     ("{methods: [magnitude], attention: {heads: 0.5, ffn: 0.1}}", "prune.attention"),
 ])
@@ -205,3 +205,45 @@ def test_protected_heads_stay_and_too_many_are_refused(model):
     scores.protect = {0: [0, 1, 2]}
     with pytest.raises(BudgetError, match="block 0 keeps 2 of 4 heads but the class head masks protect 3"):
         prune_attention(copy.deepcopy(model), scores, heads=0.5)
+
+
+def test_hessian_head_scores_equal_per_image_brute_force(model, batch):
+    """½·E[(∂L_b/∂α)²] with α scaling one head (or one dimension of every head), each image's
+    derivative by its own backward pass through an explicit scale."""
+    x, y = batch
+    s = head_scores("hessian", ScoringInputs(model=model, loader=[batch]))
+    d = D // H
+    for b in (0, 1):
+        proj = model.blocks[b].attn.proj
+        ref_h, ref_d = torch.zeros(H), torch.zeros(d)
+        for n in range(len(y)):
+            for unit, ref in [(("h", i), ref_h) for i in range(H)] + [(("d", j), ref_d) for j in range(d)]:
+                alpha = torch.ones((), requires_grad=True)
+                mask = torch.zeros(H, d)
+                if unit[0] == "h":
+                    mask[unit[1]] = 1
+                else:
+                    mask[:, unit[1]] = 1
+                hk = proj.register_forward_pre_hook(
+                    lambda _m, a: (a[0] * (1 + (alpha - 1) * mask.flatten()),))
+                try:
+                    loss = torch.nn.functional.cross_entropy(model(x[n:n + 1]), y[n:n + 1], reduction="sum")
+                    (g,) = torch.autograd.grad(loss, alpha)
+                finally:
+                    hk.remove()
+                ref[unit[1]] += 0.5 * g.detach() ** 2 / len(y)
+        torch.testing.assert_close(s.heads[b], ref_h, rtol=1e-4, atol=1e-8)
+        torch.testing.assert_close(s.dims[b], ref_d, rtol=1e-4, atol=1e-8)
+
+
+def test_vit_slim_head_masks_follow_the_l1_penalty(model, batch):
+    """With λ = 0 and lr tiny the masks stay ≈ 1; a strong L1 penalty shrinks every mask, and the
+    masks learned are the criterion's scores (one per head, one per dimension)."""
+    loose = head_scores("vit_slim", ScoringInputs(model=model, loader=[batch],
+                                                 options={"lambda": 0.0, "epochs": 2, "lr": 1e-6}))
+    tight = head_scores("vit_slim", ScoringInputs(model=model, loader=[batch],
+                                                 options={"lambda": 100.0, "epochs": 5, "lr": 0.05}))
+    for b in (0, 1):
+        torch.testing.assert_close(loose.heads[b], torch.ones(H), rtol=0, atol=1e-4)
+        assert (tight.heads[b] < 0.9).all() and (tight.dims[b] < 0.9).all()
+        assert tight.heads[b].shape == (H,) and tight.dims[b].shape == (D // H,)

@@ -25,7 +25,7 @@ the projection columns and the per-head tables are sliced here, slot by slot, af
 each tensor has the size the geometry says. RoPE dimensions are removed in rotary pairs.
 
 Scores per head and per dimension come from :data:`HEAD_CRITERIA` (``jas``, ``magnitude``,
-``taylor``, ``activation``, ``random``).
+``taylor``, ``activation``, ``random``, ``hessian``, ``vit_slim``).
 """
 
 from __future__ import annotations
@@ -301,8 +301,81 @@ def located_head_scores(inputs: Any) -> dict[int, Tensor]:
     return {b: v / seen for b, v in total.items()}
 
 
+def _channel_scale_hooks(heads: tuple[HeadLayer, ...], scale: Callable[[HeadLayer, Tensor], Tensor]) -> list[Any]:
+    """Pre-hooks multiplying each projection's input (the concatenated heads ``[..., H·d]``) by
+    ``scale(h, input)`` (broadcast over it)."""
+    return [h.proj.register_forward_pre_hook(lambda _m, a, h=h: (a[0] * scale(h, a[0]),)) for h in heads]
+
+
+def _hessian(inputs: Any) -> HeadScores:
+    """OBD of a head's (and a head dimension's) scale α at 1: ½·E[g²], g the per-image derivative
+    of the cross-entropy with respect to α — the empirical-Fisher diagonal of the scale, the
+    FFN ``hessian`` criterion's Hessian, for a removal Δα = 1. Per-image derivatives come from one
+    backward pass per batch: a ones tensor ``[B, 1, H·d]`` multiplies each projection input,
+    and its gradient at (b, c) is Σ_t v_btc ∂L_b/∂v_btc."""
+    from ..torchutil import frozen_eval
+    from .stats import device_of, iter_batches, no_images
+
+    model = inputs.model
+    _, heads = _heads_of(model)
+    ones: dict[int, Tensor] = {}
+    sums_h = {h.index: torch.zeros(h.heads, dtype=torch.float64) for h in heads}
+    sums_d = {h.index: torch.zeros(h.head_dim, dtype=torch.float64) for h in heads}
+    seen = 0
+
+    def scale(h: HeadLayer, v: Tensor) -> Tensor:
+        ones[h.index] = torch.ones(v.shape[0], *([1] * (v.ndim - 2)), v.shape[-1], dtype=v.dtype, device=v.device,
+                                   requires_grad=True)
+        return ones[h.index]
+
+    hooks = _channel_scale_hooks(heads, scale)
+    try:
+        with frozen_eval(model), torch.enable_grad():
+            for images, labels in iter_batches(inputs.require_loader("hessian"), classes=inputs.classes,
+                                               device=device_of(model, inputs.device), max_batches=inputs.max_batches):
+                ones.clear()
+                loss = nn.functional.cross_entropy(model(images), labels, reduction="sum")
+                grads = torch.autograd.grad(loss, [ones[h.index] for h in heads])
+                for h, g in zip(heads, grads):
+                    g = g.detach().double().reshape(len(labels), h.heads, h.head_dim).cpu()
+                    sums_h[h.index] += g.sum(2).pow(2).sum(0)
+                    sums_d[h.index] += g.sum(1).pow(2).sum(0)
+                seen += len(labels)
+    finally:
+        for hk in hooks:
+            hk.remove()
+    if seen == 0:
+        raise no_images(inputs.classes)
+    return HeadScores({b: (0.5 * v / seen).float() for b, v in sums_h.items()},
+                      {b: (0.5 * v / seen).float() for b, v in sums_d.items()})
+
+
+def _vit_slim(inputs: Any) -> HeadScores:
+    """ViT-Slim's attention search: a soft mask per head and per head dimension (init 1) scales
+    the head outputs (``v_h,j · m_h · m_j``), trained alone with cross-entropy + λ·Σ|m| on the
+    probe data (``prune.vit_slim`` options, as for the FFN neurons); scores |m|."""
+    from .criteria.vit_slim import VitSlimOptions, train_soft_masks
+    from .stats import device_of
+
+    model = inputs.model
+    _, heads = _heads_of(model)
+    opts = inputs.options_as(VitSlimOptions, "vit_slim")
+    dev = device_of(model, inputs.device)
+    mh = {h.index: nn.Parameter(torch.ones(h.heads, device=dev)) for h in heads}
+    md = {h.index: nn.Parameter(torch.ones(h.head_dim, device=dev)) for h in heads}
+
+    def install() -> list[Any]:
+        return _channel_scale_hooks(heads, lambda h, _v: (mh[h.index][:, None] * md[h.index][None, :]).flatten())
+
+    train_soft_masks(model, inputs.require_loader("vit_slim"), [*mh.values(), *md.values()], install,
+                     lam=float(opts.lambda_), epochs=float(opts.epochs), lr=float(opts.lr), classes=inputs.classes,
+                     device=dev, max_steps=inputs.max_batches)
+    return HeadScores({b: m.detach().abs().float().cpu() for b, m in mh.items()},
+                      {b: m.detach().abs().float().cpu() for b, m in md.items()})
+
+
 for _name, _fn in (("jas", _jas), ("magnitude", _magnitude), ("taylor", _taylor), ("activation", _activation),
-                   ("random", _random)):
+                   ("random", _random), ("hessian", _hessian), ("vit_slim", _vit_slim)):
     HEAD_CRITERIA.add(HeadCriterion(_name, _fn))
 
 
@@ -316,9 +389,11 @@ def stage_head_scores(ctx: Any, method: str, classes: list[int] | None, example:
 
     loader, _ = ctx.loader("probe", classes)
     settings = ctx.locate.settings.as_dict() if ctx.locate is not None else {}
+    resolved = getattr(ctx, "prune", None)  # the criterion's recipe options (prune.vit_slim)
+    options = resolved.settings.options_for(method) if resolved is not None else None
     return head_scores(method, ScoringInputs(model=ctx.model, loader=loader, classes=classes,
                                              seed=ctx.recipe.runtime.seed, device=ctx.device, example_inputs=example,
-                                             masks=masks, locate_settings=settings))
+                                             masks=masks, locate_settings=settings, options=options))
 
 
 def check_head_methods(methods: list[str]) -> None:

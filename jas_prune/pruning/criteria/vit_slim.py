@@ -40,16 +40,9 @@ def vit_slim_scores(model: nn.Module, loader: Iterable, *, lam: float = 1e-4, ep
     Raises:
         InvalidArgumentError: ``lam`` < 0, ``epochs`` or ``lr`` <= 0, no probe image (of ``classes``).
     """
-    from ...torchutil import frozen_eval
     from ..graph import find_vit
-    from ..stats import device_of, iter_batches, no_images
+    from ..stats import device_of
 
-    if lam < 0:
-        raise InvalidArgumentError(f"lam: must be >= 0, got {lam}")
-    if not epochs > 0:
-        raise InvalidArgumentError(f"epochs: must be > 0, got {epochs}")
-    if not lr > 0:
-        raise InvalidArgumentError(f"lr: must be > 0, got {lr}")
     _, info = find_vit(model)
     dev = device_of(model, device)
     scales = {l.index: nn.Parameter(torch.ones(l.hidden, device=dev)) for l in info.layers}
@@ -59,8 +52,35 @@ def vit_slim_scores(model: nn.Module, loader: Iterable, *, lam: float = 1e-4, ep
             return out * scales[block]
         return hook
 
-    handles = [l.act.register_forward_hook(hook_for(l.index)) for l in info.layers]
-    opt = torch.optim.Adam(list(scales.values()), lr=lr)
+    def install() -> list[Any]:
+        return [l.act.register_forward_hook(hook_for(l.index)) for l in info.layers]
+
+    train_soft_masks(model, loader, list(scales.values()), install, lam=lam, epochs=epochs, lr=lr, classes=classes,
+                     device=dev, max_steps=max_steps)
+    return {b: s.detach().abs().float().cpu() for b, s in scales.items()}
+
+
+def train_soft_masks(model: nn.Module, loader: Iterable, scales: list[nn.Parameter], install: Any, *,
+                     lam: float, epochs: float, lr: float, classes: Sequence[int] | None,
+                     device: torch.device | str, max_steps: int | None = None) -> None:
+    """Train ``scales`` alone (model frozen, eval mode) with Adam on cross-entropy + λ·Σ|scale|,
+    with the hooks ``install()`` returns applying them (removed afterwards).
+
+    Raises:
+        InvalidArgumentError: ``lam`` < 0, ``epochs`` or ``lr`` <= 0, no probe image (of ``classes``).
+    """
+    from ...torchutil import frozen_eval
+    from ..stats import iter_batches, no_images
+
+    dev = device
+    if lam < 0:
+        raise InvalidArgumentError(f"lam: must be >= 0, got {lam}")
+    if not epochs > 0:
+        raise InvalidArgumentError(f"epochs: must be > 0, got {epochs}")
+    if not lr > 0:
+        raise InvalidArgumentError(f"lr: must be > 0, got {lr}")
+    handles = install()
+    opt = torch.optim.Adam(scales, lr=lr)
     try:
         with frozen_eval(model):
             try:
@@ -76,7 +96,7 @@ def vit_slim_scores(model: nn.Module, loader: Iterable, *, lam: float = 1e-4, ep
                 for images, labels in iter_batches(loader, classes=classes, device=dev):
                     got = True
                     loss = nn.functional.cross_entropy(model(images), labels)
-                    loss = loss + lam * sum(s.abs().sum() for s in scales.values())
+                    loss = loss + lam * sum(s.abs().sum() for s in scales)
                     opt.zero_grad(set_to_none=True)
                     loss.backward()
                     opt.step()
@@ -91,7 +111,6 @@ def vit_slim_scores(model: nn.Module, loader: Iterable, *, lam: float = 1e-4, ep
     finally:
         for h in handles:
             h.remove()
-    return {b: s.detach().abs().float().cpu() for b, s in scales.items()}
 
 
 def _score(inputs: ScoringInputs) -> CriterionScores:
