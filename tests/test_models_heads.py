@@ -184,3 +184,20 @@ def test_every_head_criterion_scores_every_family(fam, models):  # noqa: F811
         assert set(s.heads) == set(s.dims) == {0, 1}, name
         assert all(v.shape == (2,) and torch.isfinite(v).all() for v in s.heads.values()), name
         assert all(v.shape == (16,) and torch.isfinite(v).all() for v in s.dims.values()), name
+
+
+def test_eva_half_rotary_layout_prunes_pairs_i_and_i_plus_half():
+    from jas_prune.models import create_model
+
+    torch.manual_seed(0)
+    model = create_model("eva02_tiny_patch14_224", num_classes=5, img_size=28, patch_size=14, embed_dim=32, depth=2,
+                         num_heads=2, ref_feat_shape=(2, 2), rope_rotate_half=True).eval()
+    torch.nn.init.normal_(model.head.weight, std=0.5)
+    assert model.blocks[0].attn.rotate_half
+    scores = HeadScores({b: torch.ones(2) for b in (0, 1)},
+                        {b: torch.randn(16, generator=torch.Generator().manual_seed(b)) for b in (0, 1)})
+    pruned = copy.deepcopy(model)
+    s = prune_attention(pruned, scores, head_dims=0.5)
+    assert all(sorted({j % 8 for j in v}) == sorted(j for j in v if j < 8) and len(v) == 8 for v in s.kept_dims.values())
+    x = _images(model, n=2)
+    torch.testing.assert_close(pruned(x), _masked(model, s)(x), rtol=1e-4, atol=1e-5)
