@@ -247,3 +247,19 @@ def test_vit_slim_head_masks_follow_the_l1_penalty(model, batch):
         torch.testing.assert_close(loose.heads[b], torch.ones(H), rtol=0, atol=1e-4)
         assert (tight.heads[b] < 0.9).all() and (tight.dims[b] < 0.9).all()
         assert tight.heads[b].shape == (H,) and tight.dims[b].shape == (D // H,)
+
+
+def test_settings_resolve_refuses_attention_the_model_cannot_take():
+    """Checked with the other settings, before any work: qk_norm with head_dims (one line)."""
+    from types import SimpleNamespace
+
+    from jas_prune.pruning.settings import PruneSettings
+
+    m = random_vit(depth=1, embed_dim=16, num_heads=2, img_size=16, patch_size=8, num_classes=3)
+    settings = PruneSettings(methods=["magnitude"], ratios=[0.5], attention={"head_dims": 0.5})
+    source = SimpleNamespace(class_names=["a", "b", "c"], num_classes=3)
+    assert settings.resolve(m, source, seed=0).settings.attention.head_dims == 0.5
+    qk = random_vit(depth=1, embed_dim=16, num_heads=2, img_size=16, patch_size=8, num_classes=3)
+    qk.blocks[0].attn.q_norm = torch.nn.LayerNorm(8)
+    with pytest.raises(UnsupportedModelError, match=r"^prune.attention.head_dims: block 0 normalises queries and keys"):
+        settings.resolve(qk, source, seed=0)

@@ -315,10 +315,17 @@ def _example() -> nn.Module:
 
 
 def _channels(attn: nn.Module) -> list[Slot]:
-    """``q_proj``/``k_proj``/``v_proj`` (transformers 5) or ``query``/``key``/``value`` (4.x)."""
-    names = ("q_proj", "k_proj", "v_proj") if hasattr(attn, "q_proj") else ("query", "key", "value")
-    return [Slot(getattr(attn, m), n, 0, r) for m, r in zip(names, "qkv") for n in ("weight", "bias")
-            if getattr(getattr(attn, m), n, None) is not None]
+    """``q_proj``/``k_proj``/``v_proj`` of a transformers 5 ``ViTAttention``.
+
+    Raises:
+        UnsupportedModelError: the transformers 4 layout (``query``/``key``/``value`` with
+            ``attention_head_size``/``all_head_size``), whose pruned geometry is not written back.
+    """
+    if not isinstance(getattr(attn, "q_proj", None), nn.Linear):
+        raise UnsupportedModelError("prune.attention: this transformers version's ViT attention (query/key/value, "
+                                    "attention_head_size) is not supported; heads are pruned with transformers>=5")
+    return [Slot(getattr(attn, f"{r}_proj"), n, 0, r) for r in "qkv" for n in ("weight", "bias")
+            if getattr(getattr(attn, f"{r}_proj"), n, None) is not None]
 
 
 #: separate q/k/v projections, which Torch-Pruning's graph links to the output projection's input

@@ -46,7 +46,7 @@ from ..schema import Strict
 from .graph import check_group, dependency_graph, find_vit, update_attention_geometry
 
 __all__ = ["AttentionSettings", "AttentionSummary", "HeadScores", "HEAD_CRITERIA", "head_scores",
-           "prune_attention", "head_groups", "attention_macs", "SUPPORTED_FAMILIES"]
+           "prune_attention", "check_attention", "head_groups", "attention_macs", "SUPPORTED_FAMILIES"]
 
 #: Families whose heads and head dimensions :func:`prune_attention` removes (those registering
 #: an attention layout).
@@ -511,6 +511,29 @@ def _keep_temperature(attn: nn.Module, layout: AttentionLayout, heads: int, d: i
     setattr(attn, layout.scale_attr, d_new ** -0.5)
 
 
+def check_attention(model: nn.Module,
+                    settings: AttentionSettings) -> tuple[nn.Module, tuple[HeadLayer, ...], AttentionLayout]:
+    """Refuse ``prune.attention`` on a model it cannot prune (before any work); returns the ViT,
+    its attention layers and its family's layout.
+
+    Raises:
+        UnsupportedModelError: a family without an attention layout (named); ``heads`` where a
+            relative-position table is shared by all blocks; ``head_dims`` with query/key norms
+            (``qk_norm``: their statistics would change).
+    """
+    vit, layers, layout = _layout_of(model)
+    shared = layout.shared(vit)
+    if settings.heads and shared:
+        raise UnsupportedModelError(f"prune.attention.heads: {find_vit(model)[1].family}: {shared}, so heads "
+                                    "cannot be removed per block; prune head_dims only")
+    for h in layers:
+        layout.channels(h.attn)  # a layout the family cannot slice refuses here
+        if settings.head_dims and not isinstance(getattr(h.attn, "q_norm", nn.Identity()), nn.Identity):
+            raise UnsupportedModelError(f"prune.attention.head_dims: block {h.index} normalises queries and keys "
+                                        "(qk_norm); removing dimensions would change the norms — prune heads only")
+    return vit, layers, layout
+
+
 def prune_attention(model: nn.Module, scores: HeadScores | None, *, heads: float = 0.0, head_dims: float = 0.0,
                     example_inputs: Tensor | None = None,
                     settings: AttentionSettings | None = None) -> AttentionSummary | None:
@@ -541,19 +564,12 @@ def prune_attention(model: nn.Module, scores: HeadScores | None, *, heads: float
     for name, r in (("heads", heads), ("head_dims", head_dims)):
         if not 0.0 <= float(r) < 1.0:
             raise PruneSettingError(f"prune.attention.{name}: {r!r} is outside [0, 1)")
-    vit, layers, layout = _layout_of(model)
-    shared = layout.shared(vit)
-    if heads and shared:
-        raise UnsupportedModelError(f"prune.attention.heads: {find_vit(model)[1].family}: {shared}, so heads "
-                                    "cannot be removed per block; prune head_dims only")
+    vit, layers, layout = check_attention(model, AttentionSettings.model_construct(heads=heads, head_dims=head_dims))
     summary = AttentionSummary(float(heads), float(head_dims))
     plan: dict[int, tuple[HeadLayer, list[int], list[int]]] = {}
     for h in layers:
         if h.index not in scores.heads:
             continue
-        if head_dims and not isinstance(getattr(h.attn, "q_norm", nn.Identity()), nn.Identity):
-            raise UnsupportedModelError(f"prune.attention.head_dims: block {h.index} normalises queries and keys "
-                                        "(qk_norm); removing dimensions would change the norms — prune heads only")
         gone_h = _lowest(scores.heads[h.index], heads, scores.protect.get(h.index, []), h.index) if heads else []
         gone_d = _dims_to_remove(scores.dims[h.index], head_dims, layout.rope(vit, h.attn)) if head_dims else []
         plan[h.index] = (h, gone_h, gone_d)

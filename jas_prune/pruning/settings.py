@@ -23,7 +23,7 @@ from pydantic import BaseModel, Field, create_model, field_validator, model_vali
 from ..errors import InvalidArgumentError, PruneSettingError, RecipeError
 from ..schema import Strict, each_once, finite
 from .choices import DEFAULT_DAMPING, DEFAULT_TARGET, EPOCHS_MAX, RECONSTRUCTIONS, TARGETS as RECONSTRUCTION_TARGETS
-from .attention import AttentionSettings
+from .attention import AttentionSettings, check_attention
 from .criteria import CRITERIA
 from .recover import RecoverSettings
 
@@ -262,6 +262,7 @@ class _PruneFields(Strict):
             ClassSelectionError: a ``prune.classes`` entry that is not a class of the data set.
             RecipeError: ``prune.class_subsets`` that cannot be drawn from the classes.
             PruneSettingError: ``prune.round_to`` above an FFN width.
+            UnsupportedModelError: ``prune.attention`` on a model it cannot prune (check_attention).
             BudgetError: a MACs or params ``prune.budget`` that even one neuron (``round_to``
                 neurons) per block misses, for ``prune.classes`` with its head.
         """
@@ -289,6 +290,8 @@ class _PruneFields(Strict):
             if narrow is not None:
                 raise PruneSettingError(f"prune.round_to: {round_to} exceeds the FFN width {narrow.hidden} of block "
                                         f"{narrow.index}; lower prune.round_to")
+        if self.attention is not None:
+            check_attention(model, self.attention)
         budget = None if self.budget is None else self.budget.budget()
         if budget is not None:
             check_reachable(model, budget, round_to=round_to, head_classes=classes if self.head == "cut" else None,
