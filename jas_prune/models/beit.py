@@ -10,6 +10,7 @@ from torch import nn
 from .eva import decode_arch
 from .families import FAMILIES, Family
 from .ffn import FFNInfo, timm_mlp_ffn
+from .elastic import elastic_timm
 from .heads import AttentionLayout, Slot, fused_qkv_slots
 from .timm_common import factory_args, patch_kwargs, timm_image_size, timm_info, tiny_timm, tuples
 
@@ -40,14 +41,8 @@ def _shared(model: nn.Module) -> str | None:
     return None
 
 
-def _elastic(_model: nn.Module, attn: nn.Module) -> None:
-    from .elastic import make_elastic
-
-    make_elastic(attn)
-
-
 ATTENTION = AttentionLayout(channels=fused_qkv_slots, per_head=_per_head, shared=_shared,
-                            gamma=lambda blk: getattr(blk, "gamma_1", None), elastic=_elastic)
+                            gamma=lambda blk: getattr(blk, "gamma_1", None), elastic=elastic_timm)
 
 
 def arch_kwargs(model: nn.Module) -> dict[str, Any]:

@@ -20,10 +20,26 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-__all__ = ["make_elastic", "make_attention_elastic", "heads_bias_shape", "TRANSFORM"]
+__all__ = ["make_elastic", "elastic_timm", "make_attention_elastic", "heads_bias_shape", "TRANSFORM"]
 
 #: the name of the transform in ``model.jas_transforms`` and in pruned checkpoints
 TRANSFORM = "elastic_attention"
+
+
+def _fused_qkv(self: Any, x: Tensor) -> tuple[Tensor, Tensor, Tensor]:
+    """q, k, v ``[B, heads, N, d]`` of a fused ``qkv`` whose bias may live in ``q/k/v_bias``."""
+    B, N, _ = x.shape
+    if self.q_bias is None:
+        qkv = self.qkv(x)
+    else:
+        qkv_bias = torch.cat((self.q_bias, self.k_bias, self.v_bias))
+        if self.qkv_bias_separate:
+            qkv = self.qkv(x)
+            qkv += qkv_bias
+        else:
+            qkv = F.linear(x, weight=self.qkv.weight, bias=qkv_bias)
+    q, k, v = qkv.reshape(B, N, 3, self.num_heads, -1).permute(2, 0, 3, 1, 4).unbind(0)
+    return q, k, v
 
 
 def _eva_forward(self: Any, x: Tensor, rope: Optional[Tensor] = None, attn_mask: Optional[Tensor] = None,
@@ -33,16 +49,7 @@ def _eva_forward(self: Any, x: Tensor, rope: Optional[Tensor] = None, attn_mask:
     B, N, _ = x.shape
     gate = self.gate(x).sigmoid() if self.gate is not None else None
     if self.qkv is not None:
-        if self.q_bias is None:
-            qkv = self.qkv(x)
-        else:
-            qkv_bias = torch.cat((self.q_bias, self.k_bias, self.v_bias))
-            if self.qkv_bias_separate:
-                qkv = self.qkv(x)
-                qkv += qkv_bias
-            else:
-                qkv = F.linear(x, weight=self.qkv.weight, bias=qkv_bias)
-        q, k, v = qkv.reshape(B, N, 3, self.num_heads, -1).permute(2, 0, 3, 1, 4).unbind(0)
+        q, k, v = _fused_qkv(self, x)
     else:
         q = self.q_proj(x).reshape(B, N, self.num_heads, -1).transpose(1, 2)
         k = self.k_proj(x).reshape(B, N, self.num_heads, -1).transpose(1, 2)
@@ -71,16 +78,7 @@ def _eva_forward(self: Any, x: Tensor, rope: Optional[Tensor] = None, attn_mask:
 
 def _beit_forward(self: Any, x: Tensor, shared_rel_pos_bias: Optional[Tensor] = None) -> Tensor:
     B, N, _ = x.shape
-    if self.q_bias is None:
-        qkv = self.qkv(x)
-    else:
-        qkv_bias = torch.cat((self.q_bias, self.k_bias, self.v_bias))
-        if self.qkv_bias_separate:
-            qkv = self.qkv(x)
-            qkv += qkv_bias
-        else:
-            qkv = F.linear(x, weight=self.qkv.weight, bias=qkv_bias)
-    q, k, v = qkv.reshape(B, N, 3, self.num_heads, -1).permute(2, 0, 3, 1, 4).unbind(0)
+    q, k, v = _fused_qkv(self, x)
     table = self.relative_position_bias_table is not None
     if self.fused_attn:
         bias = self._get_rel_pos_bias() if table else None
@@ -162,6 +160,11 @@ def make_elastic(attn: nn.Module, *, rope: bool = False) -> None:
     if rope and getattr(attn, "jas_rope_keep", None) is None:
         dim = int(attn.proj.in_features) // int(attn.num_heads)
         attn.register_buffer("jas_rope_keep", torch.arange(dim, device=attn.proj.weight.device))
+
+
+def elastic_timm(_model: nn.Module, attn: nn.Module) -> None:
+    """A family layout's ``elastic`` for timm attention without rotary embeddings."""
+    make_elastic(attn)
 
 
 def make_attention_elastic(model: nn.Module) -> int:
