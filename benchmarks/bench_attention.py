@@ -55,6 +55,10 @@ from jas_prune.recipe import load_recipe
 STEPS = 4
 
 
+#: head criteria of the heads50 entries
+HEADS50 = ("jas", "joint_ig", "magnitude", "taylor", "activation", "random", "hessian", "vit_slim")
+
+
 def total_macs(model: torch.nn.Module) -> int:
     return count_params_macs(model, input_size(model))["macs"]
 
@@ -192,6 +196,8 @@ def main() -> None:
     ap.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
     ap.add_argument("--out", type=Path, default=Path("runs/bench-attn"))
     ap.add_argument("--only", nargs="+", default=["heads50", "mac"])
+    ap.add_argument("--methods", nargs="+", default=list(HEADS50),
+                    help="head criteria of the heads50 entries (default: all)")
     ap.add_argument("--fit-per-class", type=int, default=8, help="probe images per class for scores and least squares")
     ap.add_argument("--val-per-class", type=int, default=4, help="other probe images per class for choices")
     ap.add_argument("--summary", type=Path, nargs="+", help="print the table of these result folders and stop")
@@ -230,16 +236,19 @@ def main() -> None:
             save()
         if not {"heads50", "mac"} & set(args.only):
             continue
-        t0 = time.perf_counter()
-        ffn_scores, jig_heads = joint_ig_scores(dense, fit_loader)
-        res.setdefault("seconds", {})["joint_ig"] = time.perf_counter() - t0
         mag = head_scores("magnitude", ScoringInputs(model=dense))
         inputs = ScoringInputs(model=dense, loader=fit_loader, seed=seed,
                                locate_settings=dict(steps=STEPS, scope="all", formula="ig"))
-        crit: dict[str, HeadScores] = {"joint_ig": HeadScores(jig_heads, mag.dims), "magnitude": mag}
+        crit: dict[str, HeadScores] = {"magnitude": mag}
+        ffn_scores: dict[int, torch.Tensor] = {}
+        if "mac" in args.only or "joint_ig" in args.methods:  # FFN scores and joint-IG head scores
+            t0 = time.perf_counter()
+            ffn_scores, jig_heads = joint_ig_scores(dense, fit_loader)
+            res.setdefault("seconds", {})["joint_ig"] = time.perf_counter() - t0
+            crit["joint_ig"] = HeadScores(jig_heads, mag.dims)
 
         if "heads50" in args.only:
-            for name in ("jas", "joint_ig", "magnitude", "taylor", "activation", "random"):
+            for name in args.methods:
                 key = f"heads50/{name}"
                 if key in res:
                     continue
