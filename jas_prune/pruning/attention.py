@@ -197,10 +197,10 @@ def _taylor(inputs: Any) -> HeadScores:
         return ((h.index, g) for h, g in head_groups(model, example))
 
     def modules(model: nn.Module) -> list[nn.Module]:
-        _, heads, layout = _layout_of(model)
-        if layout.graph and all(hasattr(h.attn, "qkv") for h in heads):
-            return [m for h in heads for m in (h.attn.qkv, h.proj)]
-        return [h.attn for h in heads]
+        """Whose weight gradients the scores read: a fused ``qkv`` and the projection, or the
+        whole attention (separate q/k/v projections)."""
+        return [m for h in _heads_of(model)[1]
+                for m in ((h.attn.qkv, h.proj) if isinstance(getattr(h.attn, "qkv", None), nn.Linear) else (h.attn,))]
 
     def explicit(model: nn.Module) -> dict[int, Tensor]:
         _, heads, layout = _layout_of(model)
@@ -369,7 +369,7 @@ def _vit_slim(inputs: Any) -> HeadScores:
 
     train_soft_masks(model, inputs.require_loader("vit_slim"), [*mh.values(), *md.values()], install,
                      lam=float(opts.lambda_), epochs=float(opts.epochs), lr=float(opts.lr), classes=inputs.classes,
-                     device=dev, max_steps=inputs.max_batches)
+                     device=dev)
     return HeadScores({b: m.detach().abs().float().cpu() for b, m in mh.items()},
                       {b: m.detach().abs().float().cpu() for b, m in md.items()})
 
