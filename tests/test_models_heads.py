@@ -7,6 +7,7 @@ with parity, in every family."""
 from __future__ import annotations
 
 import copy
+import pickle
 
 import pytest
 import torch
@@ -127,6 +128,7 @@ def test_attention_refit_checkpoint_and_onnx_parity(fam, models, tmp_path):  # n
     x = _images(model, n=2)
     assert [getattr(a, _heads_attr(a)) for a in _attention(again)] == [1, 1]
     torch.testing.assert_close(again(x), pruned(x), rtol=0, atol=0)
+    torch.testing.assert_close(pickle.loads(pickle.dumps(pruned))(x), pruned(x), rtol=0, atol=0)
     export_onnx(pruned, tmp_path / "p.onnx")
     res = verify_onnx(tmp_path / "p.onnx", pruned, x, providers=["cpu"], atol=1e-4)
     assert res["passed"] and res["parity_max_abs"] <= 1e-4

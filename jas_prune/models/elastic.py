@@ -140,6 +140,25 @@ def _subclass(base: type, forward: Any = None) -> type:
     return type(f"Elastic{base.__name__}", (base,), body)
 
 
+def _rel_pos_classes() -> tuple[type, ...]:
+    from timm.layers.pos_embed_rel import RelPosBias, RelPosMlp
+
+    return RelPosBias, RelPosMlp
+
+
+def __getattr__(name: str) -> type:
+    """``ElasticEvaAttention``... by name, so that pickle finds the subclasses :func:`make_elastic`
+    builds (``torch.save(model)`` of a pruned model)."""
+    if name.startswith("Elastic"):
+        for base, forward in _forwards().items():
+            if name == f"Elastic{base.__name__}":
+                return _subclass(base, forward)
+        for base in _rel_pos_classes():
+            if name == f"Elastic{base.__name__}":
+                return _subclass(base)
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+
+
 def heads_bias_shape(module: nn.Module) -> None:
     """Make a timm relative-position module's ``bias_shape`` follow its ``num_heads`` (idempotent)."""
     if not getattr(type(module), "jas_elastic", False):
