@@ -71,7 +71,7 @@ def _no_slots(*_: Any) -> list[Slot]:
     return []
 
 
-def _no_rope(*_: Any) -> str | None:
+def _none(*_: Any) -> str | None:
     return None
 
 
@@ -105,8 +105,8 @@ class AttentionLayout:
     channels: Callable[[nn.Module], list[Slot]]
     graph: bool = False
     per_head: Callable[[nn.Module, nn.Module], list[Slot]] = _no_slots
-    shared: Callable[[nn.Module], str | None] = _no_rope
-    rope: Callable[[nn.Module, nn.Module], str | None] = _no_rope
+    shared: Callable[[nn.Module], str | None] = _none
+    rope: Callable[[nn.Module, nn.Module], str | None] = _none
     heads_attr: str = "num_heads"
     scale_attr: str = "scale"
     gamma: Callable[[nn.Module], Tensor | None] = field(default=lambda blk: getattr(getattr(blk, "ls1", None),
