@@ -17,12 +17,11 @@ import json
 import os
 import sys
 import warnings
-from dataclasses import dataclass
-from typing import Callable
 
 import pytest
 import torch
 
+from families import FAMILIES, IDS, family_halves, family_images, models  # noqa: F401 - the fixture
 from jas_prune.errors import JasPruneError, UnsupportedModelError
 from jas_prune.models import FAMILIES as REGISTERED
 from jas_prune.models import discover_ffn, split_fused_glu
@@ -30,71 +29,6 @@ from jas_prune.models import discover_ffn, split_fused_glu
 CELLS = ("locate cls", "locate all", "prune", "reconstruct", "export")
 
 
-@dataclass(frozen=True)
-class Fam:
-    key: str
-    label: str  # the docs/models.md row
-    build: Callable[..., torch.nn.Module]
-    kind: str  # FFN kind of its blocks
-    has_cls: bool
-    hf: bool = False
-
-
-def _timm(name: str, **kw) -> Callable[..., torch.nn.Module]:
-    def build(seed: int = 0, tmp=None) -> torch.nn.Module:
-        from jas_prune.models import create_model
-
-        torch.manual_seed(seed)
-        args = dict(img_size=32, patch_size=8, embed_dim=32, depth=2, num_heads=2)
-        args.update(kw)
-        model = create_model(name, num_classes=5, **args).eval()
-        split_fused_glu(model)
-        torch.nn.init.normal_(model.head.weight, std=0.5)  # EVA/BEiT heads start ~0: parity would say nothing
-        return model
-
-    return build
-
-
-def _hf(kind: str) -> Callable[..., torch.nn.Module]:
-    def build(seed: int = 0, tmp=None) -> torch.nn.Module:
-        transformers = pytest.importorskip("transformers")
-        from jas_prune.models import load_model
-
-        torch.manual_seed(seed)
-        cfg = getattr(transformers, f"{kind}Config")(image_size=32, patch_size=8, hidden_size=32, num_hidden_layers=2,
-                                                     num_attention_heads=2, intermediate_size=64, num_labels=5)
-        hf = getattr(transformers, f"{kind}ForImageClassification")(cfg).eval()
-        torch.nn.init.normal_(hf.classifier.weight, std=0.5)
-        path = tmp / f"hf-{kind}-{seed}"
-        hf.save_pretrained(path)
-        return load_model(f"hf:{path}")
-
-    return build
-
-
-FAMILIES = [
-    Fam("vit", "timm VisionTransformer (vit_*, deit_*, DeiT-3, CLIP/SigLIP towers)", _timm("vit_tiny_patch16_224"),
-        "mlp", True),
-    Fam("vit-swiglu", "timm VisionTransformer, SwiGLUPacked FFN + layer scale (DINOv2-giant-like)",
-        _timm("vit_tiny_patch16_224", mlp_layer=__import__("timm").layers.SwiGLUPacked, act_layer="silu",
-              init_values=0.5), "gated", True),
-    Fam("eva02", "timm Eva, fused SwiGLU + RoPE (eva02_tiny/small-like)",
-        _timm("eva02_tiny_patch14_224", img_size=28, patch_size=14, ref_feat_shape=(2, 2)), "gated", True),
-    Fam("eva02-scale", "timm Eva, SwiGLU + hidden norm + RoPE + layer scale (eva02_base/large-like)",
-        _timm("eva02_base_patch14_224", img_size=28, patch_size=14, ref_feat_shape=(2, 2), init_values=0.5),
-        "gated", True),
-    Fam("beit", "timm Beit (relative position bias, layer scale γ₂)",
-        _timm("beit_base_patch16_224", init_values=0.5), "mlp", True),
-    Fam("relpos", "timm VisionTransformerRelPos, no class token (vit_relpos_small)",
-        _timm("vit_relpos_small_patch16_224", init_values=0.5), "mlp", False),
-    Fam("relpos-cls", "timm VisionTransformerRelPos with class token (vit_relpos_medium_cls)",
-        _timm("vit_relpos_medium_patch16_cls_224", init_values=0.5), "mlp", True),
-    Fam("relpos-post", "timm VisionTransformerRelPos, residual post-norm blocks (vit_relpos_*_rpn)",
-        _timm("vit_relpos_base_patch32_plus_rpn_256"), "mlp", False),
-    Fam("hf-vit", "Hugging Face ViTForImageClassification (hf:DIR)", _hf("ViT"), "mlp", True, hf=True),
-    Fam("hf-deit", "Hugging Face DeiTForImageClassification (hf:DIR)", _hf("DeiT"), "mlp", True, hf=True),
-]
-IDS = [f.key for f in FAMILIES]
 
 
 def _record(fam: Fam, cell: str, value: str) -> None:
@@ -119,26 +53,6 @@ def render_table(path: str) -> str:
     return "\n".join(out)
 
 
-@pytest.fixture(scope="module")
-def models(tmp_path_factory):
-    """Built once per family (float32), copied by the tests that change them."""
-    cache: dict[str, torch.nn.Module] = {}
-    tmp = tmp_path_factory.mktemp("hf")
-
-    def get(fam: Fam) -> torch.nn.Module:
-        if fam.key not in cache:
-            cache[fam.key] = fam.build(tmp=tmp)
-        return copy.deepcopy(cache[fam.key])
-
-    return get
-
-
-def _images(model, n: int = 4, dtype=torch.float32, seed: int = 0) -> torch.Tensor:
-    from jas_prune.models import input_size
-
-    return torch.randn(n, *input_size(model), generator=torch.Generator().manual_seed(seed)).to(dtype)
-
-
 def _ffn_modules(model) -> set[int]:
     info = discover_ffn(model)
     return {id(m) for layer in info.layers for m in (*layer.inputs, layer.fc2, layer.norm) if m is not None}
@@ -160,7 +74,7 @@ def test_every_registered_family_locates_and_prunes_its_example(name):
     model = family.example()
     assert family_of(model) is family
     info = discover_ffn(model)
-    x = _images(model, n=2)
+    x = family_images(model, n=2)
     res = locate(model, x, model(x).argmax(1), steps=2, scope="all", internal_batch_size=4)
     assert res.paths.shape[:2] == (2, info.depth) and torch.isfinite(res.jas).all()
     pruned = copy.deepcopy(model)
@@ -179,7 +93,7 @@ def test_site_output_is_the_input_of_fc2(fam, models):
     model = models(fam)
     info = discover_ffn(model)
     assert set(info.kinds) == {fam.kind} and info.has_cls_token == fam.has_cls
-    x = _images(model)
+    x = family_images(model)
     got: dict[int, torch.Tensor] = {}
     hooks = [layer.fc2.register_forward_pre_hook(lambda m, a, l=layer.index: got.__setitem__(l, a[0].detach()))
              for layer in info.layers]
@@ -271,7 +185,7 @@ def test_locate_matches_reference(fam, scope, formula, models):
     from jas_prune import locate
 
     model = models(fam).double()
-    x = _images(model, n=2, dtype=torch.float64, seed=1)
+    x = family_images(model, n=2, dtype=torch.float64, seed=1)
     y = torch.tensor([1, 3])
     cell = f"locate {scope}"
     if scope == "cls" and not fam.has_cls:
@@ -291,18 +205,6 @@ def test_locate_matches_reference(fam, scope, formula, models):
 # -- pruning ---------------------------------------------------------------------------------------
 
 
-def _halves(model, seed: int = 0) -> tuple[dict[int, torch.Tensor], dict[int, torch.Tensor]]:
-    """Per block: scores that keep n - round(n/2) neurons under ratio 0.5, and the 0/1 keep mask."""
-    g = torch.Generator().manual_seed(seed)
-    scores, masks = {}, {}
-    for layer in discover_ffn(model).layers:
-        n = layer.hidden
-        mask = torch.ones(n)
-        mask[torch.randperm(n, generator=g)[:round(n * 0.5)]] = 0.0
-        masks[layer.index], scores[layer.index] = mask, mask + 0.01 * torch.rand(n, generator=g)
-    return scores, masks
-
-
 @pytest.mark.parametrize("fam", FAMILIES, ids=IDS)
 def test_prune_removes_exactly_the_neurons(fam, models):
     """prune_ffn through the dependency graph: every input projection loses the rows, fc2 the
@@ -313,7 +215,7 @@ def test_prune_removes_exactly_the_neurons(fam, models):
 
     dense = models(fam).double()
     model = copy.deepcopy(dense)
-    scores, masks = _halves(model)
+    scores, masks = family_halves(model)
     widths = discover_ffn(model).widths
     summary = prune_ffn(model, scores, ratio=0.5)
     info = discover_ffn(model)
@@ -323,7 +225,7 @@ def test_prune_removes_exactly_the_neurons(fam, models):
         assert all(m.out_features == kept for m in layer.inputs) and layer.fc2.in_features == kept
         if layer.norm is not None:
             assert layer.norm.weight.shape == (kept,)
-    x = _images(model, dtype=torch.float64)
+    x = family_images(model, dtype=torch.float64)
     with torch.no_grad():
         got = model(x)
         if all(layer.norm is None for layer in info.layers):
@@ -345,7 +247,7 @@ def test_metapruner_with_jas_prunes_only_ffn_neurons(fam, models):
     before = {k: v.clone() for k, v in model.state_dict().items()}
     ffn = _ffn_modules(model)
     widths = discover_ffn(model).widths
-    scores, _ = _halves(model)
+    scores, _ = family_halves(model)
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
         tp.pruner.MetaPruner(model, torch.randn(1, *input_size(model)), importance=JASImportance(scores),
@@ -355,7 +257,7 @@ def test_metapruner_with_jas_prunes_only_ffn_neurons(fam, models):
     for key, value in model.state_dict().items():
         if key.rpartition(".")[0] not in names:
             assert torch.equal(value, before[key]), key
-    x = _images(model)
+    x = family_images(model)
     with torch.no_grad():
         assert torch.isfinite(model(x)).all()
     _record(fam, "prune", "✓")
@@ -393,11 +295,11 @@ def test_reconstruct_after_pruning(fam, models):
     from jas_prune.pruning.reconstruct import reconstruct
 
     dense = models(fam)
-    x = _images(dense, n=16, seed=2)
+    x = family_images(dense, n=16, seed=2)
     outcome = {}
     for target in ("local", "global", "residual"):
         model = copy.deepcopy(dense)
-        prune_ffn(model, _halves(model)[0], ratio=0.5)
+        prune_ffn(model, family_halves(model)[0], ratio=0.5)
         with torch.no_grad():
             before = (model(x) - dense(x)).pow(2).mean()
         report = reconstruct(model, dense, [x], method="lsq", target=target)
@@ -422,11 +324,11 @@ def test_pruned_checkpoint_round_trip(fam, models, tmp_path):
     from jas_prune.pruning.prune import prune_ffn
 
     model = models(fam)
-    prune_ffn(model, _halves(model)[0], ratio=0.5)
+    prune_ffn(model, family_halves(model)[0], ratio=0.5)
     path = save_pruned(model, tmp_path / "p.safetensors")
     loaded = load_pruned(path)
     assert read_pruned_meta(path)["ffn_kinds"] == [fam.kind] * 2
-    x = _images(model)
+    x = family_images(model)
     with torch.no_grad():
         assert torch.equal(loaded(x), model(x))
     assert discover_ffn(loaded).widths == discover_ffn(model).widths
@@ -443,8 +345,8 @@ def test_onnx_export_parity(fam, models, tmp_path):
     from jas_prune.pruning.prune import prune_ffn
 
     model = models(fam)
-    prune_ffn(model, _halves(model)[0], ratio=0.5)
-    x = _images(model, n=8, seed=3)
+    prune_ffn(model, family_halves(model)[0], ratio=0.5)
+    x = family_images(model, n=8, seed=3)
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
         export_onnx(model, tmp_path / "pruned.onnx")

@@ -11,7 +11,7 @@ import pickle
 
 import pytest
 import torch
-from test_models_families import FAMILIES, IDS, _images, models  # noqa: F401 - the fixture
+from families import FAMILIES, IDS, family_images, models  # noqa: F401 - the fixture
 
 from jas_prune.attribution import JointAttribution
 from jas_prune.models import discover_ffn
@@ -25,7 +25,7 @@ def test_heads_located_and_routes_agree(fam, models):  # noqa: F811
     model = models(fam)
     heads = discover_heads(discover_ffn(model))
     assert [h.heads for h in heads] == [2, 2]
-    x = _images(model, n=2)
+    x = family_images(model, n=2)
     y = torch.tensor([1, 3])
     kw = dict(steps=2, units=["ffn", "heads"], scope="all", formula="ig")
     tan = JointAttribution(model).attribute(x, y, **kw)
@@ -103,7 +103,7 @@ def test_pruned_attention_equals_masked_dense_on_both_paths(fam, models):  # noq
     if discover_ffn(model).family == "timm-eva":  # rotary pairs (2i, 2i+1) stay or go together
         assert all(all((j ^ 1) in v for j in v) for v in s.kept_dims.values())
     ref = _masked(model, s)
-    x = _images(model, n=3)
+    x = family_images(model, n=3)
     for fused in (True, False):
         _set_fused(pruned, fused)
         _set_fused(ref, fused)
@@ -120,12 +120,12 @@ def test_attention_refit_checkpoint_and_onnx_parity(fam, models, tmp_path):  # n
     model = models(fam)
     pruned = copy.deepcopy(model)
     prune_attention(pruned, head_scores("magnitude", ScoringInputs(model=pruned)), heads=0.5, head_dims=0.5)
-    x = _images(model, n=16, seed=1)
+    x = family_images(model, n=16, seed=1)
     rep = reconstruct(pruned, model, [x], method="lsq", damping=1e-3)
     assert [r.block for r in rep.attention] == [0, 1]
     assert all(r.error_after <= r.error_before and r.width == 8 for r in rep.attention)
     again = load_pruned(save_pruned(pruned, tmp_path / "p.safetensors"))
-    x = _images(model, n=2)
+    x = family_images(model, n=2)
     assert [getattr(a, _heads_attr(a)) for a in _attention(again)] == [1, 1]
     torch.testing.assert_close(again(x), pruned(x), rtol=0, atol=0)
     torch.testing.assert_close(pickle.loads(pickle.dumps(pruned))(x), pruned(x), rtol=0, atol=0)
@@ -147,7 +147,7 @@ def test_explicit_group_scores_equal_torch_pruning(fam, models):  # noqa: F811
     if fam.key == "relpos":  # the graph maps the relative-position MLP to the wrong channels: drop it
         for b in model.blocks:
             b.attn.rel_pos = None
-    x = _images(model, n=2)
+    x = family_images(model, n=2)
     model.zero_grad()
     model(x).square().sum().backward()
     layout = REG.get(discover_ffn(model).family).attention
@@ -180,7 +180,7 @@ def test_hf_save_pretrained_keeps_pruned_heads(fam, models, tmp_path):  # noqa: 
     pruned.save_pretrained(tmp_path / "p")
     again = load_model(f"hf:{tmp_path / 'p'}")
     assert (again.model.config.num_attention_heads, again.model.config.head_dim) == (1, 8)
-    x = _images(pruned, n=2)
+    x = family_images(pruned, n=2)
     torch.testing.assert_close(again(x), pruned(x), rtol=0, atol=0)
 
 
@@ -189,7 +189,7 @@ def test_every_head_criterion_scores_every_family(fam, models):  # noqa: F811
     from jas_prune.pruning.attention import HEAD_CRITERIA
 
     model = models(fam)
-    x = _images(model, n=2)
+    x = family_images(model, n=2)
     batch = (x, torch.tensor([1, 3]))
     for name in HEAD_CRITERIA.names():
         s = head_scores(name, ScoringInputs(model=model, loader=[batch], seed=1,
@@ -212,5 +212,5 @@ def test_eva_half_rotary_layout_prunes_pairs_i_and_i_plus_half():
     pruned = copy.deepcopy(model)
     s = prune_attention(pruned, scores, head_dims=0.5)
     assert all(sorted({j % 8 for j in v}) == sorted(j for j in v if j < 8) and len(v) == 8 for v in s.kept_dims.values())
-    x = _images(model, n=2)
+    x = family_images(model, n=2)
     torch.testing.assert_close(pruned(x), _masked(model, s)(x), rtol=1e-4, atol=1e-5)

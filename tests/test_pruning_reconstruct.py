@@ -257,7 +257,7 @@ def test_bad_arguments_name_the_argument(dense, images, tiny_vit):
 
 # -- every supported family (the tiny models of tests/test_models_families.py) ---------------------------
 
-from test_models_families import FAMILIES, IDS, _halves, _images  # noqa: E402
+from families import FAMILIES, IDS, family_halves, family_images  # noqa: E402
 
 from jas_prune.errors import PruneSettingError  # noqa: E402
 
@@ -280,7 +280,7 @@ def family_models(tmp_path_factory):
 
 def _pruned_half(dense, seed=0):
     model = copy.deepcopy(dense)
-    prune_ffn(model, _halves(model, seed)[0], ratio=0.5)
+    prune_ffn(model, family_halves(model, seed)[0], ratio=0.5)
     return model
 
 
@@ -293,7 +293,7 @@ def _out_err(model, dense, x):
 @pytest.mark.parametrize("fam", FAMILIES, ids=IDS)
 def test_every_family_and_target_lowers_block_and_output_errors(fam, target, family_models):
     dense = family_models(fam)
-    x = _images(dense, n=16, seed=2)
+    x = family_images(dense, n=16, seed=2)
     model = _pruned_half(dense)
     before = _out_err(model, dense, x)
     rep = reconstruct(model, dense, [x], method="lsq", target=target)
@@ -357,7 +357,7 @@ def test_every_family_fits_the_brute_force_target(fam, family_models):
     """lsq on each family (float64) equals a ridge solve on targets read by the test's own hooks;
     for the residual target this checks Eva/BEiT γ₂, timm ls2 and the post-norm pull-back."""
     dense = family_models(fam).double()
-    x = _images(dense, n=8, dtype=torch.float64, seed=4)
+    x = family_images(dense, n=8, dtype=torch.float64, seed=4)
     for target in TARGETS:
         pruned = _pruned_half(dense)
         rep = reconstruct(pruned, dense, [x], target=target, damping=1e-3)
@@ -375,7 +375,7 @@ def test_post_norm_that_cannot_be_inverted_is_refused_for_target_residual(family
     dense = family_models(fam)
     for blk in dense.blocks:  # an RMSNorm after the FFN: its output loses the scale, not the mean
         blk.norm2 = torch.nn.RMSNorm(blk.norm2.normalized_shape, eps=1e-6)
-    x = _images(dense, n=8, seed=2)
+    x = family_images(dense, n=8, seed=2)
     pruned = _pruned_half(dense)
     before = copy.deepcopy(pruned.state_dict())
     with pytest.raises(PruneSettingError) as info:
@@ -432,7 +432,7 @@ def test_hf_layers_without_an_ffn_module_reconstruct_the_same(family_models):
     layers = dense.model.vit.layers if hasattr(dense.model.vit, "layers") else None
     if layers is None or not hasattr(layers[0], "mlp"):
         pytest.skip("needs the transformers 5 layout to build the 4.x one from")
-    x = _images(dense, n=8, seed=2)
+    x = family_images(dense, n=8, seed=2)
 
     def as_v4(model):
         model = copy.deepcopy(model)
