@@ -32,7 +32,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass, field
-from typing import Any, Callable, Iterator, Mapping
+from typing import Any, Callable, Iterator, Literal, Mapping
 
 import torch
 from pydantic import Field, model_validator
@@ -43,6 +43,7 @@ from ..models import FAMILIES
 from ..models.heads import AttentionLayout, HeadLayer, Slot, discover_heads
 from ..registry import Registry
 from ..schema import Strict
+from .choices import LOGIT_COMPENSATIONS
 from .graph import check_group, dependency_graph, find_vit, update_attention_geometry
 
 __all__ = ["AttentionSettings", "AttentionSummary", "HeadScores", "HEAD_CRITERIA", "head_scores",
@@ -59,16 +60,26 @@ class AttentionSettings(Strict):
     Attributes:
         heads: fraction of each block's heads removed, in [0, 1).
         head_dims: fraction of each kept head's dimensions removed, in [0, 1).
+        logits: compensation of the attention logits for the removed query/key channels
+            (:mod:`jas_prune.pruning.logits`), fit with the reconstruction's calibration images.
     """
 
     heads: float = Field(default=0.0, ge=0.0, lt=1.0)
     head_dims: float = Field(default=0.0, ge=0.0, lt=1.0)
+    logits: Literal[LOGIT_COMPENSATIONS] = "none"
 
     @model_validator(mode="after")
     def _something(self) -> "AttentionSettings":
         if self.heads == 0 and self.head_dims == 0:
             raise ValueError("set heads and/or head_dims above 0 (or leave prune.attention out)")
+        if self.logits != "none" and self.head_dims == 0:
+            raise ValueError(f"logits: '{self.logits}' compensates removed query/key channels; "
+                             "set head_dims above 0 (or logits: none)")
         return self
+
+    def identity(self) -> dict[str, Any]:
+        """What a pruned entry is made with (``logits`` only when set: older runs still resume)."""
+        return self.model_dump(exclude={"logits"} if self.logits == "none" else None)
 
 
 @dataclass

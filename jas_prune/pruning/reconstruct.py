@@ -244,6 +244,9 @@ class ReconstructionReport:
     #: the attention output projections refit (blocks whose heads or head dimensions were
     #: pruned; ``width`` = projection inputs kept), before each block's fc2
     attention: list[BlockReconstruction] = field(default_factory=list)
+    #: the query/key logit compensations tried (``prune.attention.logits``; one
+    #: :class:`~jas_prune.pruning.logits.LogitCompensation` per block with pruned head dimensions)
+    logits: list[Any] = field(default_factory=list)
 
     def to_dict(self) -> dict[str, Any]:
         """JSON-friendly form (with each block's relative errors)."""
@@ -419,13 +422,19 @@ class SequentialReconstructor:
         damping: relative ridge damping λ ≥ 0 (``lsq`` only).
         max_images: use at most this many calibration images (None: all the loader yields).
         cache_bytes: largest residual-stream cache; above it, images are replayed per block.
+        logits: query/key logit compensation tried before each attention projection refit
+            (:mod:`jas_prune.pruning.logits`: ``none``, ``affine`` or ``centered``).
     """
 
     def __init__(self, pruned: nn.Module, dense: nn.Module, loader: Iterable, *, method: str = "lsq",
                  target: str = DEFAULT_TARGET, damping: float = DEFAULT_DAMPING,
-                 max_images: int | None = None, cache_bytes: int = DEFAULT_CACHE_BYTES) -> None:
+                 max_images: int | None = None, cache_bytes: int = DEFAULT_CACHE_BYTES,
+                 logits: str = "none") -> None:
+        from .logits import LOGIT_COMPENSATIONS
+
         self.method = _check_choice(method, RECONSTRUCTIONS, "method")
         self.target = _check_choice(target, TARGETS, "target")
+        self.logits = _check_choice(logits, LOGIT_COMPENSATIONS, "logits")
         self.damping = _check_damping(damping)
         self.max_images = _check_count(max_images, "max_images", 1)
         cache = _check_count(cache_bytes, "cache_bytes", 0)
@@ -436,6 +445,10 @@ class SequentialReconstructor:
         self.pruned, self.info = _find_vit(pruned, "pruned")
         self.dense, self.dense_info = _find_vit(dense, "dense")
         self._check_pair()
+        if self.logits != "none":  # refuse an unsupported family before any block is changed
+            from .logits import qk_access
+
+            self._qk = qk_access(self.pruned)
         if self.target == "residual":  # refuse before any block is changed
             for layer in self.info.layers:
                 if layer.post_norm:
@@ -603,15 +616,24 @@ class SequentialReconstructor:
         self.report.seconds += row.seconds
         return row
 
-    def _solve(self, fit: LinearFit, lin: nn.Linear, block: int, dense_width: int, t0: float) -> BlockReconstruction:
-        """Refit ``lin`` from the accumulated statistics; keep it only if the error drops."""
+    def _fit(self, fit: LinearFit, lin: nn.Linear) -> tuple[Tensor, Tensor, str, float, float]:
+        """The refit of ``lin`` (not applied): weight, bias, solver, error before and after."""
         weight0, bias0 = lin.weight.detach(), lin.bias.detach()
         before = fit.error(weight0, bias0)
         if self.method == "bias":
             weight, bias, solver = weight0, fit.solve_bias(weight0), "mean"
         else:
             weight, bias, solver = fit.solve(self.damping)
-        after = fit.error(weight, bias)
+        return weight, bias, solver, before, fit.error(weight, bias)
+
+    def _best_error(self, fit: LinearFit, lin: nn.Linear) -> float:
+        """The error :meth:`_solve` would leave (the refit's, or the current one when not lower)."""
+        *_, before, after = self._fit(fit, lin)
+        return after if after < before and math.isfinite(after) else before
+
+    def _solve(self, fit: LinearFit, lin: nn.Linear, block: int, dense_width: int, t0: float) -> BlockReconstruction:
+        """Refit ``lin`` from the accumulated statistics; keep it only if the error drops."""
+        weight, bias, solver, before, after = self._fit(fit, lin)
         refit = bool(after < before) and math.isfinite(after)
         if refit:
             lin.weight.copy_(weight.to(lin.weight.dtype))
@@ -630,7 +652,11 @@ class SequentialReconstructor:
         ridge least squares and keep-if-better rule as ``fc2``, towards the same kind of target —
         ``local``: the dense attention on the pruned block's attention input; ``global``: the
         dense attention output; ``residual``: what makes the stream after attention the dense
-        one, ``(x_dense + ls1(attn_dense) − x') / γ₁`` (timm ``ls1``)."""
+        one, ``(x_dense + ls1(attn_dense) − x') / γ₁`` (timm ``ls1``).
+
+        With ``logits`` set, the query/key logit compensation is fit first and the projection
+        refit accumulated twice, on the attention without and with it; the compensation is kept
+        when the block's error after the refit is lower with it."""
         from ..models.heads import attention_of
 
         mine = attention_of(self.info.layers[block].block)
@@ -654,6 +680,8 @@ class SequentialReconstructor:
         with torch.no_grad(), frozen_eval(self.pruned), frozen_eval(self.dense):
             if self._chunks is None:
                 self._fill_cache()
+            delta = self._logit_delta(block, attn, attn_d)
+            fit_c = LinearFit(proj.in_features, proj.out_features, device=self.device) if delta is not None else None
             for chunk in self._inputs(block):
                 got: dict[str, Any] = {}
                 hooks = [attn.register_forward_pre_hook(lambda _m, a, k: got.__setitem__("a", (a, k)),
@@ -680,9 +708,66 @@ class SequentialReconstructor:
                         y = chunk["xd"] + (y if gamma_d is None else y * gamma_d) - chunk["x"]
                         y = y if gamma is None else y / gamma
                 fit.add(got["h"], y)
+                if delta is not None:  # the same block again, its queries compensated
+                    got_c: dict[str, Tensor] = {}
+                    hook = _capture(proj, got_c, "h", output=False)
+                    try:
+                        with delta.applied(attn):
+                            _run(blk, chunk["x"], chunk["call"])
+                    finally:
+                        hook.remove()
+                    fit_c.add(got_c["h"], y)
+            if delta is not None:
+                fit = self._choose_logits(block, attn, proj, delta, fit, fit_c, t0)
             row = self._solve(fit, proj, block, int(dense[1].in_features), t0)
         self.report.attention.append(row)
         self.report.seconds += row.seconds
+
+
+    def _logit_delta(self, block: int, attn: nn.Module, attn_d: nn.Module) -> Any:
+        """The query correction of ``block`` fit on its attention inputs (None without ``logits``
+        or when no kept head lost a query/key channel)."""
+        if self.logits == "none":
+            return None
+        from .logits import fit_query_delta
+
+        blk = self.info.layers[block].block
+
+        def inputs() -> Iterator[Tensor]:
+            for chunk in self._inputs(block):
+                got: dict[str, Tensor] = {}
+
+                def hook(_m: nn.Module, args: tuple, kwargs: dict) -> None:
+                    got["a"] = args[0] if args else kwargs["hidden_states"]  # Hugging Face passes it by name
+                    raise _Stop
+
+                handle = attn.register_forward_pre_hook(hook, with_kwargs=True)
+                try:
+                    _run(blk, chunk["x"], chunk["call"])
+                except _Stop:
+                    pass
+                finally:
+                    handle.remove()
+                yield got["a"]
+
+        return fit_query_delta(self._qk, attn, attn_d, inputs(), candidate=self.logits, damping=self.damping,
+                               block=block)
+
+    def _choose_logits(self, block: int, attn: nn.Module, proj: nn.Linear, delta: Any, fit: LinearFit,
+                       fit_c: LinearFit, t0: float) -> LinearFit:
+        """Keep the compensation when the block's error after the projection refit is lower with
+        it (then apply it); the statistics the refit uses."""
+        from .logits import LogitCompensation
+
+        without, with_ = self._best_error(fit, proj), self._best_error(fit_c, proj)
+        kept = bool(with_ < without) and math.isfinite(with_)
+        if kept:
+            delta.apply(attn)
+        self.report.logits.append(LogitCompensation(
+            block=block, candidate=self.logits, error_without=without, error_with=with_, kept=kept,
+            key_residual=delta.residual, key_energy=delta.energy, tokens=delta.tokens,
+            seconds=time.perf_counter() - t0))
+        return fit_c if kept else fit
 
 
 def _first(out: Any) -> Tensor:
@@ -710,7 +795,7 @@ def _narrower_attention(block: nn.Module, dense_block: nn.Module) -> bool:
 def reconstruct(pruned: nn.Module, dense: nn.Module, loader: Iterable, *, method: str = "lsq",
                 target: str = DEFAULT_TARGET, damping: float = DEFAULT_DAMPING,
                 max_images: int | None = None, blocks: Sequence[int] | None = None,
-                cache_bytes: int = DEFAULT_CACHE_BYTES) -> ReconstructionReport:
+                cache_bytes: int = DEFAULT_CACHE_BYTES, logits: str = "none") -> ReconstructionReport:
     """Refit the FFN ``fc2`` of every pruned block of ``pruned`` to match ``dense``, in place.
 
     Works on any FFN-pruned model of a supported family (:mod:`jas_prune.models`) — pruned by
@@ -742,6 +827,9 @@ def reconstruct(pruned: nn.Module, dense: nn.Module, loader: Iterable, *, method
             dense one's; a block with pruned heads or head dimensions gets its attention output
             projection refit first, by the same rule).
         cache_bytes: residual-stream cache limit (see the module docstring).
+        logits: query/key logit compensation of blocks with pruned head dimensions (``none``,
+            ``affine``, ``centered``; :mod:`jas_prune.pruning.logits`), kept per block only when
+            it lowers the block's calibration error after the projection refit.
 
     Returns:
         A :class:`ReconstructionReport` (per block: error before/after, damping, tokens, seconds).
@@ -752,7 +840,7 @@ def reconstruct(pruned: nn.Module, dense: nn.Module, loader: Iterable, *, method
             (names the block; targets ``local``/``global`` work), or ``fc2`` without a bias.
     """
     engine = SequentialReconstructor(pruned, dense, loader, method=method, target=target, damping=damping,
-                                     max_images=max_images, cache_bytes=cache_bytes)
+                                     max_images=max_images, cache_bytes=cache_bytes, logits=logits)
     if blocks is None:
         todo = [l.index for l, d in zip(engine.info.layers, engine.dense_info.layers)
                 if l.hidden < d.hidden or _narrower_attention(l.block, d.block)]

@@ -257,9 +257,10 @@ def _reconstruct(ctx, bench: _Bench, model: nn.Module, recon: str) -> Any:
 
     if recon == "none":
         return None
-    c = ctx.prune.settings.calibration
+    c, attention = ctx.prune.settings.calibration, ctx.prune.settings.attention
     try:
-        return reconstruct(model, ctx.model, bench.calib, method=recon, target=c.target, damping=c.damping)
+        return reconstruct(model, ctx.model, bench.calib, method=recon, target=c.target, damping=c.damping,
+                           logits=attention.logits if attention is not None else "none")
     except PruneSettingError as exc:  # e.g. an fc2 without bias to refit
         raise PruneSettingError(f"prune.reconstruction: {exc}") from None
     except InvalidArgumentError as exc:

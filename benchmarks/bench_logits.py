@@ -1,0 +1,139 @@
+"""Query/key logit compensation (``prune.attention.logits``) on the built-in model, resumable.
+
+Same protocol as :mod:`benchmarks.bench_attention` (its partitions, joint-IG FFN scores and
+magnitude head-dimension scores, least squares with the ``residual`` target and damping 1e-3 on
+8 fit images per class): for head dimensions 0.25 and 0.5, alone and with the FFN shares of that
+benchmark's joint points (49 % and 83 %), every model is made three times — ``logits: none``,
+``affine``, ``centered`` — from the same pruned weights; ``chosen`` is the one of the three with
+the best top-1 on the ``val`` probe images (ties: the first in that order). Test top-1 on the
+whole test partition (960 images).
+
+    OMP_NUM_THREADS=1 python -m benchmarks.bench_logits --seeds 0 1 2 --out runs/bench-logits
+    python -m benchmarks.bench_logits --summary runs/bench-logits
+"""
+
+from __future__ import annotations
+
+import argparse
+import copy
+import statistics
+import time
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from benchmarks.bench_attention import evaluate, joint_ig_scores
+from benchmarks.bench_select import fit_val_samples
+from jas_prune.data import make_loader, model_transform
+from jas_prune.io import atomic_write_json, read_json
+from jas_prune.models import load_model
+from jas_prune.pruning.attention import head_scores, prune_attention
+from jas_prune.pruning.calibration import cached_batches, per_class_cap
+from jas_prune.pruning.choices import LOGIT_COMPENSATIONS
+from jas_prune.pruning.criteria import ScoringInputs
+from jas_prune.pruning.prune import prune_ffn
+from jas_prune.pruning.reconstruct import reconstruct
+from jas_prune.recipe import load_recipe
+
+FFN = (0.0, 0.4933, 0.8343)
+HEAD_DIMS = (0.25, 0.5)
+
+
+def key(ffn: float, dims: float) -> str:
+    return f"ffn{ffn:g}/hd{dims:g}"
+
+
+def summary(dirs: list[Path]) -> str:
+    """Mean ± std of test top-1 (%) per point and compensation, and the paired per-seed
+    differences to ``none`` (pt)."""
+    runs = [read_json(f) for d in dirs for f in sorted(d.glob("seed*.json"))]
+
+    def ms(xs: list[float]) -> str:
+        return f"{statistics.mean(xs):+.2f} ± {statistics.stdev(xs):.2f}" if len(xs) > 1 else f"{xs[0]:+.2f}"
+
+    def m(xs: list[float]) -> str:
+        return ms(xs).lstrip("+")
+
+    names = [*LOGIT_COMPENSATIONS, "chosen"]
+    lines = [f"dense: {m([100 * r['dense']['test'] for r in runs])} % (n = {len(runs)} seeds)", "",
+             "| point | " + " | ".join(names) + " | " + " | ".join(f"{n} − none (per seed)" for n in names[1:]) + " |",
+             "|---" * (2 * len(names)) + "|"]
+    points = [k for k in runs[0] if k.startswith("ffn")]
+    for p in points:
+        rows = [r[p] for r in runs if p in r and all(n in r[p] for n in names)]
+        if not rows:
+            continue
+        top = [m([100 * row[n]["test"] for row in rows]) for n in names]
+        diffs = []
+        for n in names[1:]:
+            d = [100 * (row[n]["test"] - row["none"]["test"]) for row in rows]
+            diffs.append(f"{ms(d)} ({', '.join(f'{x:+.1f}' for x in d)})")
+        picks = ", ".join(row["chosen"]["name"] for row in rows)
+        lines.append(f"| {p} (chosen: {picks}) | " + " | ".join(top) + " | " + " | ".join(diffs) + " |")
+    kept = {n: [r[p][n]["kept_blocks"] for r in runs for p in points if p in r and n in r[p]] for n in names[1:3]}
+    lines += ["", "blocks where the compensation was kept (of 6): " +
+              "; ".join(f"{n}: {statistics.mean(v):.1f} on average" for n, v in kept.items() if v)]
+    return "\n".join(lines)
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
+    ap.add_argument("--out", type=Path, default=Path("runs/bench-logits"))
+    ap.add_argument("--fit-per-class", type=int, default=8)
+    ap.add_argument("--val-per-class", type=int, default=4)
+    ap.add_argument("--summary", type=Path, nargs="+")
+    args = ap.parse_args()
+    if args.summary:
+        print(summary(args.summary))
+        return
+    args.out.mkdir(parents=True, exist_ok=True)
+    recipe = load_recipe("recipes/benchmark-shapes.yaml")
+    for seed in args.seeds:
+        path = args.out / f"seed{seed}.json"
+        res: dict[str, Any] = read_json(path) if path.exists() else {}
+        dense = load_model("builtin:shapes-vit")
+        torch.manual_seed(seed)
+        transform = model_transform(dense)
+        fit, val, source = fit_val_samples(recipe, seed)
+        fit = per_class_cap(fit, args.fit_per_class)
+        val = per_class_cap(val, args.val_per_class)
+        test = source.subset("test")
+        fit_loader = cached_batches(make_loader(fit, transform, batch_size=64, seed=seed))
+        val_b = cached_batches(make_loader(val, transform, batch_size=256, seed=seed))
+        test_b = cached_batches(make_loader(test, transform, batch_size=256, seed=seed))
+        vid, tid = [s.id for s in val], [s.id for s in test]
+        if "dense" not in res:
+            res["dense"] = {"test": evaluate(dense, test_b, tid), "val": evaluate(dense, val_b, vid),
+                            "test_images": len(test), "fit_images": len(fit), "val_images": len(val)}
+            atomic_write_json(path, res)
+        todo = [(f, q) for f in FFN for q in HEAD_DIMS if "chosen" not in res.get(key(f, q), {})]
+        if not todo:
+            continue
+        ffn_scores, _ = joint_ig_scores(dense, fit_loader)
+        dims = head_scores("magnitude", ScoringInputs(model=dense))
+        for f, q in todo:
+            base = copy.deepcopy(dense)
+            if f:
+                prune_ffn(base, ffn_scores, ratio=f)
+            prune_attention(base, dims, head_dims=q)
+            row: dict[str, Any] = {}
+            for name in LOGIT_COMPENSATIONS:
+                m = copy.deepcopy(base)
+                t0 = time.perf_counter()
+                rep = reconstruct(m, dense, fit_loader, method="lsq", target="residual", damping=1e-3, logits=name)
+                row[name] = {"val": evaluate(m, val_b, vid), "test": evaluate(m, test_b, tid),
+                             "seconds": time.perf_counter() - t0,
+                             "kept_blocks": sum(r.kept for r in rep.logits),
+                             "logits": [vars(r) for r in rep.logits]}
+            best = max(LOGIT_COMPENSATIONS, key=lambda n: (row[n]["val"], -LOGIT_COMPENSATIONS.index(n)))
+            row["chosen"] = {"name": best, "val": row[best]["val"], "test": row[best]["test"]}
+            res[key(f, q)] = row
+            print(seed, key(f, q), {n: round(100 * row[n]["test"], 2) for n in LOGIT_COMPENSATIONS}, "chosen", best,
+                  flush=True)
+            atomic_write_json(path, res)
+
+
+if __name__ == "__main__":
+    main()
