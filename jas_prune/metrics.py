@@ -426,7 +426,8 @@ class PrunedEntry(Section):
                 "round_to": self.round_to,
                 "budget": None if self.budget is None else {k: self.budget[k] for k in self.BUDGET_SPEC
                                                             if k in self.budget},
-                "attention": None if self.attention is None else {k: self.attention[k] for k in ("heads", "head_dims")},
+                "attention": None if self.attention is None else {k: self.attention[k] for k in ("heads", "head_dims", "logits")
+                                                                  if k in self.attention},
                 "recover": self.recover["settings"] if self.recover else None}
 
     @property

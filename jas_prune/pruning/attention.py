@@ -77,9 +77,10 @@ class AttentionSettings(Strict):
                              "set head_dims above 0 (or logits: none)")
         return self
 
-    def identity(self) -> dict[str, Any]:
-        """What a pruned entry is made with (``logits`` only when set: older runs still resume)."""
-        return self.model_dump(exclude={"logits"} if self.logits == "none" else None)
+    def identity(self, reconstructs: bool = True) -> dict[str, Any]:
+        """What a pruned entry is made with: ``logits`` only when set and applied (it needs a
+        reconstruction's calibration images), so older runs still resume."""
+        return self.model_dump(exclude={"logits"} if self.logits == "none" or not reconstructs else None)
 
 
 @dataclass

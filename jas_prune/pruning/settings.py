@@ -386,7 +386,7 @@ class ResolvedPrune:
                                "criterion_options": self.criterion_options(method, sel.classes),
                                "round_to": self.round_to,
                                "budget": self.budget.spec() if ratio is None and self.budget is not None else None,
-                               "attention": p.attention.identity() if p.attention is not None else None,
+                               "attention": p.attention.identity(recon != "none") if p.attention is not None else None,
                                "recover": p.recover.model_dump(mode="json") if p.recover and p.recover.steps else None}
         if ratio is not None:
             out["ratio"] = ratio

@@ -320,7 +320,7 @@ def _record(ctx, bench: _Bench, entries: Entries, key: tuple[int, int, int, int]
     size = count_params_macs(model, bench.size_in)
     entry = PrunedEntry(
         **{**identity, "ratio": ratio, "budget": dict(bench.budget) if budget else None,
-           "attention": attention.to_dict() if attention is not None else None, "recover": kd},
+           "attention": _attention_record(attention, identity, rec), "recover": kd},
         top1=acc["top1"], top5=acc["top5"], params=size["params"], macs=size["macs"],
         bias_compensation=recon == "bias", checkpoint=ckpt.name, dense_top1=bench.dense["top1"],
         dense_top5=bench.dense["top5"], test_images=acc["n"], removed_fraction=summary.removed_fraction,
@@ -337,6 +337,17 @@ def _record(ctx, bench: _Bench, entries: Entries, key: tuple[int, int, int, int]
              bench.dense["top1"], size["params"],
              f", reconstruction {rec.seconds:.1f} s" if rec is not None else "",
              f", budget {describe_record(bench.budget)}" if budget else "")
+
+
+def _attention_record(attention, identity: dict[str, Any], rec) -> dict[str, Any] | None:
+    """What ``prune.attention`` removed, with ``logits`` (when applied) and the blocks where the
+    logit compensation was kept (``logits_kept``)."""
+    if attention is None:
+        return None
+    out = {**attention.to_dict(), **identity["attention"]}
+    if rec is not None and rec.logits:
+        out["logits_kept"] = {str(r.block): r.kept for r in rec.logits}
+    return out
 
 
 def _reconstruction_fields(rec) -> dict[str, Any]:
