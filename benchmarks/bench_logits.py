@@ -38,6 +38,26 @@ from jas_prune.recipe import load_recipe
 
 FFN = (0.0, 0.4933, 0.8343)
 HEAD_DIMS = (0.25, 0.5)
+#: joint points that FFN-only pruning is also run at, with the FFN share giving the same MACs
+FFN_ONLY_AT = ((0.4933, 0.5),)
+
+
+def macs(model: torch.nn.Module) -> int:
+    from jas_prune.evaluate import count_params_macs
+    from jas_prune.models import input_size
+
+    return count_params_macs(model, input_size(model))["macs"]
+
+
+def ffn_share_for(dense: torch.nn.Module, scores: dict, target: int) -> float:
+    """The smallest FFN share (steps of 1e-3) whose FFN-only model has at most ``target`` MACs."""
+    lo, hi = 0.0, 0.999
+    while hi - lo > 1e-3:
+        mid = round((lo + hi) / 2, 4)
+        m = copy.deepcopy(dense)
+        prune_ffn(m, scores, ratio=mid)
+        lo, hi = (mid, hi) if macs(m) > target else (lo, mid)
+    return hi
 
 
 def key(ffn: float, dims: float) -> str:
@@ -59,7 +79,7 @@ def summary(dirs: list[Path]) -> str:
     lines = [f"dense: {m([100 * r['dense']['test'] for r in runs])} % (n = {len(runs)} seeds)", "",
              "| point | " + " | ".join(names) + " | " + " | ".join(f"{n} − none (per seed)" for n in names[1:]) + " |",
              "|---" * (2 * len(names)) + "|"]
-    points = [k for k in runs[0] if k.startswith("ffn")]
+    points = [k for k in runs[0] if k.startswith("ffn") and "/hd" in k]
     for p in points:
         rows = [r[p] for r in runs if p in r and all(n in r[p] for n in names)]
         if not rows:
@@ -74,6 +94,14 @@ def summary(dirs: list[Path]) -> str:
     kept = {n: [r[p][n]["kept_blocks"] for r in runs for p in points if p in r and n in r[p]] for n in names[1:3]}
     lines += ["", "blocks where the compensation was kept (of 6): " +
               "; ".join(f"{n}: {statistics.mean(v):.1f} on average" for n, v in kept.items() if v)]
+    for j in sorted({k for r in runs for k in r if k.startswith("ffn_only_at/")}):
+        rows = [r for r in runs if j in r]
+        p = j.removeprefix("ffn_only_at/")
+        d = [100 * (r[p]["chosen"]["test"] - r[j]["test"]) for r in rows]
+        lines.append(f"FFN only at the MACs of {p} (FFN share {m([r[j]['ffn'] for r in rows])}, MACs ratio "
+                     f"{m([r[j]['macs_ratio'] for r in rows])} vs {m([r[j]['joint_macs_ratio'] for r in rows])}): "
+                     f"test top-1 {m([100 * r[j]['test'] for r in rows])} %; joint with the chosen logits minus FFN "
+                     f"only: {ms(d)} pt ({', '.join(f'{x:+.1f}' for x in d)})")
     return "\n".join(lines)
 
 
@@ -109,7 +137,8 @@ def main() -> None:
                             "test_images": len(test), "fit_images": len(fit), "val_images": len(val)}
             atomic_write_json(path, res)
         todo = [(f, q) for f in FFN for q in HEAD_DIMS if "chosen" not in res.get(key(f, q), {})]
-        if not todo:
+        only = [(f, q) for f, q in FFN_ONLY_AT if f"ffn_only_at/{key(f, q)}" not in res]
+        if not todo and not only:
             continue
         ffn_scores, _ = joint_ig_scores(dense, fit_loader)
         dims = head_scores("magnitude", ScoringInputs(model=dense))
@@ -132,6 +161,19 @@ def main() -> None:
             res[key(f, q)] = row
             print(seed, key(f, q), {n: round(100 * row[n]["test"], 2) for n in LOGIT_COMPENSATIONS}, "chosen", best,
                   flush=True)
+            atomic_write_json(path, res)
+        m0 = macs(dense)
+        for f, q in only:
+            joint = copy.deepcopy(dense)
+            prune_ffn(joint, ffn_scores, ratio=f)
+            prune_attention(joint, dims, head_dims=q)
+            share = ffn_share_for(dense, ffn_scores, macs(joint))
+            m = copy.deepcopy(dense)
+            prune_ffn(m, ffn_scores, ratio=share)
+            reconstruct(m, dense, fit_loader, method="lsq", target="residual", damping=1e-3)
+            res[f"ffn_only_at/{key(f, q)}"] = {"ffn": share, "test": evaluate(m, test_b, tid), "val": evaluate(m, val_b, vid),
+                                               "macs_ratio": m0 / macs(m), "joint_macs_ratio": m0 / macs(joint)}
+            print(seed, f"ffn_only_at/{key(f, q)}", res[f"ffn_only_at/{key(f, q)}"], flush=True)
             atomic_write_json(path, res)
 
 
