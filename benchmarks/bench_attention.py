@@ -32,7 +32,7 @@ import copy
 import json
 import time
 from pathlib import Path
-from typing import Any
+from typing import Any, Iterator
 
 import torch
 
@@ -100,6 +100,31 @@ def joint_ig_scores(model, fit_loader) -> tuple[dict[int, torch.Tensor], dict[in
             heads[b] = heads.get(b, 0) + sc.sum(0)
         n += len(y)
     return {b: v / n for b, v in ffn.items()}, {b: v / n for b, v in heads.items()}
+
+
+class SeedData:
+    """One seed's dense model and partitions: ``fit`` (scores, least squares), ``val`` (choices,
+    probe images too), ``test`` (figures); their batches cached and sample ids."""
+
+    def __init__(self, seed: int, fit_per_class: int, val_per_class: int) -> None:
+        self.dense = load_model("builtin:shapes-vit")
+        torch.manual_seed(seed)
+        self.transform = model_transform(self.dense)
+        fit, val, self.source = fit_val_samples(load_recipe("recipes/benchmark-shapes.yaml"), seed)
+        self.fit, self.val = per_class_cap(fit, fit_per_class), per_class_cap(val, val_per_class)
+        self.test = self.source.subset("test")
+        self.fit_loader = cached_batches(make_loader(self.fit, self.transform, batch_size=64, seed=seed))
+        self.val_b = cached_batches(make_loader(self.val, self.transform, batch_size=256, seed=seed))
+        self.test_b = cached_batches(make_loader(self.test, self.transform, batch_size=256, seed=seed))
+        self.vid, self.tid = [s.id for s in self.val], [s.id for s in self.test]
+
+
+def seed_results(args: argparse.Namespace) -> Iterator[tuple[int, Path, dict[str, Any]]]:
+    """(seed, its result file, the results it holds so far) for every ``--seeds`` under ``--out``."""
+    args.out.mkdir(parents=True, exist_ok=True)
+    for seed in args.seeds:
+        path = args.out / f"seed{seed}.json"
+        yield seed, path, (read_json(path) if path.exists() else {})
 
 
 def evaluate(model, batches, ids) -> float:
@@ -205,26 +230,14 @@ def main() -> None:
     if args.summary:
         print(summary(args.summary))
         return
-    args.out.mkdir(parents=True, exist_ok=True)
-    recipe = load_recipe("recipes/benchmark-shapes.yaml")
-    for seed in args.seeds:
-        path = args.out / f"seed{seed}.json"
-        res: dict[str, Any] = read_json(path) if path.exists() else {}
+    for seed, path, res in seed_results(args):
 
         def save() -> None:
             atomic_write_json(path, res)
 
-        dense = load_model("builtin:shapes-vit")
-        torch.manual_seed(seed)
-        transform = model_transform(dense)
-        fit, val, source = fit_val_samples(recipe, seed)
-        fit = per_class_cap(fit, args.fit_per_class)
-        val = per_class_cap(val, args.val_per_class)
-        test = source.subset("test")
-        fit_loader = cached_batches(make_loader(fit, transform, batch_size=64, seed=seed))
-        val_b = cached_batches(make_loader(val, transform, batch_size=256, seed=seed))
-        test_b = cached_batches(make_loader(test, transform, batch_size=256, seed=seed))
-        vid, tid = [s.id for s in val], [s.id for s in test]
+        data = SeedData(seed, args.fit_per_class, args.val_per_class)
+        dense, transform, source, fit, val, test = data.dense, data.transform, data.source, data.fit, data.val, data.test
+        fit_loader, val_b, test_b, vid, tid = data.fit_loader, data.val_b, data.test_b, data.vid, data.tid
         if "dense" not in res:
             res["dense"] = {"test": evaluate(dense, test_b, tid), "val": evaluate(dense, val_b, vid),
                             "macs": total_macs(dense), "macs_counting": "tp", "test_images": len(test), "fit_images": len(fit),

@@ -6,7 +6,7 @@ magnitude head-dimension scores, least squares with the ``residual`` target and 
 benchmark's joint points (49 % and 83 %), every model is made three times — ``logits: none``,
 ``affine``, ``centered`` — from the same pruned weights; ``chosen`` is the one of the three with
 the best top-1 on the ``val`` probe images (ties: the first in that order). Test top-1 on the
-whole test partition (960 images).
+whole test partition (4800 images with the current recipes/benchmark-shapes.yaml).
 
     OMP_NUM_THREADS=1 python -m benchmarks.bench_logits --seeds 0 1 2 --out runs/bench-logits
     python -m benchmarks.bench_logits --summary runs/bench-logits
@@ -23,18 +23,13 @@ from typing import Any
 
 import torch
 
-from benchmarks.bench_attention import evaluate, joint_ig_scores
-from benchmarks.bench_select import fit_val_samples
-from jas_prune.data import make_loader, model_transform
+from benchmarks.bench_attention import SeedData, evaluate, joint_ig_scores, seed_results
 from jas_prune.io import atomic_write_json, read_json
-from jas_prune.models import load_model
 from jas_prune.pruning.attention import head_scores, prune_attention
-from jas_prune.pruning.calibration import cached_batches, per_class_cap
 from jas_prune.pruning.choices import LOGIT_COMPENSATIONS
 from jas_prune.pruning.criteria import ScoringInputs
 from jas_prune.pruning.prune import prune_ffn
 from jas_prune.pruning.reconstruct import reconstruct
-from jas_prune.recipe import load_recipe
 
 FFN = (0.0, 0.4933, 0.8343)
 HEAD_DIMS = (0.25, 0.5)
@@ -116,25 +111,13 @@ def main() -> None:
     if args.summary:
         print(summary(args.summary))
         return
-    args.out.mkdir(parents=True, exist_ok=True)
-    recipe = load_recipe("recipes/benchmark-shapes.yaml")
-    for seed in args.seeds:
-        path = args.out / f"seed{seed}.json"
-        res: dict[str, Any] = read_json(path) if path.exists() else {}
-        dense = load_model("builtin:shapes-vit")
-        torch.manual_seed(seed)
-        transform = model_transform(dense)
-        fit, val, source = fit_val_samples(recipe, seed)
-        fit = per_class_cap(fit, args.fit_per_class)
-        val = per_class_cap(val, args.val_per_class)
-        test = source.subset("test")
-        fit_loader = cached_batches(make_loader(fit, transform, batch_size=64, seed=seed))
-        val_b = cached_batches(make_loader(val, transform, batch_size=256, seed=seed))
-        test_b = cached_batches(make_loader(test, transform, batch_size=256, seed=seed))
-        vid, tid = [s.id for s in val], [s.id for s in test]
+    for seed, path, res in seed_results(args):
+        data = SeedData(seed, args.fit_per_class, args.val_per_class)
+        dense, fit_loader, val_b, test_b, vid, tid = (data.dense, data.fit_loader, data.val_b, data.test_b,
+                                                      data.vid, data.tid)
         if "dense" not in res:
             res["dense"] = {"test": evaluate(dense, test_b, tid), "val": evaluate(dense, val_b, vid),
-                            "test_images": len(test), "fit_images": len(fit), "val_images": len(val)}
+                            "test_images": len(data.test), "fit_images": len(data.fit), "val_images": len(data.val)}
             atomic_write_json(path, res)
         todo = [(f, q) for f in FFN for q in HEAD_DIMS if "chosen" not in res.get(key(f, q), {})]
         only = [(f, q) for f, q in FFN_ONLY_AT if f"ffn_only_at/{key(f, q)}" not in res]
