@@ -16,15 +16,9 @@ linear function of the attention input as ``q_P`` is:
 No module is added (ONNX export and ``save_pruned`` see the same structure). The logits become
 exact when the pruned key channels are affine in the kept ones. Folding into the queries (not the
 keys) is deliberate: a residual of a query regression would leave a per-*key* term, which the
-softmax does not ignore. With ``r = k_P − B k_S − b`` the logit error is ``q_P,i · r_j``; the
-ordinary least-squares ``B`` minimises the residual covariance ``E[r rᵀ]`` in the Loewner order,
-so it minimises ``E[(q_P · r)²]`` whatever the second moment of ``q_P`` — exactly when the
-queries and keys of a pair are independent across the calibration images (pooled statistics),
-approximately otherwise; the ridge damping departs from it only by the damping. Solving for the
-kept query weights directly — least squares of the logits over every (query, key) token pair,
-each query's logits taken up to a constant, ``W_q,S`` free — gives the same correction as
-``affine`` (the optimal kept query of each token is ``q_S + Bᵀ q_P``, affine in the input), with
-a ``(d'·D)²`` instead of a ``d'²`` system.
+softmax does not ignore. The ordinary least-squares ``B`` minimises the residual covariance of the
+keys in the Loewner order, so it minimises the logit error ``Σ_ij (q_P,i · r_j)²`` for any query
+statistics; ridge damping departs from that only by the damping.
 
 Two candidates (``LOGIT_COMPENSATIONS``), declared before any measurement:
 
