@@ -23,6 +23,9 @@ attention matmuls ``2·T²·H·d`` a second time; :func:`summary` takes them out
   random; the mean drop of the label's probability and the top-1 after the intervention.
 
     OMP_NUM_THREADS=1 python -m benchmarks.bench_attention --seeds 0 1 2 --out runs/bench-attn
+
+``--logits affine`` (or ``centered``) adds the query/key logit compensation to every model whose
+head dimensions were pruned (``prune.attention.logits``, docs/attention.md).
 """
 
 from __future__ import annotations
@@ -45,6 +48,7 @@ from jas_prune.io import atomic_write_json, read_json
 from jas_prune.models import input_size, load_model
 from jas_prune.models.heads import discover_heads
 from jas_prune.pruning.attention import HeadScores, attention_macs, head_scores, prune_attention
+from jas_prune.pruning.choices import LOGIT_COMPENSATIONS
 from jas_prune.pruning.calibration import cached_batches, per_class_cap
 from jas_prune.pruning.criteria import ScoringInputs
 from jas_prune.pruning.graph import find_vit
@@ -131,14 +135,15 @@ def evaluate(model, batches, ids) -> float:
     return accuracy(*predict_logits(model, batches, sample_ids=ids, desc="eval"))["top1"]
 
 
-def make(dense, fit_loader, ffn_scores, hs: HeadScores | None, ffn_ratio: float, attn: float | tuple[float, float]):
+def make(dense, fit_loader, ffn_scores, hs: HeadScores | None, ffn_ratio: float, attn: float | tuple[float, float],
+         logits: str = "none"):
     model = copy.deepcopy(dense)
     if ffn_ratio > 0:
         prune_ffn(model, ffn_scores, ratio=ffn_ratio)
     heads, dims = attn if isinstance(attn, tuple) else split_attention(attn)
     if heads or dims:
         prune_attention(model, hs, heads=heads, head_dims=dims)
-    reconstruct(model, dense, fit_loader, method="lsq", target="residual", damping=1e-3)
+    reconstruct(model, dense, fit_loader, method="lsq", target="residual", damping=1e-3, logits=logits if dims else "none")
     return model
 
 
@@ -226,6 +231,8 @@ def main() -> None:
     ap.add_argument("--fit-per-class", type=int, default=8, help="probe images per class for scores and least squares")
     ap.add_argument("--val-per-class", type=int, default=4, help="other probe images per class for choices")
     ap.add_argument("--summary", type=Path, nargs="+", help="print the table of these result folders and stop")
+    ap.add_argument("--logits", default="none", choices=LOGIT_COMPENSATIONS,
+                    help="query/key logit compensation of models with pruned head dimensions")
     args = ap.parse_args()
     if args.summary:
         print(summary(args.summary))
@@ -268,7 +275,7 @@ def main() -> None:
                 t0 = time.perf_counter()
                 hs = crit.get(name) or head_scores(name, inputs)
                 secs = time.perf_counter() - t0
-                m = make(dense, fit_loader, ffn_scores, hs, 0.0, (0.5, 0.0))
+                m = make(dense, fit_loader, ffn_scores, hs, 0.0, (0.5, 0.0), args.logits)
                 res[key] = {"test": evaluate(m, test_b, tid), "macs": total_macs(m), "score_seconds": secs}
                 print(seed, key, res[key], flush=True)
                 save()
@@ -293,7 +300,7 @@ def main() -> None:
                         continue
                     rows = []
                     for r_ffn, a in options:
-                        m = make(dense, fit_loader, ffn_scores, hs, r_ffn, a)
+                        m = make(dense, fit_loader, ffn_scores, hs, r_ffn, a, args.logits)
                         rows.append({"ffn": r_ffn, "attention": a, "val": evaluate(m, val_b, vid),
                                      "test": evaluate(m, test_b, tid), "macs": total_macs(m)})
                     best = max(rows, key=lambda r: r["val"])  # chosen on the probe partition
