@@ -548,7 +548,8 @@ def check_attention(model: nn.Module,
 
 def prune_attention(model: nn.Module, scores: HeadScores | None, *, heads: float = 0.0, head_dims: float = 0.0,
                     example_inputs: Tensor | None = None,
-                    settings: AttentionSettings | None = None) -> AttentionSummary | None:
+                    settings: AttentionSettings | None = None,
+                    keep: Mapping[int, tuple[int, int]] | None = None) -> AttentionSummary | None:
     """Remove the lowest-scoring heads and head dimensions of every block, in place.
 
     Args:
@@ -557,6 +558,9 @@ def prune_attention(model: nn.Module, scores: HeadScores | None, *, heads: float
         head_dims: fraction of each block's head dimensions removed (same indices in every head;
             with RoPE, that fraction of the rotary pairs).
         settings: ``prune.attention`` (its ``heads``/``head_dims`` replace the two above).
+        keep: block -> (kept heads, kept dimensions per head), chosen elsewhere (a budget split,
+            :mod:`jas_prune.pruning.allocate`); replaces the two shares (recorded as the shares
+            of the whole model removed). Blocks not listed keep everything.
 
     Returns:
         The summary; None when ``scores`` is None (nothing to prune: no ``prune.attention``).
@@ -576,14 +580,21 @@ def prune_attention(model: nn.Module, scores: HeadScores | None, *, heads: float
     for name, r in (("heads", heads), ("head_dims", head_dims)):
         if not 0.0 <= float(r) < 1.0:
             raise PruneSettingError(f"prune.attention.{name}: {r!r} is outside [0, 1)")
+    if keep is not None:
+        heads, head_dims = _shares(_layout_of(model)[1], keep)
     vit, layers, layout = check_attention(model, AttentionSettings.model_construct(heads=heads, head_dims=head_dims))
     summary = AttentionSummary(float(heads), float(head_dims))
     plan: dict[int, tuple[HeadLayer, list[int], list[int]]] = {}
     for h in layers:
         if h.index not in scores.heads:
             continue
-        gone_h = _lowest(scores.heads[h.index], heads, scores.protect.get(h.index, []), h.index) if heads else []
-        gone_d = _dims_to_remove(scores.dims[h.index], head_dims, layout.rope(vit, h.attn)) if head_dims else []
+        if keep is not None:
+            kh, kd = keep.get(h.index, (h.heads, h.head_dim))
+            gone_h = _lowest(scores.heads[h.index], 1 - kh / h.heads, scores.protect.get(h.index, []), h.index)
+            gone_d = _dims_to_remove(scores.dims[h.index], 1 - kd / h.head_dim, layout.rope(vit, h.attn))
+        else:
+            gone_h = _lowest(scores.heads[h.index], heads, scores.protect.get(h.index, []), h.index) if heads else []
+            gone_d = _dims_to_remove(scores.dims[h.index], head_dims, layout.rope(vit, h.attn)) if head_dims else []
         plan[h.index] = (h, gone_h, gone_d)
         summary.heads_before[h.index], summary.head_dim_before[h.index] = h.heads, h.head_dim
     if layout.elastic is not None and plan:
@@ -613,6 +624,19 @@ def prune_attention(model: nn.Module, scores: HeadScores | None, *, heads: float
     if dg is not None:
         update_attention_geometry(vit, new_heads)
     return summary
+
+
+def _shares(layers: tuple[HeadLayer, ...], keep: Mapping[int, tuple[int, int]]) -> tuple[float, float]:
+    """(share of all heads, share of the kept heads' dimensions) that ``keep`` removes; checks it."""
+    heads = kept_h = dims = kept_d = 0
+    for h in layers:
+        kh, kd = keep.get(h.index, (h.heads, h.head_dim))
+        if not (1 <= kh <= h.heads and 1 <= kd <= h.head_dim):
+            raise PruneSettingError(f"prune.attention: block {h.index} cannot keep {kh} of {h.heads} heads with "
+                                    f"{kd} of {h.head_dim} dimensions")
+        heads, kept_h = heads + h.heads, kept_h + kh
+        dims, kept_d = dims + kh * h.head_dim, kept_d + kh * kd
+    return 1 - kept_h / heads, 1 - kept_d / dims
 
 
 def attention_macs(model: nn.Module, tokens: int) -> int:

@@ -196,6 +196,27 @@ def _keep_uniform(scores: Mapping[int, torch.Tensor], ratio: float,
     return kept
 
 
+def _keep_widths(scores: Mapping[int, torch.Tensor], widths: Mapping[int, int],
+                 protect: Mapping[int, list[int]]) -> dict[int, list[int]]:
+    kept: dict[int, list[int]] = {}
+    for block, s in scores.items():
+        n = len(s)
+        k = int(widths.get(block, n))
+        if not 1 <= k <= n:
+            raise InvalidArgumentError(f"widths[{block}]: {k} is outside [1, {n}]")
+        prot = protect.get(block, [])
+        if len(prot) > k:
+            raise BudgetError(f"protect[{block}]: {len(prot)} protected neurons but the width is {k} of {n}",
+                              protected=True)
+        chosen = set(prot)
+        for i in torch.sort(s, descending=True, stable=True).indices.tolist():
+            if len(chosen) >= k:
+                break
+            chosen.add(i)
+        kept[block] = sorted(chosen)
+    return kept
+
+
 def _keep_global(scores: Mapping[int, torch.Tensor], ratio: float, protect: Mapping[int, list[int]],
                  normalizer: str, min_keep: float | int, round_to: int | None = None) -> dict[int, list[int]]:
     ranked = ranking_scores(scores, normalizer=normalizer, min_keep=min_keep, protect=protect)
@@ -299,7 +320,8 @@ def prune_ffn(model: nn.Module, scores: Mapping[int, Any] | JASImportance, *, ra
               head_classes: Sequence[int | str] | None = None,
               class_names: Sequence[str] | None = None,
               normalizer: str = "mean", min_keep: float | int = 0.05,
-              run_dir: str | None = None, round_to: int | None = None) -> PruneSummary:
+              run_dir: str | None = None, round_to: int | None = None,
+              keep_widths: Mapping[int, int] | None = None) -> PruneSummary:
     """Remove the least important FFN neurons of ``model`` in place.
 
     Args:
@@ -328,6 +350,10 @@ def prune_ffn(model: nn.Module, scores: Mapping[int, Any] | JASImportance, *, ra
             never below the protected count), so the removed share moves by less than one
             multiple per block. ``None`` or 1: no rounding. (With ``tp.pruner.MetaPruner`` and a
             :class:`JASImportance`, pass ``round_to`` to the pruner itself.)
+        keep_widths: block -> kept width, chosen elsewhere (a budget split,
+            :mod:`jas_prune.pruning.allocate`): each listed block keeps its protected neurons and
+            then its highest-scoring ones up to that width (``ratio`` and ``mode`` are then only
+            recorded; blocks not listed are not pruned).
 
     Returns:
         A :class:`PruneSummary` (kept original indices per block, widths, params before/after).
@@ -367,7 +393,9 @@ def prune_ffn(model: nn.Module, scores: Mapping[int, Any] | JASImportance, *, ra
         names = class_names if class_names is not None else getattr(vit, "jas_head_class_names", None)
         resolve_head_classes(head_classes, head.out_features, names)
 
-    if mode == "uniform":
+    if keep_widths is not None:
+        kept = _keep_widths(score_map, keep_widths, prot)
+    elif mode == "uniform":
         kept = _keep_uniform(score_map, ratio, prot, round_to)
     else:
         kept = _keep_global(score_map, ratio, prot, normalizer, min_keep, round_to)
