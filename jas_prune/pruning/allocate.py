@@ -35,10 +35,12 @@ from torch import Tensor
 from ..errors import BudgetError, InvalidArgumentError
 from .costs import BlockCosts, Geometry
 
-__all__ = ["UNITS", "UnitScores", "Allocation", "uniform_split", "score_split", "removed_score"]
+__all__ = ["UNITS", "NORMALISE", "UnitScores", "Allocation", "uniform_split", "score_split", "removed_score"]
 
 #: the unit types a budget can spend over
 UNITS = ("ffn", "heads", "head_dims")
+#: how scores are made comparable across blocks (:meth:`UnitScores.shares`)
+NORMALISE = ("model", "block")
 
 
 @dataclass
@@ -52,16 +54,24 @@ class UnitScores:
     protect_ffn: dict[int, list[int]] = field(default_factory=dict)
     protect_heads: dict[int, list[int]] = field(default_factory=dict)
 
-    def shares(self) -> dict[str, dict[int, Tensor]]:
-        """Each type's scores clamped at 0 over their sum across blocks (a uniform share when
-        all are 0): the score-loss estimate of removing each unit."""
+    def shares(self, normalise: str = "model") -> dict[str, dict[int, Tensor]]:
+        """The score-loss estimate of removing each unit: each type's scores clamped at 0, over
+        their sum across the model (``model``), or over their block's sum and the number of
+        blocks (``block``: every block's units of a type weigh alike in total); a uniform share
+        where all are 0."""
+        if normalise not in NORMALISE:
+            raise InvalidArgumentError(f"normalise: {normalise!r}; choose one of {', '.join(NORMALISE)}")
         out = {}
         for name, per in (("ffn", self.ffn), ("heads", self.heads), ("head_dims", self.dims)):
             clean = {b: torch.as_tensor(s).detach().double().cpu().clamp_min(0) for b, s in per.items()}
-            total = sum(float(v.sum()) for v in clean.values())
-            count = sum(v.numel() for v in clean.values())
-            out[name] = {b: (v / total if total > 0 else torch.full_like(v, 1.0 / max(count, 1)))
-                         for b, v in clean.items()}
+            groups = [clean] if normalise == "model" else [{b: v} for b, v in clean.items()]
+            out[name] = {}
+            for g in groups:
+                total = sum(float(v.sum()) for v in g.values())
+                count = sum(v.numel() for v in g.values())
+                share = 1.0 / len(groups)
+                out[name].update({b: share * (v / total if total > 0 else torch.full_like(v, 1.0 / max(count, 1)))
+                                  for b, v in g.items()})
         return out
 
 
@@ -89,11 +99,11 @@ def _order(s: Tensor, protect: Sequence[int] = ()) -> list[int]:
 
 
 def removed_score(scores: UnitScores, geometry: Mapping[int, Geometry], dense: Mapping[int, Geometry],
-                  attention_weight: float = 1.0) -> float:
+                  attention_weight: float = 1.0, normalise: str = "model") -> float:
     """The score-loss estimate of a geometry: the shares of the lowest-scoring units it removes
     (FFN neurons, heads scaled by the dimensions kept, dimensions by the heads kept; attention
     losses times ``attention_weight``) — what :func:`score_split` minimises."""
-    sh = scores.shares()
+    sh = scores.shares(normalise)
     total = 0.0
     for b, (f, h, d) in geometry.items():
         F, H, D = dense[b]
@@ -120,8 +130,8 @@ def _next_ffn(f: int, round_to: int | None) -> int:
 
 
 def score_split(costs: BlockCosts, scores: UnitScores, dense: Mapping[int, Geometry], limit: float, *,
-                units: Sequence[str] = UNITS, attention_weight: float = 1.0, round_to: int | None = None,
-                key: str = "budget") -> Allocation:
+                units: Sequence[str] = UNITS, attention_weight: float = 1.0, normalise: str = "model",
+                round_to: int | None = None, key: str = "budget") -> Allocation:
     """The geometry whose cost is at most ``limit``, removing units greedily by least score-loss
     per cost saved (see the module docstring).
 
@@ -130,6 +140,8 @@ def score_split(costs: BlockCosts, scores: UnitScores, dense: Mapping[int, Geome
         dense: block -> dense geometry (blocks not in ``dense`` are not pruned).
         limit: the cost to reach (MACs / parameters as counts, or milliseconds).
         units: which unit types may be removed.
+        attention_weight: the loss of the attention units relative to the FFN neurons'.
+        normalise: ``model`` or ``block`` (:meth:`UnitScores.shares`).
 
     Raises:
         BudgetError: ``limit`` not reached with every block at its floor (names ``key``).
@@ -140,7 +152,7 @@ def score_split(costs: BlockCosts, scores: UnitScores, dense: Mapping[int, Geome
         raise InvalidArgumentError(f"{key}.units: {bad or units} — choose from {', '.join(UNITS)}")
     if not attention_weight >= 0:
         raise InvalidArgumentError(f"{key}.weights: {attention_weight!r} must be ≥ 0")
-    sh = scores.shares()
+    sh = scores.shares(normalise)
     geo = {b: tuple(g) for b, g in dense.items()}
     orders = {b: {"ffn": _order(scores.ffn[b], scores.protect_ffn.get(b, [])) if "ffn" in units else [],
                   "heads": _order(scores.heads[b], scores.protect_heads.get(b, [])) if "heads" in units else [],
@@ -184,7 +196,8 @@ def score_split(costs: BlockCosts, scores: UnitScores, dense: Mapping[int, Geome
         geo[b] = g
         version[b] += 1
         offers(b)
-    return Allocation("score", dict(geo), costs.total(geo), removed, {"attention_weight": attention_weight})
+    return Allocation("score", dict(geo), costs.total(geo), removed,
+                      {"units": list(units), "attention_weight": attention_weight, "normalise": normalise})
 
 
 def uniform_split(costs: BlockCosts, dense: Mapping[int, Geometry], limit: float, *, heads: float = 0.0,
