@@ -403,13 +403,16 @@ class PrunedEntry(Section):
     #: kept FFN widths were rounded to a multiple of this (``prune.round_to``; absent: not rounded)
     round_to: int | None = _opt()
     #: an entry made for ``prune.budget``: the target (``target``, ``value``, ``step``, ``batch_size``
-    #: for latency) and what was found (``ratio``, ``achieved``: the MACs/params fraction or the p50 ms)
+    #: for latency; a split budget: ``units``, ``split``, ``shares``, ``weights``, ``normalise``) and what
+    #: was found (``ratio``, ``achieved``: the MACs/params fraction or the p50 ms; a split budget: the
+    #: kept geometry per block ``blocks``, the candidates and their probe top-1, ``chosen``)
     budget: dict[str, Any] | None = _opt()
     #: prune.attention: heads / head dimensions removed and kept per block (AttentionSummary)
     attention: dict[str, Any] | None = _opt()
 
     #: the keys of a ``budget`` record that identify the budget (the rest is what was found)
-    BUDGET_SPEC: ClassVar[tuple[str, ...]] = ("target", "value", "step", "batch_size")
+    BUDGET_SPEC: ClassVar[tuple[str, ...]] = ("target", "value", "step", "batch_size", "units", "split", "shares",
+                                              "weights", "normalise", "points")
 
     def identity(self) -> dict[str, Any]:
         """The settings this entry was made with, as
@@ -426,8 +429,9 @@ class PrunedEntry(Section):
                 "round_to": self.round_to,
                 "budget": None if self.budget is None else {k: self.budget[k] for k in self.BUDGET_SPEC
                                                             if k in self.budget},
-                "attention": None if self.attention is None else {k: self.attention[k] for k in ("heads", "head_dims", "logits")
-                                                                  if k in self.attention},
+                # a split budget chose the attention it records; prune.attention is not set then
+                "attention": None if self.attention is None or "units" in (self.budget or {})
+                else {k: self.attention[k] for k in ("heads", "head_dims", "logits") if k in self.attention},
                 "recover": self.recover["settings"] if self.recover else None}
 
     @property

@@ -35,7 +35,8 @@ from torch import Tensor
 from ..errors import BudgetError, InvalidArgumentError
 from .costs import BlockCosts, Geometry
 
-__all__ = ["UNITS", "NORMALISE", "UnitScores", "Allocation", "uniform_split", "score_split", "removed_score"]
+__all__ = ["UNITS", "NORMALISE", "UnitScores", "Allocation", "uniform_split", "score_split", "removed_score",
+           "floor_geometry", "check_split_reachable"]
 
 #: the unit types a budget can spend over
 UNITS = ("ffn", "heads", "head_dims")
@@ -231,3 +232,42 @@ def uniform_split(costs: BlockCosts, dense: Mapping[int, Geometry], limit: float
     geo = geometry(grid[found])
     return Allocation("uniform", geo, costs.total(geo), 0.0,
                       {"ffn_ratio": grid[found], "heads": heads, "head_dims": head_dims})
+
+
+def floor_geometry(dense: Mapping[int, Geometry], units: Sequence[str], round_to: int | None = None,
+                   protect_ffn: Mapping[int, Sequence[int]] | None = None) -> dict[int, Geometry]:
+    """The deepest geometry a split over ``units`` can reach: one neuron (``round_to``, the
+    protected ones) per block, one head, one dimension per head."""
+    protect_ffn = protect_ffn or {}
+    return {b: (_floor_ffn(f, len(protect_ffn.get(b, [])), round_to) if "ffn" in units else f,
+                1 if "heads" in units else h, 1 if "head_dims" in units else d) for b, (f, h, d) in dense.items()}
+
+
+def check_split_reachable(model: Any, budget: Any, *, round_to: int | None = None,
+                          head_classes: Sequence[int | str] | None = None, class_names: Sequence[str] | None = None,
+                          key: str = "budget") -> None:
+    """Refuse, before any work, a split budget (:attr:`~jas_prune.pruning.budget.Budget.joint`)
+    on a model whose attention cannot be pruned, or a MACs / params target that even the deepest
+    geometry of its units misses (a latency target is only known once measured).
+
+    Raises:
+        UnsupportedModelError: heads or head dimensions in ``units`` for a family other than timm ViT.
+        BudgetError: the target out of reach, naming ``<key>.<target>``.
+    """
+    from ..errors import UnsupportedModelError
+    from .attention import SUPPORTED_FAMILIES
+    from .costs import CostTable, dense_geometry
+    from .graph import find_vit
+
+    family = find_vit(model)[1].family
+    if set(budget.units) - {"ffn"} and family not in SUPPORTED_FAMILIES:
+        raise UnsupportedModelError(f"{key}.units: heads and head dimensions are pruned in "
+                                    f"{', '.join(SUPPORTED_FAMILIES)} only, not {family}")
+    if budget.target == "latency_ms":
+        return
+    table = CostTable.from_model(model, budget.target, head_classes=head_classes, class_names=class_names)
+    floor = table.total(floor_geometry(dense_geometry(model), budget.units, round_to)) / table.dense
+    if floor > budget.value:
+        raise BudgetError(f"{key}.{budget.target}: {budget.value:g} cannot be met: the deepest cut of "
+                          f"{', '.join(budget.units)} leaves {floor:.3f} of the dense model's "
+                          f"{'MACs' if budget.target == 'macs' else 'parameters'}; raise {key}.{budget.target}")

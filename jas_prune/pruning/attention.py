@@ -394,8 +394,10 @@ for _name, _fn in (("jas", _jas), ("magnitude", _magnitude), ("taylor", _taylor)
 def stage_head_scores(ctx: Any, method: str, classes: list[int] | None, example: Tensor,
                       masks: Any) -> HeadScores | None:
     """The pipeline's head scores of ``method`` on the dense model and the probe images (of
-    ``classes``) when the recipe has ``prune.attention``, else None."""
-    if ctx.recipe.prune.attention is None:
+    ``classes``) when the recipe has ``prune.attention`` or a ``prune.budget`` spending over heads
+    or head dimensions, else None."""
+    p = ctx.recipe.prune
+    if p.attention is None and (p.budget is None or not set(p.budget.units) - {"ffn"}):
         return None
     from .criteria import ScoringInputs
 
@@ -408,15 +410,16 @@ def stage_head_scores(ctx: Any, method: str, classes: list[int] | None, example:
                                              masks=masks, locate_settings=settings, options=options))
 
 
-def check_head_methods(methods: list[str]) -> None:
-    """Refuse ``prune.attention`` with a criterion that cannot score heads (before any work).
+def check_head_methods(methods: list[str], key: str = "prune.attention") -> None:
+    """Refuse ``prune.attention`` (or the setting ``key``) with a criterion that cannot score
+    heads (before any work).
 
     Raises:
         PruneSettingError: naming the first such criterion and those that can.
     """
     for method in methods:
         if method not in HEAD_CRITERIA.names():
-            raise PruneSettingError(f"prune.attention: criterion '{method}' cannot score attention heads; use "
+            raise PruneSettingError(f"{key}: criterion '{method}' cannot score attention heads; use "
                                     f"{', '.join(HEAD_CRITERIA.names())}")
 
 

@@ -52,6 +52,19 @@ class Budget:
     batch_size: int | None = None
     step: float = 0.01
     threads: int | None = None
+    #: what the budget spends over (:data:`~jas_prune.pruning.allocate.UNITS`); ``("ffn",)`` with
+    #: no ``split``: the uniform FFN ratio of :func:`find_ratio`
+    units: tuple[str, ...] = ("ffn",)
+    #: the candidate splits (:mod:`jas_prune.pruning.allocate`); empty: :func:`find_ratio`
+    split: tuple[str, ...] = ()
+    #: uniform split: the attention shares removed (candidates)
+    shares: tuple[float, ...] = ()
+    #: score split: the attention weights (candidates)
+    weights: tuple[float, ...] = ()
+    #: score split: ``block`` or ``model`` (:meth:`~jas_prune.pruning.allocate.UnitScores.shares`)
+    normalise: str = "block"
+    #: latency split: grid points per width axis of the measured table
+    points: int = 5
 
     def __post_init__(self) -> None:
         if self.target not in TARGETS:
@@ -78,18 +91,31 @@ class Budget:
         return cls(target=target, value=float(getattr(section, target)), batch_size=section.batch_size,
                    step=float(section.step))
 
+    @property
+    def joint(self) -> bool:
+        """Whether the budget is split by :mod:`jas_prune.pruning.allocate` (per criterion, over
+        the units listed) rather than met by :func:`find_ratio`'s uniform FFN ratio."""
+        return bool(self.split) or tuple(self.units) != ("ffn",)
+
     def spec(self) -> dict[str, Any]:
         """What identifies the budget (an entry made for another spec is not reused on resume)."""
         out: dict[str, Any] = {"target": self.target, "value": self.value, "step": self.step}
         if self.target == "latency_ms":
             out["batch_size"] = self.batch_size
+        if self.joint:
+            out.update(units=list(self.units), split=list(self.split), shares=list(self.shares),
+                       weights=list(self.weights), normalise=self.normalise)
+            if self.target == "latency_ms":
+                out["points"] = self.points
         return out
 
     def suffix(self) -> str:
-        """A checkpoint-name suffix: ``macs60``, ``params45``, ``lat12p5ms-bs8``."""
+        """A checkpoint-name suffix: ``macs60``, ``params45``, ``lat12p5ms-bs8`` (``-split`` when
+        the budget is split over units)."""
+        end = "-split" if self.joint else ""
         if self.target == "latency_ms":
-            return f"lat{_number(self.value)}ms-bs{self.batch_size}"
-        return f"{self.target}{_number(self.value * 100)}"
+            return f"lat{_number(self.value)}ms-bs{self.batch_size}{end}"
+        return f"{self.target}{_number(self.value * 100)}{end}"
 
 
 def _number(v: float) -> str:

@@ -15,6 +15,7 @@ settings class of its own module referenced by one field line, as ``finetune``).
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, Literal, Union
 
@@ -23,6 +24,7 @@ from pydantic import BaseModel, Field, create_model, field_validator, model_vali
 from ..errors import InvalidArgumentError, PruneSettingError, RecipeError
 from ..schema import Strict, each_once, finite
 from .choices import DEFAULT_DAMPING, DEFAULT_TARGET, EPOCHS_MAX, RECONSTRUCTIONS, TARGETS as RECONSTRUCTION_TARGETS
+from .allocate import NORMALISE, UNITS
 from .attention import AttentionSettings, check_attention
 from .criteria import CRITERIA
 from .recover import RecoverSettings
@@ -111,13 +113,63 @@ class BudgetSettings(Strict):
     """``prune.budget``: besides ``prune.ratios``, the smallest uniform removal ratio (a multiple
     of ``step``, honouring ``prune.round_to``) whose pruned model keeps at most ``macs`` /
     ``params`` of the dense model's (a fraction), or runs at most ``latency_ms`` (ONNX Runtime
-    p50 at ``batch_size``, default 1) — one target (:mod:`jas_prune.pruning.budget`)."""
+    p50 at ``batch_size``, default 1) — one target (:mod:`jas_prune.pruning.budget`).
+
+    With ``units`` beyond ``[ffn]`` or a ``split``, the budget is spent over FFN neurons, heads
+    and head dimensions together (:mod:`jas_prune.pruning.allocate`): ``uniform`` candidates fix
+    the attention share (``shares``) and search the FFN ratio; ``score`` candidates remove the
+    units of least score-loss per cost saved (``weights``: the attention's loss relative to the
+    FFN's; ``normalise``); with several candidates the one with the best top-1 on held-out probe
+    images is kept."""
 
     macs: float | None = Field(default=None, gt=0.0, le=1.0)
     params: float | None = Field(default=None, gt=0.0, le=1.0)
     latency_ms: float | None = Field(default=None, gt=0.0, allow_inf_nan=False)
     batch_size: int | None = Field(default=None, ge=1)
     step: float = Field(default=0.01, gt=0.0, lt=1.0)
+    #: what the budget spends over: ffn, heads, head_dims (default [ffn]: the uniform FFN ratio)
+    units: list[Literal[UNITS]] = ["ffn"]  # type: ignore[valid-type]
+    #: candidate splits: uniform and/or score (default: [uniform, score] when units go beyond ffn)
+    split: Union[Literal["uniform", "score"], list[Literal["uniform", "score"]]] | None = None
+    #: uniform split: share of each block's attention removed (head_dims when listed, else heads)
+    shares: list[float] | None = None
+    #: score split: attention weight candidates (loss of the attention relative to the FFN)
+    weights: list[float] | None = None
+    #: score split: scores made comparable per block or over the model
+    normalise: Literal[NORMALISE] = "block"  # type: ignore[valid-type]
+    #: latency_ms split: grid points per width axis of the measured block latency table
+    points: int = Field(default=5, ge=2, le=64)
+
+    @field_validator("units")
+    @classmethod
+    def _units(cls, v: list[str]) -> list[str]:
+        return each_once(v, f"must list at least one of {', '.join(UNITS)}, each once")
+
+    @field_validator("split")
+    @classmethod
+    def _split(cls, v):
+        v = [v] if isinstance(v, str) else v
+        return each_once(v, "must be uniform, score or a list of them, each once")
+
+    @field_validator("shares")
+    @classmethod
+    def _shares(cls, v: list[float] | None) -> list[float] | None:
+        if v is not None:
+            each_once(v, "must list at least one share, each once")
+            bad = next((x for x in v if not 0.0 < x < 1.0), None)
+            if bad is not None:
+                raise ValueError(f"{bad} is outside (0, 1): a share of each block's attention removed")
+        return v
+
+    @field_validator("weights")
+    @classmethod
+    def _weights(cls, v: list[float] | None) -> list[float] | None:
+        if v is not None:
+            each_once(v, "must list at least one weight, each once")
+            bad = next((x for x in v if not (math.isfinite(x) and x > 0)), None)
+            if bad is not None:
+                raise ValueError(f"{bad}: an attention weight is a finite number > 0")
+        return v
 
     @model_validator(mode="after")
     def _one_target(self) -> "BudgetSettings":
@@ -129,6 +181,20 @@ class BudgetSettings(Strict):
             raise ValueError("batch_size: only with latency_ms (MACs and parameters do not depend on the batch)")
         if self.latency_ms is not None and self.batch_size is None:
             self.batch_size = 1
+        attention = [u for u in self.units if u != "ffn"]
+        if self.split is None and attention:
+            self.split = ["uniform", "score"] if "ffn" in self.units else ["score"]
+        split = self.split or []
+        if "uniform" in split and "ffn" not in self.units:
+            raise ValueError("split: uniform searches the FFN ratio; add ffn to units or use split: score")
+        if self.shares is not None and not ("uniform" in split and attention):
+            raise ValueError("shares: only with split uniform and heads or head_dims in units")
+        if self.weights is not None and "score" not in split:
+            raise ValueError("weights: only with split score")
+        if "uniform" in split and attention and self.shares is None:
+            self.shares = [0.25, 0.5]
+        if "score" in split and self.weights is None:
+            self.weights = [0.5, 0.7, 1.0, 1.4, 2.0] if attention else [1.0]
         return self
 
     @property
@@ -141,7 +207,9 @@ class BudgetSettings(Strict):
         from .budget import Budget
 
         return Budget(target=self.target, value=float(getattr(self, self.target)), batch_size=self.batch_size,
-                      step=float(self.step))
+                      step=float(self.step), units=tuple(self.units), split=tuple(self.split or ()),
+                      shares=tuple(self.shares or ()), weights=tuple(self.weights or ()), normalise=self.normalise,
+                      points=self.points)
 
 
 class _PruneFields(Strict):
@@ -229,6 +297,13 @@ class _PruneFields(Strict):
             self.reconstruction = [self.reconstruction]
         return self
 
+    @model_validator(mode="after")
+    def _budget_attention(self) -> "_PruneFields":
+        if self.budget is not None and self.attention is not None and set(self.budget.units) - {"ffn"}:
+            raise ValueError("budget.units: spends over heads / head dimensions, which prune.attention fixes; "
+                             "give one of them")
+        return self
+
     @property
     def reconstructions(self) -> list[str]:
         """The reconstructions compared, in the recipe's order."""
@@ -268,6 +343,7 @@ class _PruneFields(Strict):
         """
         from ..classes import resolve_classes
         from ..models import discover_ffn
+        from .allocate import check_split_reachable
         from .budget import check_reachable
         from .calibration import draw_class_subsets
 
@@ -294,8 +370,9 @@ class _PruneFields(Strict):
             check_attention(model, self.attention)
         budget = None if self.budget is None else self.budget.budget()
         if budget is not None:
-            check_reachable(model, budget, round_to=round_to, head_classes=classes if self.head == "cut" else None,
-                            class_names=source.class_names, key="prune.budget")
+            check = check_split_reachable if budget.joint else check_reachable
+            check(model, budget, round_to=round_to, head_classes=classes if self.head == "cut" else None,
+                  class_names=source.class_names, key="prune.budget")
         return ResolvedPrune(self, tuple(sels), round_to, budget,
                              aggregation=None if masks is None else masks.importance,
                              masks_topk=None if masks is None else masks.topk)

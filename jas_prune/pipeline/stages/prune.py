@@ -41,6 +41,7 @@ from ...metrics import PrunedEntry
 from ...models import input_size
 from ...pruning.attention import prune_attention, stage_head_scores
 from ...pruning.settings import Selection
+from ..budget_split import split_budget
 from ..prune_plan import Entries, calibration_samples, plan
 from .base import STAGES, Stage
 
@@ -143,7 +144,7 @@ class _Bench:
         allocation mode, the recipe key of the ratio)."""
         wanted = ctx.prune.slots(self.sel)[j]
         if wanted is None:
-            return None, self.budget["ratio"], "uniform", "prune.budget"
+            return None, self.budget.get("ratio", 0.0), "uniform", "prune.budget"
         return wanted, wanted, ctx.prune.settings.mode_for(wanted), self.sel.ratios_key
 
 
@@ -159,8 +160,9 @@ def _prepare(ctx, sel: Selection, todo: dict[str, list[tuple[int, int]]], before
     example = torch.zeros(1, *size_in, device=ctx.device, dtype=next(ctx.model.parameters()).dtype)
     slots = ctx.prune.slots(sel)
     budget_rec = None
-    if any(slots[j] is None for pairs in todo.values() for j, _ in pairs):
-        budget_rec = _budget_record(ctx, sel, [e for e in before if e.classes == classes], example, searched)
+    if any(slots[j] is None for pairs in todo.values() for j, _ in pairs):  # a split budget: per method, later
+        budget_rec = {} if ctx.prune.budget.joint else _budget_record(
+            ctx, sel, [e for e in before if e.classes == classes], example, searched)
     test_loader, test_samples = ctx.loader("test", classes)
     test_ids = [s.id for s in test_samples]
     test_batches = cached_batches(test_loader)
@@ -192,8 +194,14 @@ def _prune_selection(ctx, index: int, sel: Selection, todo: dict[str, list[tuple
         for j, r in todo[method]:
             by_slot.setdefault(j, []).append(r)
         for j, recon_ids in by_slot.items():
-            base, summary = _prune(ctx, bench, method, scored, j)
-            attention = prune_attention(base, heads, settings=ctx.prune.settings.attention, example_inputs=bench.example)
+            if bench.slot(ctx, j)[0] is None and ctx.prune.budget.joint:  # spent over units, chosen on probe
+                base, summary, attention, bench.budget = split_budget(
+                    ctx, bench, method, scored, heads,
+                    refit=lambda m, r=sel.reconstructions[recon_ids[0]]: _reconstruct(ctx, bench, m, r))
+            else:
+                base, summary = _prune(ctx, bench, method, scored, j)
+                attention = prune_attention(base, heads if ctx.prune.settings.attention is not None else None,
+                                            settings=ctx.prune.settings.attention, example_inputs=bench.example)
             for i, r in enumerate(recon_ids):
                 recon = sel.reconstructions[r]
                 model = base if i == len(recon_ids) - 1 else copy.deepcopy(base)
@@ -362,10 +370,13 @@ def _check(recipe) -> None:
     if recipe.prune is not None and "jas" in recipe.prune.methods and recipe.masks is None:
         raise StageNotAvailableError("prune.methods: 'jas' needs the attribution and masks sections "
                                      "(JAS importance comes from the class masks)")
-    if recipe.prune is not None and recipe.prune.attention is not None:
+    budget = recipe.prune.budget if recipe.prune is not None else None
+    if recipe.prune is not None and (recipe.prune.attention is not None
+                                     or (budget is not None and set(budget.units) - {"ffn"})):
         from ...pruning.attention import check_head_methods
 
-        check_head_methods(recipe.prune.methods)
+        check_head_methods(recipe.prune.methods,
+                           "prune.attention" if recipe.prune.attention is not None else "prune.budget.units")
 
 
 @STAGES.register
