@@ -390,6 +390,8 @@ class PrunedEntry(Section):
     reconstruction_seconds: float | None = _opt()
     #: per block: width, relative calibration error before/after, whether the refit was kept
     reconstruction_blocks: list[dict[str, Any]] | None = _opt()
+    #: the attention output projections refit (blocks that lost heads or head dimensions), as above
+    reconstruction_attention: list[dict[str, Any]] | None = _opt()
     #: what the criterion's importance cost (JAS from masks: the locating of the probe partition)
     importance_seconds: float | None = _opt()
     #: index of the ``prune.class_subsets`` draw this entry belongs to

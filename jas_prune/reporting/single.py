@@ -19,8 +19,8 @@ from .figset import FigureList, cls_mask_figures, path_figures, pruning_figures,
 from .rundata import class_names_of, load_run
 from .stats import as_metrics, paired_differences, prune_stats
 from .summary import summary_section
-from .tables import (dense_section, export_section, figures_section, locate_section, paired_section, paper_section,
-                     pruned_section, semantic_section)
+from .tables import (budget_split_section, dense_section, export_section, figures_section, locate_section,
+                     paired_section, paper_section, pruned_section, semantic_section)
 
 __all__ = ["write_report", "render_report", "unfinished_reason"]
 
@@ -54,7 +54,7 @@ def render_report(metrics: Metrics | Mapping[str, Any], recipe_text: str, figure
     lines += summary_section([metrics], names, semantic)
     lines += figures_section(figures) + atlas_section(metrics)
     lines += dense_section(metrics) + locate_section(metrics) + semantic_section(semantic) + paper_section(metrics)
-    lines += pruned_section(prune_stats([metrics]), names, combined=False)
+    lines += pruned_section(prune_stats([metrics]), names, combined=False) + budget_split_section(metrics)
     lines += paired_section(paired_differences([metrics]), 1) + export_section(metrics) + frontier_section(metrics)
     run = metrics.run
     if run is not None:

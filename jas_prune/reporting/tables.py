@@ -12,7 +12,7 @@ from .stats import RECONSTRUCTION_ORDER, PairedDifference, PruneStat
 
 __all__ = ["classes_label", "dense_section", "locate_section", "semantic_section", "paper_section",
            "cls_mask_section", "pruned_section", "comparison_section", "paired_section", "selection_label",
-           "recon_text", "export_section", "figures_section"]
+           "recon_text", "export_section", "figures_section", "budget_split_section"]
 
 
 def classes_label(classes: Sequence[int] | None, names: Sequence[str] | None, limit: int = 4) -> str:
@@ -233,6 +233,32 @@ def paired_section(diffs: Sequence[PairedDifference], runs: int) -> list[str]:
             f"how many runs {method} was at least as good.", "",
             *table(["classes", "removed", "reconstruction", "difference (pp)", "range", f"{method} ≥ best",
                     "best other criterion per run"], rows, "---|---:|---|---:|---:|---:|---")]
+
+
+def budget_split_section(metrics: Metrics) -> list[str]:
+    """The split budgets (``prune.budget`` over FFN neurons, heads and head dimensions): per entry
+    the target, what it achieved, the split chosen on the probe images, and every block's kept
+    FFN width, heads and head dimension."""
+    entries = [e for e in metrics.pruned or [] if e.budget and "blocks" in e.budget]
+    if not entries:
+        return []
+    out = ["## Budget split", "",
+           "`prune.budget` spent over " + ", ".join(entries[0].budget.get("units", [])) + "; the split chosen on "
+           "probe images (top-1); achieved = Torch-Pruning's count of the pruned model over the dense model's "
+           "(latency: ONNX Runtime p50 in ms). Per block: kept FFN neurons / heads × head dimension.", ""]
+    blocks = sorted({int(b) for e in entries for b in e.budget["blocks"]})
+    rows = []
+    for e in entries:
+        b = e.budget
+        unit = " ms" if b["target"] == "latency_ms" else ""
+        value = f"{b['value']:g}{unit}" if unit else f"{100 * b['value']:g} %"
+        achieved = f"{b['achieved']:.3g}{unit}" if unit else f"{100 * b['achieved']:.1f} %"
+        per = [f"{b['blocks'][str(i)]['ffn']} / {b['blocks'][str(i)]['heads']}×{b['blocks'][str(i)]['head_dim']}"
+               if str(i) in b["blocks"] else "—" for i in blocks]
+        rows.append([md_text(e.stem), f"{b['target']} ≤ {value}", achieved, md_text(str(b.get("chosen", ""))),
+                     pct(e.top1), *per])
+    return out + table(["model", "target", "achieved", "split", "test top-1", *[f"block {i}" for i in blocks]],
+                       rows, "---|---|---:|---|---:|" + "|".join(["---:"] * len(blocks))) + [""]
 
 
 def export_section(metrics: Metrics) -> list[str]:

@@ -360,10 +360,12 @@ def _attention_record(attention, identity: dict[str, Any], rec) -> dict[str, Any
 
 def _reconstruction_fields(rec) -> dict[str, Any]:
     """What a reconstruction measured, as PrunedEntry fields (what it was made with is the entry's identity)."""
-    return {"reconstruction_seconds": rec.seconds,
-            "reconstruction_blocks": [{"block": b.block, "width": b.width, "relative_before": b.relative_before,
-                                       "relative_after": b.relative_after, "refit": b.refit}
-                                      for b in rec.blocks]}
+    def rows(blocks) -> list[dict[str, Any]]:
+        return [{"block": b.block, "width": b.width, "relative_before": b.relative_before,
+                 "relative_after": b.relative_after, "refit": b.refit} for b in blocks]
+
+    return {"reconstruction_seconds": rec.seconds, "reconstruction_blocks": rows(rec.blocks),
+            **({"reconstruction_attention": rows(rec.attention)} if rec.attention else {})}
 
 
 def _check(recipe) -> None:
