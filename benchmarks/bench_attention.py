@@ -108,15 +108,18 @@ def joint_ig_scores(model, fit_loader) -> tuple[dict[int, torch.Tensor], dict[in
 
 class SeedData:
     """One seed's dense model and partitions: ``fit`` (scores, least squares), ``val`` (choices,
-    probe images too), ``test`` (figures); their batches cached and sample ids."""
+    probe images too), ``test`` (figures; ``test_per_class`` of each class, None: all); their
+    batches cached and sample ids."""
 
-    def __init__(self, seed: int, fit_per_class: int, val_per_class: int) -> None:
+    def __init__(self, seed: int, fit_per_class: int, val_per_class: int, test_per_class: int | None = None) -> None:
         self.dense = load_model("builtin:shapes-vit")
         torch.manual_seed(seed)
         self.transform = model_transform(self.dense)
         fit, val, self.source = fit_val_samples(load_recipe("recipes/benchmark-shapes.yaml"), seed)
         self.fit, self.val = per_class_cap(fit, fit_per_class), per_class_cap(val, val_per_class)
         self.test = self.source.subset("test")
+        if test_per_class is not None:
+            self.test = per_class_cap(self.test, test_per_class)
         self.fit_loader = cached_batches(make_loader(self.fit, self.transform, batch_size=64, seed=seed))
         self.val_b = cached_batches(make_loader(self.val, self.transform, batch_size=256, seed=seed))
         self.test_b = cached_batches(make_loader(self.test, self.transform, batch_size=256, seed=seed))

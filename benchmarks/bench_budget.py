@@ -37,22 +37,18 @@ from typing import Any
 
 import torch
 
-from benchmarks.bench_attention import evaluate, joint_ig_scores, split_attention
-from benchmarks.bench_select import fit_val_samples
-from jas_prune.data import make_loader, model_transform
+from benchmarks.bench_attention import SeedData, evaluate, joint_ig_scores, seed_results, split_attention
 from jas_prune.errors import BudgetError
 from jas_prune.evaluate import count_params_macs
 from jas_prune.io import atomic_write_json, read_json
-from jas_prune.models import input_size, load_model
+from jas_prune.models import input_size
 from jas_prune.pruning.allocate import Allocation, UnitScores, score_split, uniform_split
 from jas_prune.pruning.attention import HeadScores, head_scores, prune_attention
 from jas_prune.pruning.budget import bisect_first
-from jas_prune.pruning.calibration import cached_batches, per_class_cap
 from jas_prune.pruning.costs import CostTable, dense_geometry
 from jas_prune.pruning.criteria import ScoringInputs
 from jas_prune.pruning.prune import prune_ffn
 from jas_prune.pruning.reconstruct import reconstruct
-from jas_prune.recipe import load_recipe
 
 TARGETS = (1.5, 2.0, 3.0)
 SHARES = (0.25, 0.5, 0.75)
@@ -144,78 +140,71 @@ def main(argv: list[str] | None = None) -> None:
     args = ap.parse_args(argv)
     if args.summary:
         print(summary(args.summary))
-        return
-    args.out.mkdir(parents=True, exist_ok=True)
-    recipe = load_recipe("recipes/benchmark-shapes.yaml")
-    for seed in args.seeds:
-        path = args.out / f"seed{seed}.json"
-        res: dict[str, Any] = read_json(path) if path.exists() else {}
+    else:
+        for seed, path, res in seed_results(args):
+            run_seed(seed, args, path, res)
 
-        def save() -> None:
-            atomic_write_json(path, res)
 
-        dense = load_model("builtin:shapes-vit")
-        torch.manual_seed(seed)
-        transform = model_transform(dense)
-        fit, val, source = fit_val_samples(recipe, seed)
-        fit = per_class_cap(fit, args.fit_per_class)
-        val = per_class_cap(val, args.val_per_class)
-        test = per_class_cap(source.subset("test"), args.test_per_class)
-        fit_b = cached_batches(make_loader(fit, transform, batch_size=64, seed=seed))
-        val_b = cached_batches(make_loader(val, transform, batch_size=256, seed=seed))
-        test_b = cached_batches(make_loader(test, transform, batch_size=256, seed=seed))
-        vid, tid = [s.id for s in val], [s.id for s in test]
-        table = CostTable.from_model(dense, "macs")
-        if "dense" not in res:
-            res["dense"] = {"test": evaluate(dense, test_b, tid), "val": evaluate(dense, val_b, vid),
-                            "macs": count_params_macs(dense, input_size(dense))["macs"], "test_images": len(test),
-                            "fit_images": len(fit), "val_images": len(val)}
+def run_seed(seed: int, args: argparse.Namespace, path: Path, res: dict[str, Any]) -> None:
+    """Every entry of one seed not yet in ``res`` (``path`` written after each)."""
+    d = SeedData(seed, args.fit_per_class, args.val_per_class, args.test_per_class)
+    dense, fit, val, test, fit_b, val_b, test_b, vid, tid = (d.dense, d.fit, d.val, d.test, d.fit_loader, d.val_b,
+                                                             d.test_b, d.vid, d.tid)
+
+    def save() -> None:
+        atomic_write_json(path, res)
+
+    table = CostTable.from_model(dense, "macs")
+    if "dense" not in res:
+        res["dense"] = {"test": evaluate(dense, test_b, tid), "val": evaluate(dense, val_b, vid),
+                        "macs": count_params_macs(dense, input_size(dense))["macs"], "test_images": len(test),
+                        "fit_images": len(fit), "val_images": len(val)}
+        save()
+    t0 = time.perf_counter()
+    ffn, heads = joint_ig_scores(dense, fit_b)
+    res.setdefault("seconds", {})["joint_ig"] = time.perf_counter() - t0
+    dims = head_scores("magnitude", ScoringInputs(model=dense)).dims
+    scores = UnitScores(ffn, heads, dims)
+    dg = dense_geometry(dense)
+    for target in args.targets:
+        limit = table.dense / target
+        cands: dict[str, list[Allocation]] = {"ffn": [], "attention": [], "uniform": [], "score": []}
+        for kind, make_alloc in (
+                ("ffn", lambda: [uniform_split(table, dg, limit)]),
+                ("attention", lambda: [attention_only(table, dg, limit)]),
+                ("uniform", lambda: [a for a in (_try(uniform_split, table, dg, limit, heads=h, head_dims=q)
+                                                 for h, q in map(split_attention, SHARES)) if a]),
+                ("score", lambda: [score_split(table, scores, dg, limit, units=u.split(","), attention_weight=w,
+                                               normalise=n)
+                                   for u in args.units for n in args.normalise for w in args.weights])):
+            key = f"mac{target}/{kind}"
+            if key in res:
+                continue
+            why = "every share"
+            try:
+                allocs = make_alloc()
+            except BudgetError as exc:
+                allocs, why = [], str(exc)
+            if not allocs:
+                res[key] = {"unreachable": why}
+                save()
+                continue
+            rows = []
+            for a in allocs:
+                m = make(dense, fit_b, scores, a)
+                rows.append({"label": _label(a), "val": evaluate(m, val_b, vid), "test": evaluate(m, test_b, tid),
+                             "macs": count_params_macs(m, input_size(m))["macs"], "predicted": a.cost,
+                             "split": a.record()})
+            best = max(rows, key=lambda r: r["val"])  # chosen on the probe partition
+            res[key] = {**{k: v for k, v in best.items()}, "candidates": rows}
+            print(seed, key, json.dumps({k: best[k] for k in ("label", "val", "test", "macs")}), flush=True)
             save()
-        t0 = time.perf_counter()
-        ffn, heads = joint_ig_scores(dense, fit_b)
-        res.setdefault("seconds", {})["joint_ig"] = time.perf_counter() - t0
-        dims = head_scores("magnitude", ScoringInputs(model=dense)).dims
-        scores = UnitScores(ffn, heads, dims)
-        dg = dense_geometry(dense)
-        for target in args.targets:
-            limit = table.dense / target
-            cands: dict[str, list[Allocation]] = {"ffn": [], "attention": [], "uniform": [], "score": []}
-            for kind, make_alloc in (
-                    ("ffn", lambda: [uniform_split(table, dg, limit)]),
-                    ("attention", lambda: [attention_only(table, dg, limit)]),
-                    ("uniform", lambda: [a for a in (_try(uniform_split, table, dg, limit, heads=h, head_dims=q)
-                                                     for h, q in map(split_attention, SHARES)) if a]),
-                    ("score", lambda: [score_split(table, scores, dg, limit, units=u.split(","), attention_weight=w,
-                                                   normalise=n)
-                                       for u in args.units for n in args.normalise for w in args.weights])):
-                key = f"mac{target}/{kind}"
-                if key in res:
-                    continue
-                why = "every share"
-                try:
-                    allocs = make_alloc()
-                except BudgetError as exc:
-                    allocs, why = [], str(exc)
-                if not allocs:
-                    res[key] = {"unreachable": why}
-                    save()
-                    continue
-                rows = []
-                for a in allocs:
-                    m = make(dense, fit_b, scores, a)
-                    rows.append({"label": _label(a), "val": evaluate(m, val_b, vid), "test": evaluate(m, test_b, tid),
-                                 "macs": count_params_macs(m, input_size(m))["macs"], "predicted": a.cost,
-                                 "split": a.record()})
-                best = max(rows, key=lambda r: r["val"])  # chosen on the probe partition
-                res[key] = {**{k: v for k, v in best.items()}, "candidates": rows}
-                print(seed, key, json.dumps({k: best[k] for k in ("label", "val", "test", "macs")}), flush=True)
-                save()
-            key = f"mac{target}/chosen"
-            pool = [c for k in ("uniform", "score") for c in res[f"mac{target}/{k}"].get("candidates", [])]
-            if pool:
-                best = max(pool, key=lambda r: r["val"])
-                res[key] = {k: v for k, v in best.items()}
-                save()
+        key = f"mac{target}/chosen"
+        pool = [c for k in ("uniform", "score") for c in res[f"mac{target}/{k}"].get("candidates", [])]
+        if pool:
+            best = max(pool, key=lambda r: r["val"])
+            res[key] = {k: v for k, v in best.items()}
+            save()
 
 
 def _try(fn, *a, **kw):
