@@ -10,8 +10,9 @@ count / pruned count, Torch-Pruning's counter; every geometry found on the exact
 - ``ffn``: FFN-only, the smallest uniform FFN ratio meeting the target;
 - ``attention``: attention-only, the smallest uniform share of the attention width (heads, then
   head dimensions, as bench_attention's ``split_attention``) meeting it;
-- ``uniform``: a fixed attention share (25/50/75 %) and the uniform FFN ratio meeting the target,
-  the share chosen on ``val``;
+- ``uniform``: a fixed attention share (``--shares``, default 12.5/25/37.5/50/75 % of the
+  attention width: head dimensions below 50 %, one of the two heads from 50 %) and the uniform
+  FFN ratio meeting the target, the share chosen on ``val``;
 - ``score``: :func:`jas_prune.pruning.allocate.score_split` over FFN neurons, heads and head
   dimensions (score-loss per MAC saved), the attention weight chosen on ``val`` among
   ``--weights``;
@@ -51,7 +52,7 @@ from jas_prune.pruning.prune import prune_ffn
 from jas_prune.pruning.reconstruct import reconstruct
 
 TARGETS = (1.5, 2.0, 3.0)
-SHARES = (0.25, 0.5, 0.75)
+SHARES = (0.125, 0.25, 0.375, 0.5, 0.75)
 
 
 def attention_only(table: CostTable, dense: dict, limit: float, step: float = 0.01) -> Allocation:
@@ -127,6 +128,8 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
     ap.add_argument("--out", type=Path, default=Path("runs/bench-budget"))
     ap.add_argument("--targets", type=float, nargs="+", default=list(TARGETS))
+    ap.add_argument("--shares", type=float, nargs="+", default=list(SHARES),
+                    help="attention shares of the uniform split (candidates, chosen on val)")
     ap.add_argument("--weights", type=float, nargs="+", default=[0.5, 0.7, 1.0, 1.4, 2.0],
                     help="attention weights of the score split (candidates, chosen on val)")
     ap.add_argument("--normalise", nargs="+", default=["block"],
@@ -173,7 +176,7 @@ def run_seed(seed: int, args: argparse.Namespace, path: Path, res: dict[str, Any
                 ("ffn", lambda: [uniform_split(table, dg, limit)]),
                 ("attention", lambda: [attention_only(table, dg, limit)]),
                 ("uniform", lambda: [a for a in (_try(uniform_split, table, dg, limit, heads=h, head_dims=q)
-                                                 for h, q in map(split_attention, SHARES)) if a]),
+                                                 for h, q in map(split_attention, args.shares)) if a]),
                 ("score", lambda: [score_split(table, scores, dg, limit, units=u.split(","), attention_weight=w,
                                                normalise=n)
                                    for u in args.units for n in args.normalise for w in args.weights])):
