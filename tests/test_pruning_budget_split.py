@@ -166,3 +166,18 @@ def test_pipeline_latency_split_keeps_its_table_on_resume(tmp_path, tiny_builtin
     assert run_recipe(tmp_path, RUN, out, split, resume=True) == 0
     again = json.loads((out / "metrics.json").read_text())["pruned"][1]["budget"]
     assert again["table_cached"] is True and again["table"] == b["table"] and again["blocks"] == b["blocks"]
+
+
+def test_split_budget_refuses_a_family_without_its_cost_table():
+    import timm
+
+    from jas_prune.errors import UnsupportedModelError
+    from jas_prune.pruning.allocate import check_split_reachable
+    from jas_prune.pruning.budget import Budget
+
+    eva = timm.create_model("eva02_tiny_patch14_224", pretrained=False, img_size=28, patch_size=14, embed_dim=32,
+                            depth=1, num_heads=2, ref_feat_shape=(2, 2), num_classes=5).eval()
+    with pytest.raises(UnsupportedModelError, match=r"^prune.budget: a budget split over units is made for "
+                                                    r"timm-vit only, not timm-eva"):
+        check_split_reachable(eva, Budget("macs", 0.5, units=("ffn", "heads"), split=("score",), weights=(1.0,)),
+                              key="prune.budget")

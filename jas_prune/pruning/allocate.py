@@ -251,7 +251,7 @@ def check_split_reachable(model: Any, budget: Any, *, round_to: int | None = Non
     geometry of its units misses (a latency target is only known once measured).
 
     Raises:
-        UnsupportedModelError: heads or head dimensions in ``units`` for a family other than timm ViT.
+        UnsupportedModelError: a family other than timm ViT (the cost table is timm's).
         BudgetError: the target out of reach, naming ``<key>.<target>``.
     """
     from ..errors import UnsupportedModelError
@@ -260,9 +260,9 @@ def check_split_reachable(model: Any, budget: Any, *, round_to: int | None = Non
     from .graph import find_vit
 
     family = find_vit(model)[1].family
-    if set(budget.units) - {"ffn"} and family not in SUPPORTED_FAMILIES:
-        raise UnsupportedModelError(f"{key}.units: heads and head dimensions are pruned in "
-                                    f"{', '.join(SUPPORTED_FAMILIES)} only, not {family}")
+    if family not in SUPPORTED_FAMILIES:  # the cost table follows timm's blocks and Torch-Pruning's counter
+        raise UnsupportedModelError(f"{key}: a budget split over units is made for {', '.join(SUPPORTED_FAMILIES)} "
+                                    f"only, not {family}; leave {key}.units and {key}.split out")
     if budget.target == "latency_ms":
         return
     table = CostTable.from_model(model, budget.target, head_classes=head_classes, class_names=class_names)
