@@ -6,7 +6,8 @@ accuracy of the kept classes -> checkpoint. The same for ``prune.classes`` and f
 
 ``prune.budget`` adds, per method and reconstruction, the entry at the smallest uniform ratio
 whose model meets the target (:mod:`jas_prune.pruning.budget`; searched once per head, since
-the widths do not depend on the criterion, and read back from a finished entry on resume).
+the widths do not depend on the criterion, and read back from a finished entry on resume); a
+budget split over heads and head dimensions is made per method (:mod:`..budget_split`).
 
 Each (method, ratio) is pruned once; its reconstructions are made on copies of that model. The
 test and calibration images are rendered once per class selection and held in memory (when
