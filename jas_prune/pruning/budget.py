@@ -86,7 +86,9 @@ class Budget:
 
     @classmethod
     def from_section(cls, section: Any) -> "Budget":
-        """From the recipe's ``prune.budget`` section."""
+        """From the recipe's ``prune.budget`` section (its split keys too, when it has them)."""
+        if callable(getattr(section, "budget", None)):
+            return section.budget()
         target = section.target
         return cls(target=target, value=float(getattr(section, target)), batch_size=section.batch_size,
                    step=float(section.step))
