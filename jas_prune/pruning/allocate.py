@@ -255,14 +255,17 @@ def check_split_reachable(model: Any, budget: Any, *, round_to: int | None = Non
         BudgetError: the target out of reach, naming ``<key>.<target>``.
     """
     from ..errors import UnsupportedModelError
-    from .attention import SUPPORTED_FAMILIES
-    from .costs import CostTable, dense_geometry
+    from .attention import AttentionSettings, check_attention
+    from .costs import COST_FAMILIES, CostTable, dense_geometry
     from .graph import find_vit
 
     family = find_vit(model)[1].family
-    if family not in SUPPORTED_FAMILIES:  # the cost table follows timm's blocks and Torch-Pruning's counter
-        raise UnsupportedModelError(f"{key}: a budget split over units is made for {', '.join(SUPPORTED_FAMILIES)} "
+    if family not in COST_FAMILIES:  # the cost table follows timm's blocks and Torch-Pruning's counter
+        raise UnsupportedModelError(f"{key}: a budget split over units is made for {', '.join(COST_FAMILIES)} "
                                     f"only, not {family}; leave {key}.units and {key}.split out")
+    if set(budget.units) - {"ffn"}:  # e.g. head dimensions with query/key norms
+        check_attention(model, AttentionSettings.model_construct(heads=0.5 if "heads" in budget.units else 0.0,
+                                                                 head_dims=0.5 if "head_dims" in budget.units else 0.0))
     if budget.target == "latency_ms":
         return
     table = CostTable.from_model(model, budget.target, head_classes=head_classes, class_names=class_names)

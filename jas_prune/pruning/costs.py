@@ -28,7 +28,10 @@ from torch import nn
 from ..models.heads import discover_heads
 from .graph import find_vit
 
-__all__ = ["Geometry", "BlockShape", "BlockCosts", "CostTable", "dense_geometry"]
+__all__ = ["COST_FAMILIES", "Geometry", "BlockShape", "BlockCosts", "CostTable", "dense_geometry"]
+
+#: the model families whose block costs :class:`CostTable` computes (timm ``VisionTransformer``)
+COST_FAMILIES = ("timm-vit",)
 
 #: (kept FFN neurons, kept heads, kept dimensions per head) of one block
 Geometry = tuple[int, int, int]
