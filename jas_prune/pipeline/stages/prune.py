@@ -353,7 +353,7 @@ def _attention_record(attention, identity: dict[str, Any], rec) -> dict[str, Any
     logit compensation was kept (``logits_kept``)."""
     if attention is None:
         return None
-    out = {**attention.to_dict(), **identity["attention"]}
+    out = {**attention.to_dict(), **(identity["attention"] or {})}  # a split budget: no prune.attention
     if rec is not None and rec.logits:
         out["logits_kept"] = {str(r.block): r.kept for r in rec.logits}
     return out
