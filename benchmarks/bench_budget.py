@@ -70,7 +70,7 @@ def attention_only(table: CostTable, dense: dict, limit: float, step: float = 0.
     return Allocation("attention", g, table.total(g), 0.0, {"attention_share": grid[i]})
 
 
-def make(dense_model, fit_b, scores: UnitScores, alloc: Allocation):
+def make(dense_model, fit_b, scores: UnitScores, alloc: Allocation, logits: str = "none"):
     model = copy.deepcopy(dense_model)
     dg = dense_geometry(dense_model)
     widths = {b: g[0] for b, g in alloc.geometry.items()}
@@ -79,7 +79,7 @@ def make(dense_model, fit_b, scores: UnitScores, alloc: Allocation):
     keep = {b: g[1:] for b, g in alloc.geometry.items()}
     if any(keep[b] != dg[b][1:] for b in keep):
         prune_attention(model, HeadScores(scores.heads, scores.dims), keep=keep)
-    reconstruct(model, dense_model, fit_b, method="lsq", target="residual", damping=1e-3)
+    reconstruct(model, dense_model, fit_b, method="lsq", target="residual", damping=1e-3, logits=logits)
     return model
 
 
@@ -139,6 +139,8 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--fit-per-class", type=int, default=8)
     ap.add_argument("--val-per-class", type=int, default=4)
     ap.add_argument("--test-per-class", type=int, default=20)
+    ap.add_argument("--logits", default="none", choices=["none", "affine", "centered"],
+                    help="query/key logit compensation of the removed head dimensions (prune.attention.logits)")
     ap.add_argument("--summary", type=Path, nargs="+")
     args = ap.parse_args(argv)
     if args.summary:
@@ -194,7 +196,7 @@ def run_seed(seed: int, args: argparse.Namespace, path: Path, res: dict[str, Any
                 continue
             rows = []
             for a in allocs:
-                m = make(dense, fit_b, scores, a)
+                m = make(dense, fit_b, scores, a, args.logits)
                 rows.append({"label": _label(a), "val": evaluate(m, val_b, vid), "test": evaluate(m, test_b, tid),
                              "macs": count_params_macs(m, input_size(m))["macs"], "predicted": a.cost,
                              "split": a.record()})

@@ -18,7 +18,7 @@ from pathlib import Path
 import torch
 
 from jas_prune.pruning.criteria.obs import greedy_obs
-from jas_prune.pruning.reconstruct import ridge_solve
+from jas_prune.pruning.linfit import ridge_solve
 
 
 def _stats(n: int, d: int, tokens: int, seed: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:

@@ -414,7 +414,7 @@ class PrunedEntry(Section):
 
     #: the keys of a ``budget`` record that identify the budget (the rest is what was found)
     BUDGET_SPEC: ClassVar[tuple[str, ...]] = ("target", "value", "step", "batch_size", "units", "split", "shares",
-                                              "weights", "normalise", "points")
+                                              "weights", "normalise", "points", "logits")
 
     def identity(self) -> dict[str, Any]:
         """The settings this entry was made with, as

@@ -97,6 +97,8 @@ def test_score_split_never_removes_more_score_than_uniform(tiny_vit):
      "prune.budget.weights: 0.0: an attention weight is a finite number > 0"),
     ("{macs: 0.5, units: [ffn, heads], shares: [1.0]}",
      "prune.budget.shares: 1.0 is outside (0, 1): a share of each block's attention removed"),
+    ("{macs: 0.5, units: [ffn, heads], logits: affine}",
+     "prune.budget.logits: 'affine' compensates removed query/key channels; add head_dims to units (or logits: none)"),
 ])
 def test_recipe_refuses_bad_split_settings_in_one_line(refused_recipe, budget, message):
     assert refused_recipe(BASE + f"prune: {{budget: {budget}}}\n") == f"jas-prune: error: {message}"
@@ -181,3 +183,18 @@ def test_split_budget_refuses_a_family_without_its_cost_table():
                                                     r"timm-vit only, not timm-eva"):
         check_split_reachable(eva, Budget("macs", 0.5, units=("ffn", "heads"), split=("score",), weights=(1.0,)),
                               key="prune.budget")
+
+
+def test_pipeline_split_with_logit_compensation(tmp_path, tiny_builtin):
+    """``prune.budget.logits`` compensates the head dimensions the split removes, in every such
+    block, and is part of what the entry is made with (a resume with another value remakes it)."""
+    out = tmp_path / "run"
+    split = "prune.budget={macs: 0.7, units: [ffn, head_dims], split: uniform, shares: [0.5], logits: affine}"
+    assert run_recipe(tmp_path, RUN, out, split) == 0
+    e = json.loads((out / "metrics.json").read_text())["pruned"][1]
+    dims = {k for k, v in e["budget"]["blocks"].items() if v["head_dim"] < 16}
+    assert dims and set(e["attention"]["logits_kept"]) == dims
+    assert e["budget"]["logits"] == "affine"
+    assert run_recipe(tmp_path, RUN, out, split.replace("affine", "none"), resume=True) == 0
+    again = json.loads((out / "metrics.json").read_text())["pruned"][1]
+    assert "logits_kept" not in again["attention"] and "logits" not in again["budget"]

@@ -22,7 +22,7 @@ from ..registry import import_submodules
 import_submodules(__name__, __path__, first=("timm_vit", "eva", "beit", "relpos", "hf"))
 
 from .builtin import BUILTIN_MODELS, BUILTIN_PREFIX
-from .families import FAMILIES, Family, discover_ffn, family_of, model_label, num_outputs
+from .families import FAMILIES, Family, discover_ffn, family_of, find_vit, model_label, num_outputs
 from .ffn import FFN_KINDS, FFNInfo, FFNLayer, split_fused_glu
 from .hf import HF_PREFIX
 from .loading import (
@@ -49,6 +49,7 @@ __all__ = [
     "create_model",
     "discover_ffn",
     "family_of",
+    "find_vit",
     "model_label",
     "num_outputs",
     "split_fused_glu",

@@ -189,8 +189,7 @@ def elastic_timm(_model: nn.Module, attn: nn.Module) -> None:
 def make_attention_elastic(model: nn.Module) -> int:
     """Make every attention of ``model``'s family that needs it width-agnostic (the model
     transform ``elastic_attention``); returns how many modules. Records the transform."""
-    from ..pruning.graph import find_vit
-    from .families import FAMILIES
+    from .families import FAMILIES, find_vit
     from .heads import discover_heads
 
     vit, info = find_vit(model)

@@ -16,7 +16,8 @@ from ..errors import UnsupportedModelError
 from ..registry import Registry
 from .ffn import FFNInfo, check_distinct_sites
 
-__all__ = ["Family", "FAMILIES", "family_of", "discover_ffn", "model_label", "supported_text", "num_outputs"]
+__all__ = ["Family", "FAMILIES", "family_of", "discover_ffn", "model_label", "supported_text", "num_outputs",
+           "find_vit"]
 
 
 @dataclass(frozen=True)
@@ -116,3 +117,23 @@ def discover_ffn(model: nn.Module) -> FFNInfo:
         raise UnsupportedModelError(f"model '{label}' has no transformer blocks")
     check_distinct_sites(info.layers, label)
     return info
+
+
+def find_vit(model: nn.Module) -> tuple[nn.Module, FFNInfo]:
+    """The model itself, or the first supported ViT inside a wrapper, with its FFN layers.
+
+    Raises:
+        UnsupportedModelError: neither the model nor any submodule is a supported ViT (the
+            model's own reason).
+    """
+    try:
+        return model, discover_ffn(model)
+    except UnsupportedModelError as first:
+        for sub in model.modules():
+            if sub is model or family_of(sub) is None:
+                continue
+            try:
+                return sub, discover_ffn(sub)
+            except UnsupportedModelError:
+                continue
+        raise first from None

@@ -112,7 +112,7 @@ class AttentionSummary:
                 "head_dim_before": {str(k): v for k, v in self.head_dim_before.items()}}
 
 
-def _layout_of(model: nn.Module) -> tuple[nn.Module, tuple[HeadLayer, ...], AttentionLayout]:
+def layout_of(model: nn.Module) -> tuple[nn.Module, tuple[HeadLayer, ...], AttentionLayout]:
     vit, info = find_vit(model)
     layout = FAMILIES.get(info.family).attention
     if layout is None:
@@ -122,7 +122,7 @@ def _layout_of(model: nn.Module) -> tuple[nn.Module, tuple[HeadLayer, ...], Atte
 
 
 def _heads_of(model: nn.Module) -> tuple[nn.Module, tuple[HeadLayer, ...]]:
-    vit, heads, _ = _layout_of(model)
+    vit, heads, _ = layout_of(model)
     return vit, heads
 
 
@@ -192,7 +192,7 @@ HEAD_CRITERIA: Registry[HeadCriterion] = Registry("attention criterion")
 def _magnitude(inputs: Any) -> HeadScores:
     import torch_pruning as tp
 
-    _, heads, layout = _layout_of(inputs.model)
+    _, heads, layout = layout_of(inputs.model)
     if not layout.graph:  # the same group L2 importance, over the family's own slots
         with torch.no_grad():
             return per_channel({h.index: channel_members(h, layout, lambda w, _g: w.detach().pow(2).sum(1))
@@ -215,12 +215,12 @@ def _taylor(inputs: Any) -> HeadScores:
                 for m in ((h.attn.qkv, h.proj) if isinstance(getattr(h.attn, "qkv", None), nn.Linear) else (h.attn,))]
 
     def explicit(model: nn.Module) -> dict[int, Tensor]:
-        _, heads, layout = _layout_of(model)
+        _, heads, layout = layout_of(model)
         with torch.no_grad():
             return {h.index: channel_members(h, layout, lambda w, g: (w * g).abs().sum(1)).float().cpu()
                     for h in heads}
 
-    graph = _layout_of(inputs.model)[2].graph
+    graph = layout_of(inputs.model)[2].graph
     ch = taylor_scores(inputs.model, inputs.require_loader("taylor"), example_inputs=inputs.example_inputs,
                        classes=inputs.classes, device=inputs.device, max_batches=inputs.max_batches,
                        groups=groups, modules=modules, score=None if graph else explicit)
@@ -536,7 +536,7 @@ def check_attention(model: nn.Module,
             relative-position table is shared by all blocks; ``head_dims`` with query/key norms
             (``qk_norm``: their statistics would change).
     """
-    vit, layers, layout = _layout_of(model)
+    vit, layers, layout = layout_of(model)
     shared = layout.shared(vit)
     if settings.heads and shared:
         raise UnsupportedModelError(f"prune.attention.heads: {find_vit(model)[1].family}: {shared}, so heads "
@@ -584,7 +584,7 @@ def prune_attention(model: nn.Module, scores: HeadScores | None, *, heads: float
         if not 0.0 <= float(r) < 1.0:
             raise PruneSettingError(f"prune.attention.{name}: {r!r} is outside [0, 1)")
     if keep is not None:
-        heads, head_dims = _shares(_layout_of(model)[1], keep)
+        heads, head_dims = _shares(layout_of(model)[1], keep)
     vit, layers, layout = check_attention(model, AttentionSettings.model_construct(heads=heads, head_dims=head_dims))
     summary = AttentionSummary(float(heads), float(head_dims))
     plan: dict[int, tuple[HeadLayer, list[int], list[int]]] = {}

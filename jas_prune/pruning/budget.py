@@ -65,6 +65,8 @@ class Budget:
     normalise: str = "block"
     #: latency split: grid points per width axis of the measured table
     points: int = 5
+    #: query/key logit compensation of the head dimensions a split removes (``none``: not tried)
+    logits: str = "none"
 
     def __post_init__(self) -> None:
         if self.target not in TARGETS:
@@ -109,6 +111,8 @@ class Budget:
                        weights=list(self.weights), normalise=self.normalise)
             if self.target == "latency_ms":
                 out["points"] = self.points
+            if self.logits != "none":  # only when set: entries made before the key still resume
+                out["logits"] = self.logits
         return out
 
     def suffix(self) -> str:

@@ -19,7 +19,7 @@ import torch
 from torch import nn
 
 from ..errors import PruneSettingError, UnsupportedModelError
-from ..models import FFNInfo, FFNLayer, discover_ffn, family_of, input_size
+from ..models import FFNInfo, FFNLayer, discover_ffn, family_of, find_vit, input_size
 from ..torchutil import frozen_eval
 
 if TYPE_CHECKING:  # pragma: no cover
@@ -27,26 +27,6 @@ if TYPE_CHECKING:  # pragma: no cover
 
 __all__ = ["find_vit", "example_inputs_for", "dependency_graph", "fc1_groups", "check_group",
            "ffn_group_allowed", "check_prunable", "update_attention_geometry"]
-
-
-def find_vit(model: nn.Module) -> tuple[nn.Module, FFNInfo]:
-    """The model itself, or the first supported ViT inside a wrapper, with its FFN layers.
-
-    Raises:
-        UnsupportedModelError: neither the model nor any submodule is a supported ViT (the
-            model's own reason).
-    """
-    try:
-        return model, discover_ffn(model)
-    except UnsupportedModelError as first:
-        for sub in model.modules():
-            if sub is model or family_of(sub) is None:
-                continue
-            try:
-                return sub, discover_ffn(sub)
-            except UnsupportedModelError:
-                continue
-        raise first from None
 
 
 def check_prunable(info: FFNInfo, model_name: str = "model") -> None:

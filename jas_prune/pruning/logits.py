@@ -112,10 +112,10 @@ def qk_access(model: nn.Module) -> QKAccess:
             rotate the kept channels pairwise; the correction would not commute) or query/key
             norms (named, one line).
     """
-    from .attention import _layout_of
+    from .attention import layout_of
 
     try:
-        vit, heads, layout = _layout_of(model)
+        vit, heads, layout = layout_of(model)
     except UnsupportedModelError as exc:
         raise UnsupportedModelError(f"prune.attention.logits: {str(exc).removeprefix('prune.attention: ')}") from None
     for h in heads:
@@ -221,7 +221,7 @@ def fit_query_delta(access: QKAccess, attn: nn.Module, dense: nn.Module, inputs:
     Raises:
         PruneSettingError: an unknown candidate (named), or key rows not found in the dense model.
     """
-    from .reconstruct import LinearFit
+    from .linfit import LinearFit
 
     if candidate not in LOGIT_COMPENSATIONS[1:]:
         raise PruneSettingError(f"prune.attention.logits: {candidate!r} is not one of {', '.join(LOGIT_COMPENSATIONS)}")

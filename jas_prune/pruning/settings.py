@@ -23,7 +23,8 @@ from pydantic import BaseModel, Field, create_model, field_validator, model_vali
 
 from ..errors import InvalidArgumentError, PruneSettingError, RecipeError
 from ..schema import Strict, each_once, finite
-from .choices import DEFAULT_DAMPING, DEFAULT_TARGET, EPOCHS_MAX, RECONSTRUCTIONS, TARGETS as RECONSTRUCTION_TARGETS
+from .choices import (DEFAULT_DAMPING, DEFAULT_TARGET, EPOCHS_MAX, LOGIT_COMPENSATIONS, RECONSTRUCTIONS,
+                      TARGETS as RECONSTRUCTION_TARGETS)
 from .allocate import NORMALISE, UNITS
 from .attention import AttentionSettings, check_attention
 from .criteria import CRITERIA
@@ -139,6 +140,9 @@ class BudgetSettings(Strict):
     normalise: Literal[NORMALISE] = "block"  # type: ignore[valid-type]
     #: latency_ms split: grid points per width axis of the measured block latency table
     points: int = Field(default=5, ge=2, le=64)
+    #: query/key logit compensation of the head dimensions the split removes (as
+    #: ``prune.attention.logits``; applied with the entry's reconstruction)
+    logits: Literal[LOGIT_COMPENSATIONS] = "none"  # type: ignore[valid-type]
 
     @field_validator("units")
     @classmethod
@@ -193,6 +197,9 @@ class BudgetSettings(Strict):
             raise ValueError("weights: only with split score")
         if "uniform" in split and attention and self.shares is None:
             self.shares = [0.25, 0.5]
+        if self.logits != "none" and "head_dims" not in self.units:
+            raise ValueError(f"logits: '{self.logits}' compensates removed query/key channels; "
+                             "add head_dims to units (or logits: none)")
         if "score" in split and self.weights is None:
             self.weights = [0.5, 0.7, 1.0, 1.4, 2.0] if attention else [1.0]
         return self
@@ -209,7 +216,7 @@ class BudgetSettings(Strict):
         return Budget(target=self.target, value=float(getattr(self, self.target)), batch_size=self.batch_size,
                       step=float(self.step), units=tuple(self.units), split=tuple(self.split or ()),
                       shares=tuple(self.shares or ()), weights=tuple(self.weights or ()), normalise=self.normalise,
-                      points=self.points)
+                      points=self.points, logits=self.logits)
 
 
 class _PruneFields(Strict):

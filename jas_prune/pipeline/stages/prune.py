@@ -195,10 +195,12 @@ def _prune_selection(ctx, index: int, sel: Selection, todo: dict[str, list[tuple
         for j, r in todo[method]:
             by_slot.setdefault(j, []).append(r)
         for j, recon_ids in by_slot.items():
-            if bench.slot(ctx, j)[0] is None and ctx.prune.budget.joint:  # spent over units, chosen on probe
+            split = bench.slot(ctx, j)[0] is None and ctx.prune.budget.joint
+            logits = ctx.prune.budget.logits if split else None
+            if split:  # spent over units, chosen on probe
                 base, summary, attention, bench.budget = split_budget(
                     ctx, bench, method, scored, heads,
-                    refit=lambda m, r=sel.reconstructions[recon_ids[0]]: _reconstruct(ctx, bench, m, r))
+                    refit=lambda m, r=sel.reconstructions[recon_ids[0]]: _reconstruct(ctx, bench, m, r, logits))
             else:
                 base, summary = _prune(ctx, bench, method, scored, j)
                 attention = prune_attention(base, heads if ctx.prune.settings.attention is not None else None,
@@ -206,7 +208,7 @@ def _prune_selection(ctx, index: int, sel: Selection, todo: dict[str, list[tuple
             for i, r in enumerate(recon_ids):
                 recon = sel.reconstructions[r]
                 model = base if i == len(recon_ids) - 1 else copy.deepcopy(base)
-                rec = _reconstruct(ctx, bench, model, recon)
+                rec = _reconstruct(ctx, bench, model, recon, logits)
                 ft, kd = _recover(ctx, bench, model, f"recover {method} {bench.slot(ctx, j)[1]:g}")
                 acc = _evaluate(ctx, bench, model, method)
                 _record(ctx, bench, entries, (index, m, j, r), model, method=method, recon=recon, summary=summary,
@@ -259,9 +261,9 @@ def _prune(ctx, bench: _Bench, method: str, scored: Any, j: int) -> tuple[nn.Mod
     return base, summary
 
 
-def _reconstruct(ctx, bench: _Bench, model: nn.Module, recon: str) -> Any:
+def _reconstruct(ctx, bench: _Bench, model: nn.Module, recon: str, logits: str | None = None) -> Any:
     """Refit the pruned blocks on the calibration images (``prune.reconstruction``); its report
-    (None for ``none``)."""
+    (None for ``none``). ``logits``: the query/key compensation (None: ``prune.attention``'s)."""
     from ...pruning.reconstruct import reconstruct
 
     if recon == "none":
@@ -269,7 +271,7 @@ def _reconstruct(ctx, bench: _Bench, model: nn.Module, recon: str) -> Any:
     c, attention = ctx.prune.settings.calibration, ctx.prune.settings.attention
     try:
         return reconstruct(model, ctx.model, bench.calib, method=recon, target=c.target, damping=c.damping,
-                           logits=attention.logits if attention is not None else "none")
+                           logits=logits or (attention.logits if attention is not None else "none"))
     except PruneSettingError as exc:  # e.g. an fc2 without bias to refit
         raise PruneSettingError(f"prune.reconstruction: {exc}") from None
     except InvalidArgumentError as exc:

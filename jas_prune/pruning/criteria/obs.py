@@ -140,7 +140,7 @@ def ffn_fits(model: torch.nn.Module, loader: Iterable, *, classes: Sequence[int]
         InvalidArgumentError: no probe image (of ``classes``).
     """
     from ...models import discover_ffn
-    from ..reconstruct import LinearFit
+    from ..linfit import LinearFit
     from ..stats import device_of, forward_probe
 
     dev = device_of(model, device)
