@@ -16,7 +16,8 @@ attention matmuls ``2·T²·H·d`` a second time; :func:`summary` takes them out
   IG over FFN neurons and heads (``units: [ffn, heads]``, one run), head dimensions by magnitude,
   heads by the same joint IG.
 - ``heads50``: one of the two heads of every block removed, heads ranked by JAS (the layer-
-  progressive head path), joint IG, magnitude, Taylor, activation and random.
+  progressive head path), joint IG, magnitude, Taylor, activation, random, Hessian, ViT-Slim,
+  OBS and OBS×JAS (``--methods``: a subset).
 - ``paper``: the paper's Table-1 protocol for heads on 2 test images per class: zero (×0, every
   token) each image's located head path (JAS, one head per block, ``units: [heads]``) or the
   same number of heads picked by activation, by magnitude (the same heads for every image) or at
@@ -60,7 +61,7 @@ STEPS = 4
 
 
 #: head criteria of the heads50 entries
-HEADS50 = ("jas", "joint_ig", "magnitude", "taylor", "activation", "random", "hessian", "vit_slim")
+HEADS50 = ("jas", "joint_ig", "magnitude", "taylor", "activation", "random", "hessian", "vit_slim", "obs", "obs_jas")
 
 
 def total_macs(model: torch.nn.Module) -> int:

@@ -85,7 +85,8 @@ def test_save_load_and_onnx_parity(model, batch, tmp_path):
     assert res["passed"] and res["parity_max_abs"] <= 1e-4
 
 
-@pytest.mark.parametrize("name", ["jas", "magnitude", "taylor", "activation", "random", "hessian", "vit_slim"])
+@pytest.mark.parametrize("name", ["jas", "magnitude", "taylor", "activation", "random", "hessian", "vit_slim", "obs",
+                                  "obs_jas"])
 def test_every_head_criterion_scores_heads_and_dims(model, batch, name):
     inputs = ScoringInputs(model=model, loader=[batch], seed=1, locate_settings=dict(steps=2, scope="all", formula="ig"))
     s = head_scores(name, inputs)
@@ -95,7 +96,8 @@ def test_every_head_criterion_scores_heads_and_dims(model, batch, name):
     assert "jas" in HEAD_CRITERIA.names()
 
 
-def test_unscored_criterion_and_settings_refused(model):
+def test_unscored_criterion_and_settings_refused(model, monkeypatch):
+    monkeypatch.delitem(HEAD_CRITERIA._entries, "obs")  # a criterion without head scores
     with pytest.raises(PruneSettingError, match="criterion 'obs' cannot score attention heads"):
         head_scores("obs", ScoringInputs(model=model))
     with pytest.raises(ValueError, match="set heads and/or head_dims"):
@@ -167,7 +169,8 @@ def test_jas_importance_ranks_heads_by_head_scores_in_metapruner(model):
     ("{methods: [magnitude], attention: {heads: 1.0}}", "prune.attention.heads"),
     ("{methods: [magnitude], attention: {heads: 0.5, ffn: 0.1}}", "prune.attention"),
 ])
-def test_recipe_refuses_bad_attention_settings(refused_recipe, prune, expect):
+def test_recipe_refuses_bad_attention_settings(refused_recipe, monkeypatch, prune, expect):
+    monkeypatch.delitem(HEAD_CRITERIA._entries, "obs")  # a criterion without head scores
     line = refused_recipe(f"version: 1\nmodel: {{name: builtin:shapes-vit}}\ndata: {{kind: shapes}}\nprune: {prune}\n")
     assert expect in line
 

@@ -104,7 +104,10 @@ def test_recipe_refuses_bad_split_settings_in_one_line(refused_recipe, budget, m
     assert refused_recipe(BASE + f"prune: {{budget: {budget}}}\n") == f"jas-prune: error: {message}"
 
 
-def test_recipe_refuses_a_split_with_fixed_attention_or_a_criterion_without_head_scores(refused_recipe):
+def test_recipe_refuses_a_split_with_fixed_attention_or_a_criterion_without_head_scores(refused_recipe, monkeypatch):
+    from jas_prune.pruning.attention import HEAD_CRITERIA
+
+    monkeypatch.delitem(HEAD_CRITERIA._entries, "obs")  # a criterion without head scores
     line = refused_recipe(BASE + "prune: {attention: {heads: 0.5}, budget: {macs: 0.5, units: [ffn, heads]}}\n")
     assert line.startswith("jas-prune: error: prune: budget.units: spends over heads")
     line = refused_recipe(BASE + "prune: {methods: [obs], budget: {macs: 0.5, units: [ffn, heads]}}\n")

@@ -100,3 +100,84 @@ def test_criterion_scores_rank_the_greedy_order(model, loader):
                         damping=0.0)
     assert torch.equal(scores[0].argsort(), greedy.order[0])
     assert set(scores) == {i for i in range(len(model.blocks))}
+
+
+# -- attention units: groups of projection-input columns (heads, head dimensions) -------------------
+HEADS, HEAD_DIM = 4, 3
+
+
+def _columns(kind: str) -> torch.Tensor:
+    """The projection-input columns of each head ([H, d]) or of each head dimension ([d, H])."""
+    cols = torch.arange(HEADS * HEAD_DIM).view(HEADS, HEAD_DIM)
+    return cols if kind == "heads" else cols.t().contiguous()
+
+
+@pytest.mark.parametrize("kind", ["heads", "dims"])
+def test_each_group_step_is_the_best_explicit_drop_and_refit(kind):
+    units = _columns(kind)
+    layers = [_layer(4, n=HEADS * HEAD_DIM, tokens=300), _layer(5, n=HEADS * HEAD_DIM, tokens=300)]
+    greedy = greedy_obs(*_stats(layers), damping=0.0, units=units)
+    for i, (h, y) in enumerate(layers):
+        assert sorted(greedy.order[i].tolist()) == list(range(len(units)))
+        removed: list[int] = []
+        for k in range(len(units) - 1):
+            left = [u for u in range(len(units)) if u not in removed]
+
+            def kept(gone):
+                return sorted(c for u in left if u not in gone for c in units[u].tolist())
+
+            brute = {u: _refit_error(h, y, kept({u})) for u in left}
+            pick = int(greedy.order[i, k])
+            assert brute[pick] == pytest.approx(min(brute.values()), rel=1e-9, abs=1e-12)
+            assert greedy.error[i, k].item() == pytest.approx(brute[pick], rel=1e-8, abs=1e-10)
+            removed.append(pick)
+
+
+def test_head_criterion_drops_the_head_whose_projection_refit_is_best(model, loader):
+    """On the model's own attention projections (probe tokens), the ``obs`` head scores rank the
+    greedy order, whose first head is the brute-force best drop-and-refit, and ``obs_jas`` with
+    uniform head importance is ``obs``."""
+    from jas_prune.pruning.attention import head_scores
+    from jas_prune.pruning.criteria.obs import linear_fits
+
+    inputs = ScoringInputs(model=model, loader=loader, options={"damping": 0.0})
+    s = head_scores("obs", inputs)
+    H, d = model.blocks[0].attn.num_heads, model.blocks[0].attn.head_dim
+    zs: dict[int, list] = {}
+    hooks = [blk.attn.proj.register_forward_hook(lambda m, a, out, b=b: zs.setdefault(b, []).append((a[0], out)))
+             for b, blk in enumerate(model.blocks)]
+    with torch.no_grad():
+        for x, *_ in loader:
+            model(x)
+    for hk in hooks:
+        hk.remove()
+    fits = linear_fits(model, loader, {b: blk.attn.proj for b, blk in enumerate(model.blocks)})
+    for b, pairs in zs.items():
+        z = torch.cat([p[0].reshape(-1, H * d) for p in pairs]).double()
+        y = torch.cat([p[1].reshape(-1, p[1].shape[-1]) for p in pairs]).double()
+        brute = [_refit_error(z, y, [c for c in range(H * d) if c // d != g]) for g in range(H)]
+        assert int(s.heads[b].argmin()) == min(range(H), key=brute.__getitem__)
+        assert s.dims[b].shape == (d,) and s.heads[b].shape == (H,)
+        m = fits[b].moments()
+        greedy = greedy_obs(m[2][None], m[3][None], (fits[b].sum_yy / fits[b].count - m[1].pow(2).sum())[None],
+                            damping=0.0, units=torch.arange(H * d).view(H, d))
+        assert torch.equal(s.heads[b].argsort(), greedy.order[0])
+        assert greedy.error[0, 0].item() == pytest.approx(min(brute), rel=1e-7)
+    cols = {b: torch.arange(H * d).view(H, d) for b in fits}
+    plain = obs_scores(fits, units=cols)
+    uniform = obs_scores(fits, units=cols, importance={b: torch.full((H,), 0.7) for b in fits}, alpha=2.0)
+    assert all(torch.equal(plain[b], uniform[b]) for b in fits)
+
+
+def test_recipe_prunes_heads_with_obs(tmp_path, tiny_builtin):
+    import json
+
+    from conftest import run_recipe
+
+    recipe = ("version: 1\ndata: {images_per_class: 2, probe_images_per_class: 1, batch_size: 48}\n"
+              "attribution: {method: jas, steps: 2, scope: all, formula: ig}\n"
+              "prune: {methods: [obs], ratios: [0.5], reconstruction: [lsq], attention: {heads: 0.5}}\n")
+    assert run_recipe(tmp_path, recipe, tmp_path / "run") == 0
+    (entry,) = json.loads((tmp_path / "run" / "metrics.json").read_text())["pruned"]
+    assert entry["method"] == "obs" and entry["attention"]["heads"] == 0.5
+    assert all(len(k) == 1 for k in entry["attention"]["kept_heads"].values())

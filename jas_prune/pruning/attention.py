@@ -25,7 +25,8 @@ the projection columns and the per-head tables are sliced here, slot by slot, af
 each tensor has the size the geometry says. RoPE dimensions are removed in rotary pairs.
 
 Scores per head and per dimension come from :data:`HEAD_CRITERIA` (``jas``, ``magnitude``,
-``taylor``, ``activation``, ``random``, ``hessian``, ``vit_slim``).
+``taylor``, ``activation``, ``random``, ``hessian``, ``vit_slim``; ``obs`` and ``obs_jas``
+registered by :mod:`jas_prune.pruning.criteria.obs`).
 """
 
 from __future__ import annotations
@@ -267,10 +268,16 @@ def _activation(inputs: Any) -> HeadScores:
 
 
 def _jas(inputs: Any) -> HeadScores:
+    """Head JAS (:func:`jas_head_importance`). JAS does not score single dimensions: they are
+    ranked by magnitude."""
+    heads, protect = jas_head_importance(inputs)
+    return HeadScores(heads, _magnitude(inputs).dims, protect)
+
+
+def jas_head_importance(inputs: Any) -> tuple[dict[int, Tensor], dict[int, list[int]]]:
     """Head JAS: the mean candidate score of each head over the probe images — from the run's
-    head masks when it located heads, else located afresh (``units: [heads]``) on the loader.
-    JAS does not score single dimensions: they are ranked by magnitude."""
-    dims = _magnitude(inputs).dims
+    head masks when it located heads, else located afresh (``units: [heads]``) on the loader —
+    and the heads a class selection's head masks protect."""
     if inputs.masks is not None:
         from ..aggregate import load_masks
 
@@ -287,8 +294,8 @@ def _jas(inputs: Any) -> HeadScores:
             if inputs.classes is not None:  # class-specialised: the classes' head masks stay
                 top = masks.heads.topk[list(inputs.classes)].any(0)
                 protect = {int(b): top[i].nonzero()[:, 0].tolist() for i, b in enumerate(masks.heads.layers)}
-            return HeadScores({int(b): mean[i] for i, b in enumerate(masks.heads.layers)}, dims, protect)
-    return HeadScores(located_head_scores(inputs), dims)
+            return {int(b): mean[i] for i, b in enumerate(masks.heads.layers)}, protect
+    return located_head_scores(inputs), {}
 
 
 def located_head_scores(inputs: Any) -> dict[int, Tensor]:
@@ -417,6 +424,8 @@ def check_head_methods(methods: list[str], key: str = "prune.attention") -> None
     Raises:
         PruneSettingError: naming the first such criterion and those that can.
     """
+    from . import criteria  # noqa: F401  its modules register their head scores too (obs)
+
     for method in methods:
         if method not in HEAD_CRITERIA.names():
             raise PruneSettingError(f"{key}: criterion '{method}' cannot score attention heads; use "

@@ -22,7 +22,7 @@ attribution needs is dropped later at equal reconstruction cost. With uniform im
 ``obs``.
 
 Cost: one pass over the probe images (the ``fc2`` statistics, :class:`~jas_prune.pruning.
-reconstruct.LinearFit`) and O(n³) per block for the n − 1 greedy steps (``group`` > 1 removes
+linfit.LinearFit`) and O(n³) per block for the n − 1 greedy steps (``group`` > 1 removes
 that many neurons per step with a rank-``group`` update: fewer, larger matrix products).
 """
 
@@ -35,9 +35,11 @@ import torch
 from pydantic import Field
 
 from ...schema import Strict
+from ..attention import HEAD_CRITERIA, HeadCriterion, HeadScores, jas_head_importance, layout_of
 from . import CRITERIA, Criterion, CriterionScores, ScoringInputs
 
-__all__ = ["ObsOptions", "ObsJasOptions", "GreedyObs", "greedy_obs", "ffn_fits", "obs_scores"]
+__all__ = ["ObsOptions", "ObsJasOptions", "GreedyObs", "greedy_obs", "linear_fits", "ffn_fits", "obs_scores",
+           "obs_head_scores"]
 
 
 class ObsOptions(Strict):
@@ -59,29 +61,47 @@ class ObsJasOptions(ObsOptions):
 class GreedyObs:
     """A greedy OBS removal sequence per block (batched over blocks of one width).
 
-    ``order[l, k]`` is the k-th neuron removed from block l (the last one is never removed);
-    ``error[l, k]`` the block's error after removing ``order[l, :k + 1]`` and refitting;
-    ``base`` the error of the full refit (no neuron removed).
+    ``order[l, k]`` is the k-th unit (neuron, or group of columns) removed from block l (the last
+    one is never removed); ``error[l, k]`` the block's error after removing ``order[l, :k + 1]``
+    and refitting; ``base`` the error of the full refit (nothing removed).
     """
 
-    order: torch.Tensor  # [L, n] long
-    error: torch.Tensor  # [L, n] float64 (the last entry is +inf: the kept neuron)
+    order: torch.Tensor  # [L, U] long
+    error: torch.Tensor  # [L, U] float64 (the last entry is +inf: the kept unit)
     base: torch.Tensor  # [L] float64
 
 
+def _unit_rise(w: torch.Tensor, hinv: torch.Tensor, units: torch.Tensor | None,
+               removed: torch.Tensor) -> torch.Tensor:
+    """The rise of the error when each unit S goes, ``tr(W_S [A⁻¹_SS]⁻¹ W_Sᵀ)`` [L, U] (one
+    column: ``‖W_q‖² / [A⁻¹]_qq``). A removed unit's block is zero: it gets the identity (its
+    rise is masked by the caller)."""
+    if units is None:
+        return w.pow(2).sum(1) / hinv.diagonal(dim1=-2, dim2=-1).clamp_min(torch.finfo(torch.float64).tiny)
+    hb = hinv[:, units[:, :, None], units[:, None, :]]  # [L, U, k, k]
+    hb = torch.where(removed[..., None, None], torch.eye(units.shape[1], dtype=hb.dtype, device=hb.device), hb)
+    wb = w[:, :, units].permute(0, 2, 3, 1)  # [L, U, k, d]
+    return (torch.linalg.solve(hb, wb) * wb).sum((-2, -1))
+
+
 def greedy_obs(cov: torch.Tensor, cov_hy: torch.Tensor, var_y: torch.Tensor, *, damping: float = 1e-3,
-               weights: torch.Tensor | None = None, group: int = 1) -> GreedyObs:
+               weights: torch.Tensor | None = None, group: int = 1, units: torch.Tensor | None = None) -> GreedyObs:
     """Greedy structured OBS on centred statistics (batched: a leading block dimension).
 
     Args:
         cov: ``Cov(h)`` [L, n, n]; cov_hy: ``Cov(h, y)`` [L, n, d]; var_y: ``tr Cov(y)`` [L].
         damping: ridge λ relative to the mean diagonal of ``cov`` (the error then includes λ‖W‖²).
-        weights: [L, n] positive multipliers of each candidate's rise (``obs_jas``); None: 1.
-        group: neurons removed per step; each step's set is the ``group`` smallest rises, removed
-            jointly with the exact rank-``group`` update.
+        weights: [L, U] positive multipliers of each unit's rise (``obs_jas``); None: 1.
+        group: units removed per step; each step's set is the ``group`` smallest rises, removed
+            jointly with the exact rank-``group·k`` update.
+        units: [U, k] the columns of each unit, removed together (an attention head's ``head_dim``
+            columns of the output projection); None: every column is a unit (FFN neurons).
     """
     cov, cov_hy, var_y = cov.double(), cov_hy.double(), var_y.double()
     nb, n, _ = cov.shape
+    if units is not None:
+        units = units.to(cov.device)
+    n_units = n if units is None else units.shape[0]
     scale = cov.diagonal(dim1=-2, dim2=-1).mean(-1).clamp_min(torch.finfo(torch.float64).tiny)
     eye = torch.eye(n, dtype=torch.float64, device=cov.device)
     a = cov + (damping * scale)[:, None, None] * eye
@@ -89,18 +109,17 @@ def greedy_obs(cov: torch.Tensor, cov_hy: torch.Tensor, var_y: torch.Tensor, *, 
     hinv = torch.cholesky_inverse(chol) if int(info.max()) == 0 else torch.linalg.pinv(a, hermitian=True)
     w = (hinv @ cov_hy).transpose(1, 2).contiguous()  # the optimal W [L, d, n]
     base = (var_y - (w.transpose(1, 2) * cov_hy).sum((1, 2))).clamp_min(0.0)
-    removed = torch.zeros(nb, n, dtype=torch.bool, device=cov.device)
-    order = torch.empty(nb, n, dtype=torch.long, device=cov.device)
-    error = torch.full((nb, n), float("inf"), dtype=torch.float64, device=cov.device)
+    removed = torch.zeros(nb, n_units, dtype=torch.bool, device=cov.device)
+    order = torch.empty(nb, n_units, dtype=torch.long, device=cov.device)
+    error = torch.full((nb, n_units), float("inf"), dtype=torch.float64, device=cov.device)
     rows = torch.arange(nb, device=cov.device)
     total, done = base.clone(), 0
-    while done < n - 1:
-        g = min(group, n - 1 - done)
-        diag = hinv.diagonal(dim1=-2, dim2=-1).clamp_min(torch.finfo(torch.float64).tiny)
-        rise = w.pow(2).sum(1) / diag
+    while done < n_units - 1:
+        g = min(group, n_units - 1 - done)
+        rise = _unit_rise(w, hinv, units, removed)
         obj = rise if weights is None else rise * weights
         obj = obj.masked_fill(removed, float("inf"))
-        if g == 1:
+        if g == 1 and units is None:
             q = obj.argmin(1)
             hq = hinv[rows, q]  # [L, n]
             scaled = hq / hq[rows, q][:, None]
@@ -108,63 +127,77 @@ def greedy_obs(cov: torch.Tensor, cov_hy: torch.Tensor, var_y: torch.Tensor, *, 
             total = total + rise[rows, q]
             w.baddbmm_(wq[:, :, None], scaled[:, None, :], alpha=-1.0)  # in place: no copy of A⁻¹ per step
             hinv.baddbmm_(hq[:, :, None], scaled[:, None, :], alpha=-1.0)
-            qs = q[:, None]
+            us = qs = q[:, None]
         else:
-            qs = obj.topk(g, dim=1, largest=False).indices  # [L, g]
-            hs = torch.gather(hinv, 1, qs[:, :, None].expand(nb, g, n))  # rows [L, g, n]
-            hss = torch.gather(hs, 2, qs[:, None, :].expand(nb, g, g))  # [L, g, g]
-            ws = torch.gather(w, 2, qs[:, None, :].expand(nb, w.shape[1], g))  # [L, d, g]
+            us = obj.topk(g, dim=1, largest=False).indices  # [L, g] units
+            qs = us if units is None else units[us].flatten(1)  # [L, g·k] their columns
+            m = qs.shape[1]
+            hs = torch.gather(hinv, 1, qs[:, :, None].expand(nb, m, n))  # rows [L, m, n]
+            hss = torch.gather(hs, 2, qs[:, None, :].expand(nb, m, m))  # [L, m, m]
+            ws = torch.gather(w, 2, qs[:, None, :].expand(nb, w.shape[1], m))  # [L, d, m]
             sol = torch.linalg.solve(hss, hs)  # Hss⁻¹ H[S, :]
             total = total + (torch.linalg.solve(hss, ws.transpose(1, 2)) * ws.transpose(1, 2)).sum((1, 2))
             w.baddbmm_(ws, sol, alpha=-1.0)
             hinv.baddbmm_(hs.transpose(1, 2), sol, alpha=-1.0)
         # the removed rows and columns are exactly zero: clear the rounding left in them
-        removed[rows[:, None], qs] = True
+        removed[rows[:, None], us] = True
         sel = rows[:, None].expand_as(qs)
         w[sel, :, qs] = 0.0
         hinv[sel, qs, :] = 0.0
         hinv[sel, :, qs] = 0.0
-        order[:, done:done + qs.shape[1]] = qs
-        error[:, done:done + qs.shape[1]] = total[:, None]
-        done += qs.shape[1]
-    order[:, n - 1] = (~removed).long().argmax(1)
+        order[:, done:done + us.shape[1]] = us
+        error[:, done:done + us.shape[1]] = total[:, None]
+        done += us.shape[1]
+    order[:, n_units - 1] = (~removed).long().argmax(1)
     return GreedyObs(order=order, error=error, base=base)
+
+
+def linear_fits(model: torch.nn.Module, loader: Iterable, layers: dict[int, torch.nn.Linear], *,
+                classes: Sequence[int] | None = None, device: torch.device | str | None = None,
+                max_batches: int | None = None) -> dict[int, "LinearFit"]:
+    """The statistics of each linear layer (input, output) on the probe tokens, one
+    :class:`~jas_prune.pruning.linfit.LinearFit` per block.
+
+    Raises:
+        InvalidArgumentError: no probe image (of ``classes``).
+    """
+    from ..linfit import LinearFit
+    from ..stats import device_of, forward_probe
+
+    dev = device_of(model, device)
+    fits = {b: LinearFit(m.in_features, m.out_features, device=dev) for b, m in layers.items()}
+
+    def hook(index: int):
+        return lambda _m, args, out: fits[index].add(args[0], out)
+
+    forward_probe(model, loader, [m.register_forward_hook(hook(b)) for b, m in layers.items()], classes=classes,
+                  device=dev, max_batches=max_batches)
+    return fits
 
 
 def ffn_fits(model: torch.nn.Module, loader: Iterable, *, classes: Sequence[int] | None = None,
              device: torch.device | str | None = None, max_batches: int | None = None) -> dict[int, "LinearFit"]:
     """The ``fc2`` statistics of every FFN on the probe tokens: hidden (the input of ``fc2``) and
-    the dense FFN output (its output), one :class:`~jas_prune.pruning.reconstruct.LinearFit` per block.
-
-    Raises:
-        InvalidArgumentError: no probe image (of ``classes``).
-    """
+    the dense FFN output (its output)."""
     from ...models import discover_ffn
-    from ..linfit import LinearFit
-    from ..stats import device_of, forward_probe
 
-    dev = device_of(model, device)
-    layers = [l for l in discover_ffn(model).layers if l.prunable]
-    fits = {l.index: LinearFit(l.fc2.in_features, l.fc2.out_features, device=dev) for l in layers}
-
-    def hook(index: int):
-        return lambda _m, args, out: fits[index].add(args[0], out)
-
-    forward_probe(model, loader, [l.fc2.register_forward_hook(hook(l.index)) for l in layers], classes=classes,
-                  device=dev, max_batches=max_batches)
-    return fits
+    layers = {l.index: l.fc2 for l in discover_ffn(model).layers if l.prunable}
+    return linear_fits(model, loader, layers, classes=classes, device=device, max_batches=max_batches)
 
 
 def obs_scores(fits: dict[int, "LinearFit"], *, damping: float = 1e-3, group: int = 1,
-               importance: dict[int, torch.Tensor] | None = None, alpha: float = 1.0) -> dict[int, torch.Tensor]:
-    """Per-neuron scores from the greedy OBS order: the block's relative error once the neuron is
-    removed (later = higher; the neuron never removed scores above all). ``importance``: the JAS
-    scores that weigh each rise (``obs_jas``)."""
-    by_width: dict[int, list[int]] = {}
+               importance: dict[int, torch.Tensor] | None = None, alpha: float = 1.0,
+               units: dict[int, torch.Tensor] | None = None) -> dict[int, torch.Tensor]:
+    """Per-unit scores from the greedy OBS order: the block's relative error once the unit is
+    removed (later = higher; the unit never removed scores above all). ``importance``: the JAS
+    scores that weigh each rise (``obs_jas``); ``units``: per block the ``[U, k]`` columns of
+    each unit (:func:`greedy_obs`), None for one unit per column (FFN neurons)."""
+    by_shape: dict[tuple, list[int]] = {}
     for b, fit in fits.items():
-        by_width.setdefault(fit.n_in, []).append(b)
+        cols = None if units is None else tuple(units[b].flatten().tolist()) + tuple(units[b].shape)
+        by_shape.setdefault((fit.n_in, cols), []).append(b)
     out: dict[int, torch.Tensor] = {}
-    for blocks in by_width.values():
+    for blocks in by_shape.values():
         moments = [fits[b].moments() for b in blocks]
         cov = torch.stack([m[2] for m in moments])
         cov_hy = torch.stack([m[3] for m in moments])
@@ -174,9 +207,10 @@ def obs_scores(fits: dict[int, "LinearFit"], *, damping: float = 1e-3, group: in
             s = torch.stack([importance[b].double().to(cov.device).clamp_min(0.0) for b in blocks])
             s = s / s.mean(1, keepdim=True).clamp_min(torch.finfo(torch.float64).tiny)
             weights = s.clamp_min(1e-6).pow(alpha)
-        greedy = greedy_obs(cov, cov_hy, var_y, damping=damping, weights=weights, group=group)
+        cols = None if units is None else units[blocks[0]]
+        greedy = greedy_obs(cov, cov_hy, var_y, damping=damping, weights=weights, group=group, units=cols)
         energy = var_y.clamp_min(torch.finfo(torch.float64).tiny)
-        n = cov.shape[-1]
+        n = greedy.order.shape[1]
         for i, b in enumerate(blocks):
             rel = (greedy.error[i] / energy[i]).clamp(max=1e6)
             rel[-1] = rel[-2] + 1.0 if n > 1 else 1.0  # the neuron never removed
@@ -211,6 +245,30 @@ def _score_obs_jas(inputs: ScoringInputs) -> CriterionScores:
     return CriterionScores(scores, jas.protect)
 
 
+def obs_head_scores(inputs: ScoringInputs, name: str = "obs") -> HeadScores:
+    """Greedy structured OBS on each attention output projection (:func:`greedy_obs` over groups
+    of its input columns, on the probe tokens): heads are the groups ``h·d:(h+1)·d``; a head
+    dimension j is the group ``{h·d + j}`` of every head — its value channels, so the dimension
+    score covers the value path only (the query/key channels removed with it have no closed-form
+    refit here: ``prune.attention.logits`` compensates them). ``obs_jas``: each head's rise times
+    (head JAS / block mean)^alpha, head JAS obtained (and protected) as the ``jas`` head scores;
+    its dimension scores are those of ``obs``. One unit per greedy step (a block has few heads
+    and dimensions)."""
+    opts = inputs.options_as(ObsJasOptions if name == "obs_jas" else ObsOptions, f"prune.{name}")
+    heads = layout_of(inputs.model)[1]
+    if "attention_fits" not in inputs._cache:
+        inputs._cache["attention_fits"] = linear_fits(
+            inputs.model, inputs.require_loader(name), {h.index: h.proj for h in heads}, classes=inputs.classes,
+            device=inputs.device, max_batches=inputs.max_batches)
+    fits = inputs._cache["attention_fits"]
+    cols = {h.index: torch.arange(h.heads * h.head_dim).view(h.heads, h.head_dim) for h in heads}
+    importance, protect = jas_head_importance(inputs) if name == "obs_jas" else (None, {})
+    by_head = obs_scores(fits, damping=opts.damping, units=cols, importance=importance,
+                         alpha=getattr(opts, "alpha", 1.0))
+    by_dim = obs_scores(fits, damping=opts.damping, units={b: c.t().contiguous() for b, c in cols.items()})
+    return HeadScores(by_head, by_dim, protect)
+
+
 CRITERIA.add(Criterion(
     name="obs", label="OBS", colour="#17becf", needs_data=True, score=_score_obs, options=ObsOptions,
     summary="greedy structured OBS: drop the neuron whose removal with the optimal fc2 update raises the "
@@ -220,3 +278,5 @@ CRITERIA.add(Criterion(
     name="obs_jas", label="OBS×JAS", colour="#bcbd22", needs_data=True, score=_score_obs_jas, options=ObsJasOptions,
     summary="greedy structured OBS with each neuron's error rise weighted by its JAS importance^alpha",
 ))
+HEAD_CRITERIA.add(HeadCriterion("obs", obs_head_scores))
+HEAD_CRITERIA.add(HeadCriterion("obs_jas", lambda inputs: obs_head_scores(inputs, "obs_jas")))
