@@ -21,6 +21,11 @@ importance (normalised to mean 1 in its block) to the power ``alpha``, so a neur
 attribution needs is dropped later at equal reconstruction cost. With uniform importance it is
 ``obs``.
 
+With ``prune.attention`` both also score attention heads and head dimensions
+(:func:`obs_head_scores`): the same greedy OBS on each attention output projection over *groups*
+of its input columns (a head's ``head_dim`` columns; a dimension's column in every head), the
+rise of a group S being ``tr(W_S [A⁻¹]_SS⁻¹ W_Sᵀ)`` with an exact rank-|S| update.
+
 Cost: one pass over the probe images (the ``fc2`` statistics, :class:`~jas_prune.pruning.
 linfit.LinearFit`) and O(n³) per block for the n − 1 greedy steps (``group`` > 1 removes
 that many neurons per step with a rank-``group`` update: fewer, larger matrix products).
@@ -213,7 +218,7 @@ def obs_scores(fits: dict[int, "LinearFit"], *, damping: float = 1e-3, group: in
         n = greedy.order.shape[1]
         for i, b in enumerate(blocks):
             rel = (greedy.error[i] / energy[i]).clamp(max=1e6)
-            rel[-1] = rel[-2] + 1.0 if n > 1 else 1.0  # the neuron never removed
+            rel[-1] = rel[-2] + 1.0 if n > 1 else 1.0  # the unit never removed
             # strictly increasing in removal order (ties of equal error broken by the order)
             rel = torch.cummax(rel, 0).values + torch.arange(n, dtype=torch.float64) * 1e-12
             score = torch.empty(n, dtype=torch.float64)
