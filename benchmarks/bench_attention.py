@@ -18,6 +18,8 @@ attention matmuls ``2·T²·H·d`` a second time; :func:`summary` takes them out
 - ``heads50``: one of the two heads of every block removed, heads ranked by JAS (the layer-
   progressive head path), joint IG, magnitude, Taylor, activation, random, Hessian, ViT-Slim,
   OBS and OBS×JAS (``--methods``: a subset).
+- ``dims50``: half of the head dimensions of every block removed (both heads kept), ranked by
+  each criterion's dimension scores (``--only dims50``, not run by default).
 - ``paper``: the paper's Table-1 protocol for heads on 2 test images per class: zero (×0, every
   token) each image's located head path (JAS, one head per block, ``units: [heads]``) or the
   same number of heads picked by activation, by magnitude (the same heads for every image) or at
@@ -60,7 +62,10 @@ from jas_prune.recipe import load_recipe
 STEPS = 4
 
 
-#: head criteria of the heads50 entries
+#: the attention-only entries per criterion: (heads, head_dims) removed in every block
+UNIT_ENTRIES = {"heads50": (0.5, 0.0), "dims50": (0.0, 0.5)}
+
+#: head criteria of the heads50 / dims50 entries
 HEADS50 = ("jas", "joint_ig", "magnitude", "taylor", "activation", "random", "hessian", "vit_slim", "obs", "obs_jas")
 
 
@@ -231,7 +236,7 @@ def main() -> None:
     ap.add_argument("--out", type=Path, default=Path("runs/bench-attn"))
     ap.add_argument("--only", nargs="+", default=["heads50", "mac"])
     ap.add_argument("--methods", nargs="+", default=list(HEADS50),
-                    help="head criteria of the heads50 entries (default: all)")
+                    help="head criteria of the heads50 / dims50 entries (default: all)")
     ap.add_argument("--fit-per-class", type=int, default=8, help="probe images per class for scores and least squares")
     ap.add_argument("--val-per-class", type=int, default=4, help="other probe images per class for choices")
     ap.add_argument("--summary", type=Path, nargs="+", help="print the table of these result folders and stop")
@@ -258,7 +263,7 @@ def main() -> None:
             res["paper"] = paper_protocol(dense, source, transform, seed)
             print(seed, "paper", res["paper"], flush=True)
             save()
-        if not {"heads50", "mac"} & set(args.only):
+        if not {*UNIT_ENTRIES, "mac"} & set(args.only):
             continue
         mag = head_scores("magnitude", ScoringInputs(model=dense))
         inputs = ScoringInputs(model=dense, loader=fit_loader, seed=seed,
@@ -271,15 +276,18 @@ def main() -> None:
             res.setdefault("seconds", {})["joint_ig"] = time.perf_counter() - t0
             crit["joint_ig"] = HeadScores(jig_heads, mag.dims)
 
-        if "heads50" in args.only:
+        for entry, attn in UNIT_ENTRIES.items():
+            if entry not in args.only:
+                continue
             for name in args.methods:
-                key = f"heads50/{name}"
+                key = f"{entry}/{name}"
                 if key in res:
                     continue
                 t0 = time.perf_counter()
                 hs = crit.get(name) or head_scores(name, inputs)
                 secs = time.perf_counter() - t0
-                m = make(dense, fit_loader, ffn_scores, hs, 0.0, (0.5, 0.0), args.logits)
+                crit[name] = hs  # scored once for both entries
+                m = make(dense, fit_loader, ffn_scores, hs, 0.0, attn, args.logits)
                 res[key] = {"test": evaluate(m, test_b, tid), "macs": total_macs(m), "score_seconds": secs}
                 print(seed, key, res[key], flush=True)
                 save()
