@@ -201,3 +201,28 @@ def test_pipeline_split_with_logit_compensation(tmp_path, tiny_builtin):
     assert run_recipe(tmp_path, RUN, out, split.replace("affine", "none"), resume=True) == 0
     again = json.loads((out / "metrics.json").read_text())["pruned"][1]
     assert "logits_kept" not in again["attention"] and "logits" not in again["budget"]
+
+
+def test_loss_increments_of_cumulative_scores():
+    """OBS scores are the block's error after each removal: the losses are the rises, ordered as
+    the greedy removed them, summing to the error of every prefix when the rises increase."""
+    from jas_prune.pruning.allocate import loss_increments
+
+    cumulative = torch.tensor([0.30, 0.01, 1e6, 0.06])  # removal order: 1, 3, 0; unit 2 never removed
+    inc = loss_increments(cumulative)
+    assert torch.allclose(inc, torch.tensor([0.24, 0.01, 0.24, 0.05], dtype=torch.float64))
+    order = torch.argsort(cumulative)[:-1]
+    assert torch.equal(torch.argsort(inc, stable=True)[:3], order)  # the lowest losses = the greedy prefix
+    assert torch.allclose(torch.cumsum(inc[order], 0), cumulative[order].double())
+    # a rise smaller than the one before: kept at the running maximum (an upper bound, same order)
+    assert torch.allclose(loss_increments(torch.tensor([0.1, 0.3, 0.35, 9.0], dtype=torch.float64)),
+                          torch.tensor([0.1, 0.2, 0.2, 0.2], dtype=torch.float64))
+
+
+def test_pipeline_score_split_with_obs_scores(tmp_path, tiny_builtin):
+    """A score split over obs's cumulative scores spends on their rises and meets the target."""
+    out = tmp_path / "run"
+    split = "prune.budget={macs: 0.6, units: [ffn, heads, head_dims], split: score, weights: [1.0]}"
+    assert run_recipe(tmp_path, RUN.replace("[magnitude]", "[obs]"), out, split) == 0
+    e = json.loads((out / "metrics.json").read_text())["pruned"][1]
+    assert e["budget"]["met"] and e["budget"]["achieved"] <= 0.6

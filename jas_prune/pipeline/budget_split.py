@@ -23,7 +23,7 @@ from torch import nn
 from ..errors import BudgetError
 from ..evaluate import accuracy, count_params_macs, predict_logits
 from ..models import input_size
-from ..pruning.allocate import Allocation, UnitScores, score_split, uniform_split
+from ..pruning.allocate import Allocation, UnitScores, loss_increments, score_split, uniform_split
 from ..pruning.attention import AttentionSummary, prune_attention
 from ..pruning.costs import CostTable, dense_geometry
 from ..pruning.prune import PruneSummary, prune_ffn
@@ -124,8 +124,13 @@ def split_budget(ctx, bench, method: str, scored: Any, heads: Any,
     costs = _costs(ctx, bench)
     dense = dense_geometry(ctx.model)
     limit = budget.value * costs.dense if budget.target != "latency_ms" else budget.value
-    scores = UnitScores(dict(scored.scores), dict(heads.heads) if heads is not None else {},
-                        dict(heads.dims) if heads is not None else {}, protect_ffn=dict(scored.protect or {}),
+    def losses(per: Any, cumulative: bool) -> dict[int, Any]:  # obs: a ranking; its losses are the rises
+        return {b: loss_increments(s) for b, s in per.items()} if cumulative else dict(per)
+
+    scores = UnitScores(losses(scored.scores, scored.cumulative),
+                        losses(heads.heads, heads.cumulative) if heads is not None else {},
+                        losses(heads.dims, heads.cumulative) if heads is not None else {},
+                        protect_ffn=dict(scored.protect or {}),
                         protect_heads=dict(heads.protect) if heads is not None else {})
     cands = candidates(budget, costs, scores, dense, limit, ctx.prune.round_to)
     rows: list[dict[str, Any]] = []

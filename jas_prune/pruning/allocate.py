@@ -35,11 +35,30 @@ from torch import Tensor
 from ..errors import BudgetError, InvalidArgumentError
 from .costs import BlockCosts, Geometry
 
-__all__ = ["UNITS", "NORMALISE", "UnitScores", "Allocation", "uniform_split", "score_split", "removed_score",
+__all__ = ["UNITS", "NORMALISE", "UnitScores", "loss_increments", "Allocation", "uniform_split", "score_split", "removed_score",
            "floor_geometry", "check_split_reachable"]
 
 #: the unit types a budget can spend over
 UNITS = ("ffn", "heads", "head_dims")
+
+
+def loss_increments(scores: Tensor) -> Tensor:
+    """Per-unit losses from cumulative scores (``obs``: the block's error once the unit is removed,
+    increasing in the greedy removal order): each unit's rise over the unit removed before it (the
+    first: its own error), made non-decreasing along the order (running maximum) so that the
+    lowest losses are the greedy prefix the pruning removes; their sum bounds its error from above
+    (equals it when the rises already increase). The last unit, which the greedy never removes
+    (its score is a cap), gets the largest rise of the others."""
+    s = torch.as_tensor(scores).detach().double().cpu()
+    if s.numel() < 2:
+        return torch.zeros_like(s)
+    order = torch.argsort(s, stable=True)
+    ranked = s[order]
+    rise = torch.cummax(torch.diff(ranked, prepend=ranked.new_zeros(1)).clamp_min(0.0), 0).values
+    rise[-1] = rise[-2]
+    out = torch.empty_like(s)
+    out[order] = rise
+    return out
 #: how scores are made comparable across blocks (:meth:`UnitScores.shares`)
 NORMALISE = ("model", "block")
 

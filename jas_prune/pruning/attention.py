@@ -92,6 +92,8 @@ class HeadScores:
     heads: dict[int, Tensor]
     dims: dict[int, Tensor]
     protect: dict[int, list[int]] = field(default_factory=dict)
+    #: cumulative scores (``obs``), as :attr:`CriterionScores.cumulative`
+    cumulative: bool = False
 
 
 @dataclass

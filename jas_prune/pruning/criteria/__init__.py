@@ -50,6 +50,9 @@ class CriterionScores:
     scores: "ScoreMap"
     #: block -> neuron indices kept whatever the budget (e.g. a class subset's TopK masks)
     protect: dict[int, list[int]] | None = None
+    #: scores are cumulative (``obs``: the block's error once the unit is removed in greedy
+    #: order): a ranking, whose per-unit losses are the increments (allocate.loss_increments)
+    cumulative: bool = False
 
 
 @dataclass(frozen=True)

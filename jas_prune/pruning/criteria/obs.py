@@ -237,7 +237,7 @@ def _fits(inputs: ScoringInputs, name: str) -> dict:
 
 def _score_obs(inputs: ScoringInputs) -> CriterionScores:
     opts = inputs.options_as(ObsOptions, "prune.obs")
-    return CriterionScores(obs_scores(_fits(inputs, "obs"), damping=opts.damping, group=opts.group))
+    return CriterionScores(obs_scores(_fits(inputs, "obs"), damping=opts.damping, group=opts.group), cumulative=True)
 
 
 def _score_obs_jas(inputs: ScoringInputs) -> CriterionScores:
@@ -247,7 +247,7 @@ def _score_obs_jas(inputs: ScoringInputs) -> CriterionScores:
     jas = CRITERIA.get("jas").score(replace(inputs, options=None))
     scores = obs_scores(_fits(inputs, "obs_jas"), damping=opts.damping, group=opts.group,
                         importance=jas.scores, alpha=opts.alpha)
-    return CriterionScores(scores, jas.protect)
+    return CriterionScores(scores, jas.protect, cumulative=True)
 
 
 def obs_head_scores(inputs: ScoringInputs, name: str = "obs") -> HeadScores:
@@ -271,7 +271,7 @@ def obs_head_scores(inputs: ScoringInputs, name: str = "obs") -> HeadScores:
     by_head = obs_scores(fits, damping=opts.damping, units=cols, importance=importance,
                          alpha=getattr(opts, "alpha", 1.0))
     by_dim = obs_scores(fits, damping=opts.damping, units={b: c.t().contiguous() for b, c in cols.items()})
-    return HeadScores(by_head, by_dim, protect)
+    return HeadScores(by_head, by_dim, protect, cumulative=True)
 
 
 CRITERIA.add(Criterion(
