@@ -32,6 +32,27 @@ from jas_prune.recipe import load_recipe
 ALPHAS = (0.5, 1.0, 2.0)
 
 
+def probe_bench(recipe_path: Path, run: Path, out: Path, seed: int, val_images_per_class: int | None):
+    """(recipe, Bench, ScoringInputs, Setting, number of fit images) of a probe-partition selection: the fit images are
+    the probe images a run of the recipe with ``seed`` reads (its JAS importance from ``run``'s
+    masks), val at most ``val_images_per_class`` other probe images per class; memo in ``out``."""
+    recipe = load_recipe(recipe_path, [f"runtime.seed={seed}"])
+    model = load_model(recipe.model.name)
+    transform = model_transform(model)
+    fit, val, _ = fit_val_samples(recipe, seed)
+    val = per_class_cap(val, val_images_per_class)
+    fit_loader = cached_batches(make_loader(fit, transform, batch_size=64, seed=seed))
+    val_batches = cached_batches(make_loader(val, transform, batch_size=256, seed=seed))
+    out.mkdir(parents=True, exist_ok=True)
+    memo = read_json(out / "cells.json") if (out / "cells.json").is_file() else {}
+    bench = Bench(model, fit_loader, val_batches, [s.id for s in val], out, memo=memo)
+    masks = MasksRef(run, recipe.masks.importance, weights_digest(model))
+    inputs = ScoringInputs(model=model, loader=fit_loader, example_inputs=torch.zeros(1, *input_size(model)),
+                           seed=seed, masks=masks)
+    setting = Setting(target=recipe.prune.calibration.target, damping=recipe.prune.calibration.damping)
+    return recipe, bench, inputs, setting, len(fit)
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--recipe", type=Path, default=Path("recipes/benchmark-shapes.yaml"))
@@ -41,23 +62,10 @@ def main() -> None:
     ap.add_argument("--val-images-per-class", type=int, default=16)
     ap.add_argument("--ratios", type=float, nargs="+", default=[0.9])
     args = ap.parse_args()
-    recipe = load_recipe(args.recipe, [f"runtime.seed={args.seed}"])
-    model = load_model(recipe.model.name)
-    transform = model_transform(model)
-    fit, val, _ = fit_val_samples(recipe, args.seed)
-    val = per_class_cap(val, args.val_images_per_class)
-    fit_loader = cached_batches(make_loader(fit, transform, batch_size=64, seed=args.seed))
-    val_batches = cached_batches(make_loader(val, transform, batch_size=256, seed=args.seed))
-    args.out.mkdir(parents=True, exist_ok=True)
-    memo = read_json(args.out / "cells.json") if (args.out / "cells.json").is_file() else {}
-    bench = Bench(model, fit_loader, val_batches, [s.id for s in val], args.out, memo=memo)
-    masks = MasksRef(args.run, recipe.masks.importance, weights_digest(model))
-    inputs = ScoringInputs(model=model, loader=fit_loader, example_inputs=torch.zeros(1, *input_size(model)),
-                           seed=args.seed, masks=masks)
-    setting = Setting(target=recipe.prune.calibration.target, damping=recipe.prune.calibration.damping)
+    _, bench, inputs, setting, n_fit = probe_bench(args.recipe, args.run, args.out, args.seed, args.val_images_per_class)
     configs = {"obs (alpha 0)": ("obs", {"damping": 1e-3})}
     configs.update({f"obs_jas alpha {a:g}": ("obs_jas", {"damping": 1e-3, "alpha": a}) for a in ALPHAS})
-    dense = accuracy(*predict_logits(model, val_batches, sample_ids=bench.val_ids, desc="val"))["top1"]
+    dense = accuracy(*predict_logits(bench.model, bench.val_batches, sample_ids=bench.val_ids, desc="val"))["top1"]
     rows = {}
     for label, (method, options) in configs.items():
         def scores(method=method, options=options):
@@ -70,7 +78,7 @@ def main() -> None:
     best = max((k for k in rows if k.startswith("obs_jas")), key=lambda k: sum(rows[k]))
     if sum(rows[best]) - sum(rows["obs_jas alpha 1"]) <= len(args.ratios) * 0.001:
         best = "obs_jas alpha 1"
-    result = {"seed": args.seed, "fit_images": len(fit), "val_images": len(val), "dense_val_top1": dense,
+    result = {"seed": args.seed, "fit_images": n_fit, "val_images": len(bench.val_ids), "dense_val_top1": dense,
               "ratios": list(args.ratios), "val_top1": rows, "chosen": best}
     (args.out / "select.json").write_text(json.dumps(result, indent=1))
     print(f"dense val {100 * dense:.2f}; chosen: {best}")
