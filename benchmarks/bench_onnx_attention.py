@@ -33,7 +33,8 @@ from jas_prune.pruning.prune import prune_ffn
 
 #: label -> (FFN share removed, heads share removed, head-dims share removed)
 VARIANTS = {"dense": (0.0, 0.0, 0.0), "ffn70": (0.7, 0.0, 0.0), "heads50": (0.0, 0.5, 0.0),
-            "dims50": (0.0, 0.0, 0.5), "joint-ffn50-heads50": (0.5, 0.5, 0.0)}
+            "dims50": (0.0, 0.0, 0.5), "joint-ffn50-heads50": (0.5, 0.5, 0.0),
+            "joint-ffn60-dims40": (0.6, 0.0, 0.4)}
 
 
 def macs(model: torch.nn.Module) -> int:
