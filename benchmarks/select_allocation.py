@@ -15,12 +15,10 @@ uniform only by more than 0.5 pt (about one standard error at 3,264 val images).
 
 from __future__ import annotations
 
-import argparse
 import json
 from dataclasses import replace
-from pathlib import Path
 
-from benchmarks.select_obs_jas import probe_bench
+from benchmarks.select_obs_jas import probe_bench, probe_parser
 from jas_prune.pruning.criteria import CRITERIA
 
 MIN_KEEP = (0.25, 0.5, 0.75)
@@ -28,12 +26,7 @@ METHODS = {"obs_jas": {"damping": 1e-3, "alpha": 0.5}, "obs": {"damping": 1e-3}}
 
 
 def main() -> None:
-    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    ap.add_argument("--recipe", type=Path, default=Path("recipes/benchmark-shapes.yaml"))
-    ap.add_argument("--run", type=Path, required=True, help="a finished run of the recipe (its masks)")
-    ap.add_argument("--out", type=Path, required=True)
-    ap.add_argument("--seed", type=int, default=0)
-    ap.add_argument("--val-images-per-class", type=int, default=None)
+    ap = probe_parser(__doc__, None)
     ap.add_argument("--ratios", type=float, nargs="+", default=[0.9])
     args = ap.parse_args()
     _, bench, inputs, setting, n_fit = probe_bench(args.recipe, args.run, args.out, args.seed, args.val_images_per_class)

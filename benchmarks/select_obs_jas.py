@@ -53,13 +53,20 @@ def probe_bench(recipe_path: Path, run: Path, out: Path, seed: int, val_images_p
     return recipe, bench, inputs, setting, len(fit)
 
 
-def main() -> None:
-    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+def probe_parser(doc: str, val_images_per_class: int | None, val_help: str | None = None) -> argparse.ArgumentParser:
+    """The options every probe-partition selection shares (the recipe, its finished run, where to
+    write, the seed, the held-out probe images per class)."""
+    ap = argparse.ArgumentParser(description=doc.split("\n\n")[0])
     ap.add_argument("--recipe", type=Path, default=Path("recipes/benchmark-shapes.yaml"))
     ap.add_argument("--run", type=Path, required=True, help="a finished run of the recipe (its masks)")
     ap.add_argument("--out", type=Path, required=True)
     ap.add_argument("--seed", type=int, default=0)
-    ap.add_argument("--val-images-per-class", type=int, default=16)
+    ap.add_argument("--val-images-per-class", type=int, default=val_images_per_class, help=val_help)
+    return ap
+
+
+def main() -> None:
+    ap = probe_parser(__doc__, 16)
     ap.add_argument("--ratios", type=float, nargs="+", default=[0.9])
     args = ap.parse_args()
     _, bench, inputs, setting, n_fit = probe_bench(args.recipe, args.run, args.out, args.seed, args.val_images_per_class)

@@ -17,16 +17,14 @@ winner is the highest val top-1, fewer steps on a tie (within 0.1 pt). Every cel
 
 from __future__ import annotations
 
-import argparse
 import copy
 import itertools
 import json
 from dataclasses import replace
-from pathlib import Path
 
 import torch
 
-from benchmarks.select_obs_jas import probe_bench
+from benchmarks.select_obs_jas import probe_bench, probe_parser
 from jas_prune.evaluate import accuracy, predict_logits
 from jas_prune.data import model_transform
 from jas_prune.pruning.criteria import CRITERIA
@@ -49,12 +47,7 @@ def label(s: RecoverSettings) -> str:
 
 
 def main() -> None:
-    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    ap.add_argument("--recipe", type=Path, default=Path("recipes/benchmark-shapes.yaml"))
-    ap.add_argument("--run", type=Path, required=True, help="a finished run of the recipe (its masks)")
-    ap.add_argument("--out", type=Path, required=True)
-    ap.add_argument("--seed", type=int, default=0)
-    ap.add_argument("--val-images-per-class", type=int, default=None, help="default: every other probe image")
+    ap = probe_parser(__doc__, None, "default: every other probe image")
     ap.add_argument("--method", default="obs_jas")
     ap.add_argument("--options", type=json.loads, default={"damping": 1e-3, "alpha": 0.5})
     ap.add_argument("--ratio", type=float, default=0.9)
