@@ -100,6 +100,14 @@ def _costs(ctx, bench) -> Any:
 
 
 def _choice_batches(ctx, bench) -> tuple[Any, list[str], bool]:
+    """The probe images the calibration did not read (all of them when it read every one), their
+    ids and whether they are held out; rendered once per class selection (kept on ``bench``)."""
+    if bench.choice is None:
+        bench.choice = _render_choice(ctx, bench)
+    return bench.choice
+
+
+def _render_choice(ctx, bench) -> tuple[Any, list[str], bool]:
     from ..data import make_loader
     from ..pruning.calibration import cached_batches
     from .prune_plan import calibration_samples
@@ -124,6 +132,10 @@ def split_budget(ctx, bench, method: str, scored: Any, heads: Any,
     costs = _costs(ctx, bench)
     dense = dense_geometry(ctx.model)
     limit = budget.value * costs.dense if budget.target != "latency_ms" else budget.value
+
+    def fraction(cost: float) -> float:  # of the dense model's MACs / params; latency: ms as they are
+        return cost / (costs.dense if budget.target != "latency_ms" else 1.0)
+
     def losses(per: Any, cumulative: bool) -> dict[int, Any]:  # obs: a ranking; its losses are the rises
         return {b: loss_increments(s) for b, s in per.items()} if cumulative else dict(per)
 
@@ -149,15 +161,14 @@ def split_budget(ctx, bench, method: str, scored: Any, heads: Any,
         logits, labels = predict_logits(trial, batches, device=ctx.device, sample_ids=ids,
                                         desc=f"budget candidate {method}")
         top1 = accuracy(logits, labels, label_map=bench.label_map)["top1"]
-        rows.append({"candidate": _label(a), "probe_top1": top1, "predicted": a.cost / (
-            costs.dense if budget.target != "latency_ms" else 1.0), **a.params})
+        rows.append({"candidate": _label(a), "probe_top1": top1, "predicted": fraction(a.cost), **a.params})
         if best is None or (top1, -a.cost) > (best[2], -best[0].cost):
             best = (a, made, top1)
         del trial
     alloc, (model, summary, attention) = best[0], best[1]
     achieved, latency = _achieved(ctx, budget, model, costs)
     record = {**budget.spec(), "ratio": summary.removed_fraction, "achieved": achieved,
-              "predicted": alloc.cost / (costs.dense if budget.target != "latency_ms" else 1.0),
+              "predicted": fraction(alloc.cost),
               "met": achieved <= budget.value, "chosen": _label(alloc), "chosen_split": alloc.split,
               "blocks": alloc.record()["blocks"], "candidates": rows, "models_measured": len(cands), **choice}
     if budget.target == "latency_ms":

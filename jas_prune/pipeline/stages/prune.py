@@ -139,6 +139,9 @@ class _Bench:
     before: list[PrunedEntry]
     #: the probe loader, made on first use (fine-tuning)
     probe_loader: Any = None
+    #: the probe images a split budget's candidates are scored on, rendered on first use and
+    #: shared by every method (:func:`..budget_split._choice_batches`)
+    choice: Any = None
 
     def slot(self, ctx, j: int) -> tuple[float | None, float, str, str]:
         """Ratio slot ``j``: (the slot's ratio: None for the budget, the ratio pruned at, the
